@@ -1,0 +1,36 @@
+# diffalign: `make demo` runs the quick start, `make test` runs lint and the test suite.
+# Both create .venv when it is missing and (re)install when pyproject.toml changes.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# No network at run time: a stray hub id must fail at once instead of retrying for minutes.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(BIN)/python -m diffalign.core.demo
+
+test: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/throughput.py --config recipes/toy/ddpo_mode.yaml
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,3 @@
+from diffalign.core.cli import cli_main
+
+cli_main()

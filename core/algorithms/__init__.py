@@ -1,0 +1,7 @@
+"""Alignment algorithms, one file each."""
+
+from diffalign.core.algorithms.base import AlignContext, Algorithm
+from diffalign.core.algorithms.ddpo import DDPO, ddpo_loss
+from diffalign.core.algorithms.supervised import SupervisedDenoising
+
+__all__ = ["DDPO", "AlignContext", "Algorithm", "SupervisedDenoising", "ddpo_loss"]

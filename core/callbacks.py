@@ -1,0 +1,213 @@
+"""Callbacks every run gets: a fixed-seed evaluation with `summary.json`, reward curves, weight export."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from diffalign.core.io import save_state_dict, write_json
+
+log = logging.getLogger(__name__)
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The run folder: the first logger's log dir, else the trainer's root dir."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+@torch.no_grad()
+def evaluate_reward(module: Any, pairs: list[tuple[Any, int]], batch_size: int = 64) -> dict[str, Any]:
+    """Mean reward of the policy over fixed (prompt, seed) pairs; each sample uses its own seed.
+
+    Returns mean, std, count of finite scores, number of failed scores, and per-prompt means.
+    """
+    policy, reward = module.policy, module.reward
+    was_training = policy.training
+    policy.eval()
+    scores: list[float] = []
+    per_prompt: dict[str, list[float]] = {}
+    failed = 0
+    try:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            prompts = [p for p, _ in chunk]
+            gens = [torch.Generator().manual_seed(int(s)) for _, s in chunk]
+            cond = policy.backbone.encode_condition({"prompt": prompts})
+            traj = policy.rollout(cond, generator=gens)
+            samples = policy.backbone.decode(traj.x0, traj.mask)
+            out = reward(samples, cond).scores.detach().float().cpu().reshape(-1)
+            for p, s in zip(prompts, out.tolist(), strict=True):
+                if math.isfinite(s):
+                    scores.append(s)
+                    per_prompt.setdefault(str(p), []).append(s)
+                else:
+                    failed += 1
+    finally:
+        policy.train(was_training)
+    t = torch.tensor(scores) if scores else torch.tensor([float("nan")])
+    return {
+        "mean": float(t.mean()),
+        "std": float(t.std(unbiased=False)),
+        "count": len(scores),
+        "failed": failed,
+        "per_prompt": {k: sum(v) / len(v) for k, v in per_prompt.items()},
+    }
+
+
+class RewardEvaluation(Callback):
+    """Scores a fixed set of (condition, seed) pairs before training and at the end.
+
+    Writes `summary.json` into the run folder (reward_before, reward_after, reward_queries,
+    wall_seconds, recipe, ...) and `reward_curve.png` (training reward per step), and logs both to
+    TensorBoard when a TensorBoard logger is attached. Its state lives in checkpoints, so a resumed run
+    keeps the first run's `reward_before` and adds up wall time.
+
+    The evaluation set comes from the data module's `evaluation_set()` when it has one, else from
+    `prompts` × `seeds_per_prompt`.
+
+    Args:
+        prompts: evaluation conditions when the data module has no evaluation set.
+        seeds_per_prompt: samples per condition in that case.
+        seed: first seed in that case.
+        batch_size: samples per evaluation rollout.
+        recipe: recipe name written to the summary (the CLI fills in the config file's name).
+        plot: write reward_curve.png.
+    """
+
+    def __init__(
+        self,
+        prompts: list[Any] | None = None,
+        seeds_per_prompt: int = 8,
+        seed: int = 10_000,
+        batch_size: int = 64,
+        recipe: str | None = None,
+        plot: bool = True,
+    ) -> None:
+        self.prompts = prompts
+        self.seeds_per_prompt = seeds_per_prompt
+        self.seed = seed
+        self.batch_size = batch_size
+        self.recipe = recipe
+        self.plot = plot
+        self.before: dict[str, Any] | None = None
+        self.history: list[tuple[int, float]] = []
+        self.wall_offset = 0.0
+        self._t0 = time.perf_counter()
+
+    def _pairs(self, trainer: L.Trainer) -> list[tuple[Any, int]]:
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "evaluation_set"):
+            return dm.evaluation_set()
+        if not self.prompts:
+            raise ValueError("RewardEvaluation needs `prompts` when the data module has no evaluation_set()")
+        return [(p, self.seed + 1000 * i + j) for i, p in enumerate(self.prompts)
+                for j in range(self.seeds_per_prompt)]
+
+    def _elapsed(self) -> float:
+        return self.wall_offset + time.perf_counter() - self._t0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._t0 = time.perf_counter()
+        if getattr(pl_module, "reward", None) is None or self.before is not None:
+            return
+        self.before = evaluate_reward(pl_module, self._pairs(trainer), self.batch_size)
+        log.info("reward before training: %.4f over %d samples", self.before["mean"], self.before["count"])
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        value = trainer.callback_metrics.get("train/reward_mean")
+        if value is not None:
+            self.history.append((int(trainer.global_step), float(value)))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        folder = run_dir(trainer)
+        summary: dict[str, Any] = {
+            "recipe": self.recipe,
+            "global_step": int(trainer.global_step),
+            "epochs": int(trainer.current_epoch),
+            "wall_seconds": round(self._elapsed(), 3),
+            "reward_queries": int(getattr(pl_module, "reward_queries", 0)),
+            "run_dir": str(folder),
+        }
+        if getattr(pl_module, "reward", None) is not None:
+            after = evaluate_reward(pl_module, self._pairs(trainer), self.batch_size)
+            before = self.before or {}
+            summary.update({
+                "reward_name": pl_module.reward.name,
+                "reward_before": before.get("mean"),
+                "reward_before_std": before.get("std"),
+                "reward_after": after["mean"],
+                "reward_after_std": after["std"],
+                "eval_samples": after["count"],
+                "eval_failed": after["failed"],
+                "reward_before_per_prompt": before.get("per_prompt"),
+                "reward_after_per_prompt": after["per_prompt"],
+            })
+        write_json(folder / "summary.json", summary)
+        if self.plot and self.history:
+            self._plot(trainer, folder / "reward_curve.png", summary)
+        if "reward_after" in summary:
+            print(f"\nreward ({summary['reward_name']}) before {summary['reward_before']:.4f} -> "
+                  f"after {summary['reward_after']:.4f} over {summary['eval_samples']} fixed samples; "
+                  f"{summary['reward_queries']} reward queries, {summary['wall_seconds']:.1f} s\n"
+                  f"run folder: {folder}  (summary.json, metrics.csv, config.yaml"
+                  f"{', reward_curve.png' if self.plot and self.history else ''})")
+
+    def _plot(self, trainer: L.Trainer, path: Path, summary: dict[str, Any]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps, values = zip(*self.history, strict=True)
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+        ax.plot(steps, values, lw=1.2, label="training batch reward")
+        for key, style in (("reward_before", "--"), ("reward_after", ":")):
+            if summary.get(key) is not None:
+                ax.axhline(summary[key], ls=style, color="gray", label=f"{key} (eval)")
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel(summary.get("reward_name") or "reward")
+        ax.set_title(summary.get("recipe") or "reward curve")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path)
+        for lg in trainer.loggers:
+            experiment = getattr(lg, "experiment", None)
+            if hasattr(experiment, "add_figure"):
+                experiment.add_figure("reward_curve", fig, global_step=trainer.global_step)
+        plt.close(fig)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"before": self.before, "history": list(self.history), "wall_offset": self._elapsed()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.before = state.get("before")
+        self.history = [tuple(h) for h in state.get("history", [])]
+        self.wall_offset = float(state.get("wall_offset", 0.0))
+
+
+class ExportBackbone(Callback):
+    """At the end of training, write the backbone's weights as safetensors (how base models ship).
+
+    Args:
+        path: output file, e.g. "modalities/toy/toy_base.safetensors".
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if not trainer.is_global_zero:
+            return
+        meta = {"global_step": str(trainer.global_step), "epochs": str(trainer.current_epoch)}
+        out = save_state_dict(pl_module.policy.backbone, self.path, metadata=meta)
+        print(f"exported backbone weights to {out}")

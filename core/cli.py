@@ -1,0 +1,202 @@
+"""The `diffalign` command: LightningCLI (fit, validate, test, predict) plus our own subcommands.
+
+    diffalign fit --config recipes/toy/ddpo_mode.yaml      # train; several --config files merge
+    diffalign recipes                                       # list recipes with their descriptions
+
+Every run folder holds config.yaml (resolved), metrics.csv, TensorBoard events, checkpoints/last.ckpt
+(written atomically) and summary.json. `--ckpt_path <run>/checkpoints/last.ckpt` resumes a killed
+run in its own folder.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Fail at once on a stray hub id instead of retrying for minutes (no network at run time).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+OWN_COMMANDS = {"recipes": "list the recipes under recipes/ with their one-line descriptions"}
+
+
+def recipes_root() -> Path:
+    """recipes/ of the current directory, else the one beside the installed package (editable)."""
+    here = Path.cwd() / "recipes"
+    if here.is_dir():
+        return here
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def recipe_description(path: Path) -> str:
+    """The first comment line of a recipe ("# ..."), which by convention describes it."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        s = line.strip()
+        if s.startswith("#"):
+            return s.lstrip("#").strip()
+        if s:
+            break
+    return "(no description: start the file with a '# ...' line)"
+
+
+def list_recipes(root: Path | None = None) -> list[tuple[str, str]]:
+    """(relative path, description) of every recipe YAML, `_base/` fragments excluded."""
+    root = root or recipes_root()
+    if not root.is_dir():
+        raise FileNotFoundError(f"recipes folder not found: {root}")
+    out = []
+    for p in sorted(root.rglob("*.yaml")):
+        rel = p.relative_to(root)
+        if rel.parts[0].startswith("_"):
+            continue
+        out.append((str(Path("recipes") / rel), recipe_description(p)))
+    return out
+
+
+def _recipes_command(argv: Sequence[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="diffalign recipes", description=OWN_COMMANDS["recipes"])
+    parser.add_argument("--root", type=Path, default=None, help="recipes folder (default: ./recipes)")
+    args = parser.parse_args(list(argv))
+    try:
+        rows = list_recipes(args.root)
+    except FileNotFoundError as e:
+        print(f"diffalign recipes: {e}", file=sys.stderr)
+        return 2
+    width = max((len(r) for r, _ in rows), default=0)
+    for rel, desc in rows:
+        print(f"{rel:<{width}}  {desc}")
+    return 0
+
+
+def _check_config_files(argv: Sequence[str]) -> None:
+    """Name a missing --config file plainly before the parser does."""
+    for i, a in enumerate(argv):
+        path = None
+        if a in ("--config", "-c") and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        if path is not None and not Path(path).is_file():
+            raise SystemExit(f"diffalign: config file not found: {path}")
+
+
+def _config_names(argv: Sequence[str]) -> list[str]:
+    names = []
+    for i, a in enumerate(argv):
+        if a in ("--config", "-c") and i + 1 < len(argv):
+            names.append(argv[i + 1])
+        elif a.startswith("--config="):
+            names.append(a.split("=", 1)[1])
+    return names
+
+
+def _build_cli_class() -> type:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from diffalign.core.callbacks import RewardEvaluation
+    from diffalign.core.io import AtomicCheckpointIO
+
+    class DiffalignCLI(LightningCLI):
+        """LightningCLI with diffalign's defaults: run folders, atomic checkpoints, evaluation."""
+
+        def __init__(self, *args: Any, config_files: Sequence[str] = (), **kwargs: Any) -> None:
+            self._config_files = list(config_files)
+            super().__init__(*args, **kwargs)
+
+        @property
+        def recipe_name(self) -> str:
+            cfgs = [c for c in self._config_files if "/_base/" not in c.replace(os.sep, "/")]
+            return Path(cfgs[-1]).stem if cfgs else "run"
+
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.add_argument("--run_root", type=str, default="runs",
+                                help="folder under which each run gets <recipe>/version_N")
+
+        def _run_version(self, ckpt_path: str | None) -> str | int | None:
+            """When resuming from <run>/checkpoints/x.ckpt, keep writing into <run>."""
+            if not ckpt_path:
+                return None
+            p = Path(ckpt_path).resolve()
+            if p.parent.name == "checkpoints":
+                return p.parent.parent.name
+            return None
+
+        def instantiate_trainer(self, **kwargs: Any) -> Any:
+            cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            trainer_cfg = cfg["trainer"]
+            run_root = cfg.get("run_root", "runs")
+            if trainer_cfg.get("logger") in (None, True):
+                ckpt = cfg.get("ckpt_path") if self.subcommand else None
+                version = self._run_version(ckpt)
+                root = run_root
+                if version is not None:
+                    root = str(Path(ckpt).resolve().parent.parent.parent.parent)
+                csv = CSVLogger(root, name=self.recipe_name, version=version)
+                tb = TensorBoardLogger(root, name=self.recipe_name, version=csv.version, default_hp_metric=False)
+                kwargs["logger"] = [csv, tb]
+            callbacks = list(trainer_cfg.get("callbacks") or [])
+            if trainer_cfg.get("enable_checkpointing", True) is not False and not any(
+                isinstance(c, ModelCheckpoint) for c in callbacks
+            ):
+                callbacks.append(ModelCheckpoint(save_last=True, save_top_k=0, every_n_epochs=1))
+            for c in callbacks:
+                if isinstance(c, RewardEvaluation) and c.recipe is None:
+                    c.recipe = self.recipe_name
+            if not any(isinstance(c, RewardEvaluation) for c in callbacks):
+                callbacks.append(RewardEvaluation(recipe=self.recipe_name))
+            kwargs["callbacks"] = callbacks
+            plugins = trainer_cfg.get("plugins")
+            plugins = list(plugins) if isinstance(plugins, (list, tuple)) else ([plugins] if plugins else [])
+            if not any(hasattr(p, "save_checkpoint") for p in plugins):
+                plugins.append(AtomicCheckpointIO())
+            kwargs["plugins"] = plugins
+            return super().instantiate_trainer(**kwargs)
+
+    return DiffalignCLI
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli_main()
+
+
+def cli_main(args: Sequence[str] | None = None) -> Any:
+    """Run `diffalign`; `args` replaces sys.argv[1:] (tests call it in-process). Returns the CLI."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in OWN_COMMANDS:
+        code = _recipes_command(argv[1:])
+        if args is None:
+            raise SystemExit(code)
+        return code
+    _check_config_files(argv)
+
+    from lightning import LightningDataModule
+
+    from diffalign.core.module import AlignmentModule
+
+    cli_cls = _build_cli_class()
+    return cli_cls(
+        AlignmentModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"log_every_n_steps": 1},
+        args=argv if args is not None else None,
+        config_files=_config_names(argv),
+        parser_kwargs={"description": "diffalign: align diffusion models with rewards and preferences. "
+                       "Own subcommands: " + ", ".join(f"'{k}' ({v})" for k, v in OWN_COMMANDS.items())},
+    )
+
+
+if __name__ == "__main__":
+    cli_main()

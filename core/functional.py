@@ -1,0 +1,84 @@
+"""Small rank-agnostic tensor helpers shared by kernels, policies and algorithms."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+Generator = torch.Generator | Sequence[torch.Generator] | None
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def left_broadcast(value: Tensor | float, shape: torch.Size | Sequence[int]) -> Tensor:
+    """Reshape a scalar or per-sample `(B,)` tensor so it broadcasts against `shape` of any rank."""
+    value = torch.as_tensor(value)
+    ndim = len(shape)
+    if value.dim() == 0:
+        return value.reshape((1,) * ndim)
+    return value.reshape(value.shape + (1,) * (ndim - value.dim()))
+
+
+def randn(
+    shape: Sequence[int], generator: Generator = None, device=None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Standard normal noise, with one generator for the batch or one generator per sample.
+
+    With a list of generators, row i depends only on generator i: a sample's noise does not change with
+    the batch it is drawn in (what fixed evaluation seeds need).
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = generator.device if generator is not None else device
+        out = torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype)
+        return out.to(device) if device is not None else out
+    gens = list(generator)
+    if len(gens) != shape[0]:
+        raise ValueError(f"got {len(gens)} generators for a batch of {shape[0]}")
+    rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in gens]
+    out = torch.cat(rows, dim=0)
+    return out.to(device) if device is not None else out
+
+
+def expand_mask(mask: Tensor | None, like: Tensor) -> Tensor | None:
+    """Broadcast a (B, ...) mask to the full shape of `like` (float), or None."""
+    if mask is None:
+        return None
+    m = mask.to(dtype=like.dtype, device=like.device)
+    while m.dim() < like.dim():
+        m = m.unsqueeze(-1)
+    return m.expand_as(like)
+
+
+def reduce_event(x: Tensor, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """Reduce every dim after the batch dim by mean or sum, counting only unmasked entries."""
+    dims = tuple(range(1, x.dim()))
+    if mask is None:
+        return x.mean(dim=dims) if reduction == "mean" else x.sum(dim=dims)
+    m = expand_mask(mask, x)
+    total = (x * m).sum(dim=dims)
+    if reduction == "sum":
+        return total
+    return total / m.sum(dim=dims).clamp_min(1.0)
+
+
+def gaussian_log_prob(
+    x: Tensor, mean: Tensor, std: Tensor, mask: Tensor | None = None, reduction: str = "mean"
+) -> Tensor:
+    """Log-density of `x` under N(mean, std²) per sample, reduced over the event dims.
+
+    `std` broadcasts against `x`. Where std is 0 the transition is deterministic and contributes 0.
+    """
+    std = std.expand_as(x) if std.shape != x.shape else std
+    deterministic = std <= 0
+    safe_std = torch.where(deterministic, torch.ones_like(std), std)
+    lp = -((x - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - LOG_SQRT_2PI
+    lp = torch.where(deterministic, torch.zeros_like(lp), lp)
+    return reduce_event(lp, mask, reduction)
+
+
+def masked_mse(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-sample mean squared error over unmasked event entries, shape (B,)."""
+    return reduce_event((pred.float() - target.float()) ** 2, mask, "mean")

@@ -1,0 +1,335 @@
+"""Transition kernels: the per-step math of a sampler, with the log-prob of each step.
+
+A kernel wraps a diffusers scheduler (the noise schedule) and turns one denoiser output into a Gaussian
+transition x_t -> x_{t'}: its mean, its std, a sample from it and the sample's log-probability. Passing a
+stored `prev_sample` re-scores that transition under the current model output, which is what every
+policy-gradient method needs. All math runs in float32 and broadcasts over any event rank.
+
+The log-prob is reduced over the event dims by `reduction`: "mean" (what DDPO and Flow-GRPO do: the
+importance ratio is then a per-dimension geometric mean, so a clip range of 1e-4 is a per-dimension
+bound) or "sum" (the true joint log-density: ratios are far larger and the clip range must grow with
+the number of dimensions).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from diffalign.core.functional import Generator, expand_mask, gaussian_log_prob, left_broadcast, randn
+
+Reduction = Literal["mean", "sum"]
+
+
+@dataclass
+class StepOutput:
+    """Result of one transition: the next state, its log-prob (B,), the Gaussian mean and std, and x̂0."""
+
+    prev_sample: Tensor
+    log_prob: Tensor
+    mean: Tensor
+    std: Tensor
+    pred_x0: Tensor
+
+
+def _timestep_tensor(t: Tensor | float | int, batch: int, device: torch.device) -> Tensor:
+    t = torch.as_tensor(t, device=device)
+    return t.expand(batch) if t.dim() == 0 else t
+
+
+class TransitionKernel(ABC):
+    """Base class: binds to a backbone's scheduler, sets the sampling timesteps, steps and re-scores.
+
+    Args:
+        reduction: how the per-entry Gaussian log-density is reduced over event dims ("mean" or "sum").
+    """
+
+    scheduler_class: Any = None
+
+    def __init__(self, reduction: Reduction = "mean") -> None:
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.reduction = reduction
+        self.scheduler: Any = None
+        self.num_steps: int | None = None
+
+    # -- binding -------------------------------------------------------------------------------------
+    def bind(self, scheduler: Any) -> TransitionKernel:
+        """Build this kernel's own scheduler from the backbone's scheduler config."""
+        self._check_compatible(scheduler)
+        self.scheduler = self.scheduler_class.from_config(scheduler.config)
+        return self
+
+    def _check_compatible(self, scheduler: Any) -> None:  # overridden where it matters
+        pass
+
+    def _require_bound(self) -> None:
+        if self.scheduler is None or self.num_steps is None:
+            raise RuntimeError(f"{type(self).__name__}: call bind(scheduler) and set_timesteps(n) first")
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    def set_timesteps(self, num_steps: int, device: torch.device | str | None = None) -> Tensor:
+        """Set the number of sampling steps; returns the timesteps x_T … in sampling order, shape (T,)."""
+        self.scheduler.set_timesteps(num_steps, device=device)
+        self.num_steps = num_steps
+        return self.scheduler.timesteps
+
+    # -- per step ------------------------------------------------------------------------------------
+    @abstractmethod
+    def pred_x0(self, model_output: Tensor, t: Tensor | float, x_t: Tensor) -> Tensor:
+        """The model's estimate of the clean sample at timestep `t`."""
+
+    @abstractmethod
+    def mean_std(self, model_output: Tensor, t: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Gaussian mean and std of the transition (float32, std broadcastable), and x̂0."""
+
+    def step(
+        self,
+        model_output: Tensor,
+        t: Tensor | float | int,
+        x_t: Tensor,
+        prev_sample: Tensor | None = None,
+        generator: Generator = None,
+        mask: Tensor | None = None,
+    ) -> StepOutput:
+        """Sample (or, given `prev_sample`, re-score) the transition from `x_t` at timestep(s) `t`.
+
+        Padded entries (mask == 0) get no noise and do not count in the log-prob.
+        """
+        self._require_bound()
+        x = x_t.float()
+        tt = _timestep_tensor(t, x.shape[0], x.device)
+        mean, std, x0 = self.mean_std(model_output.float(), tt, x)
+        std_full = std.expand_as(mean)
+        if prev_sample is None:
+            noise = randn(mean.shape, generator, device=mean.device)
+            m = expand_mask(mask, mean)
+            if m is not None:
+                noise = noise * m
+            prev_sample = (mean + std_full * noise).detach()
+        log_prob = gaussian_log_prob(prev_sample.float(), mean, std_full, mask, self.reduction)
+        return StepOutput(prev_sample=prev_sample.float(), log_prob=log_prob, mean=mean, std=std_full,
+                          pred_x0=x0)
+
+    # -- training on data ----------------------------------------------------------------------------
+    @abstractmethod
+    def training_sample(
+        self, x0: Tensor, generator: Generator = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Draw a noisy training input: returns (x_t, t, target) for the denoising loss."""
+
+
+class _AlphaKernel(TransitionKernel):
+    """Shared math for schedulers defined by cumulative alphas (DDIM, DDPM)."""
+
+    def _check_compatible(self, scheduler: Any) -> None:
+        if not hasattr(scheduler, "alphas_cumprod"):
+            raise ValueError(
+                f"{type(self).__name__} needs a scheduler with alphas_cumprod (DDPM/DDIM family), got "
+                f"{type(scheduler).__name__}; flow-matching backbones use FlowSDEKernel"
+            )
+        pt = scheduler.config.get("prediction_type", "epsilon")
+        if pt not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"{type(self).__name__} does not support prediction_type {pt!r}")
+        if scheduler.config.get("thresholding", False):
+            raise ValueError(f"{type(self).__name__} does not support dynamic thresholding")
+
+    def _alpha(self, t: Tensor) -> Tensor:
+        ac = self.scheduler.alphas_cumprod.to(device=t.device, dtype=torch.float32)
+        return ac[t.long().clamp(0, len(ac) - 1)]
+
+    def _x0_eps(self, model_output: Tensor, alpha: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        a = left_broadcast(alpha, x.shape)
+        sa, sb = a.sqrt(), (1 - a).sqrt()
+        pt = self.prediction_type
+        if pt == "epsilon":
+            x0, eps = (x - sb * model_output) / sa, model_output
+        elif pt == "sample":
+            x0 = model_output
+            eps = (x - sa * x0) / sb
+        else:  # v_prediction
+            x0 = sa * x - sb * model_output
+            eps = sa * model_output + sb * x
+        cfg = self.scheduler.config
+        if cfg.get("clip_sample", False):
+            r = cfg.get("clip_sample_range", 1.0)
+            x0 = x0.clamp(-r, r)
+            eps = (x - sa * x0) / sb
+        return x0, eps
+
+    def pred_x0(self, model_output: Tensor, t: Tensor | float, x_t: Tensor) -> Tensor:
+        x = x_t.float()
+        tt = _timestep_tensor(t, x.shape[0], x.device)
+        return self._x0_eps(model_output.float(), self._alpha(tt), x)[0]
+
+    def training_sample(
+        self, x0: Tensor, generator: Generator = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        x0 = x0.float()
+        b = x0.shape[0]
+        gen = generator if isinstance(generator, torch.Generator) or generator is None else generator[0]
+        t = torch.randint(0, self.num_train_timesteps, (b,), generator=gen, device="cpu").to(x0.device)
+        noise = randn(x0.shape, generator, device=x0.device)
+        a = left_broadcast(self._alpha(t), x0.shape)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        pt = self.prediction_type
+        if pt == "epsilon":
+            target = noise
+        elif pt == "sample":
+            target = x0
+        else:
+            target = a.sqrt() * noise - (1 - a).sqrt() * x0
+        return x_t, t, target
+
+
+class DDIMKernel(_AlphaKernel):
+    """DDIM step with stochasticity `eta` (1.0 behaves like DDPM; DDPO's default).
+
+    Follows diffusers' `DDIMScheduler.step` (previous timestep t − N_train/N, `final_alpha_cumprod` at
+    the end, `clip_sample`), adding the Gaussian log-prob. With eta = 0 the sampler is deterministic and
+    every log-prob is 0: policy-gradient methods need eta > 0.
+    """
+
+    def __init__(self, eta: float = 1.0, reduction: Reduction = "mean") -> None:
+        super().__init__(reduction)
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        self.eta = eta
+        from diffusers import DDIMScheduler
+
+        self.scheduler_class = DDIMScheduler
+
+    def _alpha_prev(self, t: Tensor) -> Tensor:
+        prev = t.long() - self.num_train_timesteps // self.num_steps
+        final = torch.as_tensor(self.scheduler.final_alpha_cumprod, dtype=torch.float32, device=t.device)
+        ac = self.scheduler.alphas_cumprod.to(device=t.device, dtype=torch.float32)
+        return torch.where(prev >= 0, ac[prev.clamp_min(0)], final)
+
+    def mean_std(self, model_output: Tensor, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        a_t, a_prev = self._alpha(t), self._alpha_prev(t)
+        variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        std = self.eta * variance.clamp_min(0).sqrt()
+        x0, eps = self._x0_eps(model_output, a_t, x)
+        ap, s = left_broadcast(a_prev, x.shape), left_broadcast(std, x.shape)
+        mean = ap.sqrt() * x0 + (1 - ap - s**2).clamp_min(0).sqrt() * eps
+        return mean, s, x0
+
+
+class DDPMKernel(_AlphaKernel):
+    """Ancestral DDPM step (posterior mean and the scheduler's fixed_small / fixed_large variance).
+
+    Follows diffusers' `DDPMScheduler.step`; the previous timestep is the next one in the sampling
+    schedule (or none at the end, where the step is deterministic).
+    """
+
+    def __init__(self, reduction: Reduction = "mean") -> None:
+        super().__init__(reduction)
+        from diffusers import DDPMScheduler
+
+        self.scheduler_class = DDPMScheduler
+
+    def _check_compatible(self, scheduler: Any) -> None:
+        super()._check_compatible(scheduler)
+        vt = scheduler.config.get("variance_type", "fixed_small")
+        if vt not in ("fixed_small", "fixed_large"):
+            raise ValueError(f"DDPMKernel supports variance_type fixed_small or fixed_large, got {vt!r}")
+
+    def _alpha_prev(self, t: Tensor) -> Tensor:
+        ts = self.scheduler.timesteps.to(t.device).long()
+        # position of each t in the schedule; the previous timestep is the next entry (none after the last)
+        pos = (ts[None, :] == t.long()[:, None]).float().argmax(dim=1)
+        nxt = ts[(pos + 1).clamp_max(len(ts) - 1)]
+        has_prev = pos + 1 < len(ts)
+        ac = self.scheduler.alphas_cumprod.to(device=t.device, dtype=torch.float32)
+        return torch.where(has_prev, ac[nxt.clamp_min(0)], torch.ones_like(ac[nxt]))
+
+    def mean_std(self, model_output: Tensor, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        a_t, a_prev = self._alpha(t), self._alpha_prev(t)
+        alpha_step = a_t / a_prev
+        beta_step = 1 - alpha_step
+        x0, _ = self._x0_eps(model_output, a_t, x)
+        c0 = left_broadcast(a_prev.sqrt() * beta_step / (1 - a_t), x.shape)
+        ct = left_broadcast(alpha_step.sqrt() * (1 - a_prev) / (1 - a_t), x.shape)
+        mean = c0 * x0 + ct * x
+        if self.scheduler.config.get("variance_type", "fixed_small") == "fixed_large":
+            var = beta_step
+        else:
+            var = ((1 - a_prev) / (1 - a_t) * beta_step).clamp_min(1e-20)
+        var = torch.where(t.long() > 0, var, torch.zeros_like(var))
+        return mean, left_broadcast(var.sqrt(), x.shape), x0
+
+
+class FlowSDEKernel(TransitionKernel):
+    """Flow-GRPO's SDE step for rectified-flow models (x_σ = (1−σ)x0 + σε, model predicts v ≈ ε − x0).
+
+    g = noise_level·√(σ/(1−σ)), mean = x + [v + g²/(2σ)·(x + (1−σ)v)]·dt, std = g·√(−dt), with
+    dt = σ_next − σ < 0. With noise_level → 0 the mean is the Euler ODE step x + v·dt. At σ = 1 the
+    scheduler's next sigma stands in for σ to avoid dividing by zero (as Flow-GRPO does).
+    """
+
+    def __init__(self, noise_level: float = 0.7, reduction: Reduction = "mean") -> None:
+        super().__init__(reduction)
+        if noise_level < 0:
+            raise ValueError(f"noise_level must be >= 0, got {noise_level}")
+        self.noise_level = noise_level
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.scheduler_class = FlowMatchEulerDiscreteScheduler
+
+    def _check_compatible(self, scheduler: Any) -> None:
+        if hasattr(scheduler, "alphas_cumprod") or "shift" not in scheduler.config:
+            raise ValueError(
+                f"FlowSDEKernel needs a flow-matching scheduler (FlowMatchEulerDiscreteScheduler), got "
+                f"{type(scheduler).__name__}; epsilon/v backbones use DDIMKernel or DDPMKernel"
+            )
+
+    @property
+    def prediction_type(self) -> str:
+        return "flow"
+
+    def _sigmas(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        ts = self.scheduler.timesteps.to(device=t.device, dtype=torch.float32)
+        sig = self.scheduler.sigmas.to(device=t.device, dtype=torch.float32)
+        pos = (ts[None, :] - t.float()[:, None]).abs().argmin(dim=1)
+        return sig[pos], sig[pos + 1]
+
+    def pred_x0(self, model_output: Tensor, t: Tensor | float, x_t: Tensor) -> Tensor:
+        x = x_t.float()
+        tt = _timestep_tensor(t, x.shape[0], x.device)
+        sigma = left_broadcast(tt.float() / self.num_train_timesteps, x.shape)
+        return x - sigma * model_output.float()
+
+    def mean_std(self, model_output: Tensor, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        sigma, sigma_next = self._sigmas(t)
+        sig_max = self.scheduler.sigmas[1].to(device=t.device, dtype=torch.float32)
+        sigma_safe = torch.where(sigma >= 1.0, sig_max.expand_as(sigma), sigma)
+        g = self.noise_level * (sigma_safe / (1 - sigma_safe)).sqrt()
+        dt = sigma_next - sigma
+        s, gb, dtb = (left_broadcast(v, x.shape) for v in (sigma, g, dt))
+        ssafe = left_broadcast(sigma_safe, x.shape)
+        v = model_output
+        mean = x + (v + gb**2 / (2 * ssafe) * (x + (1 - s) * v)) * dtb
+        std = gb * (-dtb).clamp_min(0).sqrt()
+        return mean, std, x - s * v
+
+    def training_sample(
+        self, x0: Tensor, generator: Generator = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        x0 = x0.float()
+        gen = generator if isinstance(generator, torch.Generator) or generator is None else generator[0]
+        sigma = torch.rand((x0.shape[0],), generator=gen, device="cpu").to(x0.device)
+        noise = randn(x0.shape, generator, device=x0.device)
+        s = left_broadcast(sigma, x0.shape)
+        x_t = (1 - s) * x0 + s * noise
+        return x_t, sigma * self.num_train_timesteps, noise - x0

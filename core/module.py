@@ -1,0 +1,158 @@
+"""`AlignmentModule`: the Lightning system that runs any algorithm on any policy and reward.
+
+It receives its parts (policy, algorithm, reward, optimiser callables) and builds none of them.
+Optimisation is manual so that online methods can collect a batch and then take several updates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from diffalign.core.algorithms.base import AlignContext, Algorithm
+from diffalign.core.policy import DiffusionPolicy
+from diffalign.core.reward import GuardedReward, OnInvalid, Reward
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stops instead of updating on garbage."""
+
+
+class AlignmentModule(L.LightningModule):
+    """Runs `algorithm` on `policy` against `reward`.
+
+    Args:
+        policy: the sampler being aligned.
+        algorithm: the alignment method.
+        reward: what to maximise (None for methods that learn from data alone). It is frozen and kept
+            out of checkpoints.
+        optimizer: optimiser factory over the backbone's trainable parameters.
+        lr_scheduler: optional scheduler factory, stepped after every optimiser step.
+        max_grad_norm: gradient-norm clip (None: no clipping).
+        on_invalid_reward: "raise" stops on a NaN/inf or raising reward naming the sample;
+            "drop" drops such samples, counts them and logs `train/reward_dropped`.
+        seed: seed of the run's own generator (rollout noise, shuffling, dropout of conditions). Its
+            state is saved in checkpoints, so a resumed run continues the same random stream.
+    """
+
+    def __init__(
+        self,
+        policy: DiffusionPolicy,
+        algorithm: Algorithm,
+        reward: Reward | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        max_grad_norm: float | None = 1.0,
+        on_invalid_reward: OnInvalid = "raise",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy = policy
+        self.algorithm = algorithm
+        if algorithm.needs_reward and reward is None:
+            raise ValueError(f"{type(algorithm).__name__} needs a reward: set model.init_args.reward")
+        self._reward = [reward.freeze()] if reward is not None else []  # a list keeps it out of state_dict
+        self.guarded_reward = GuardedReward(reward, on_invalid_reward) if reward is not None else None
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.max_grad_norm = max_grad_norm
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        if algorithm.needs_reference:
+            # taken now, before any checkpoint is restored: the reference is the initial model
+            policy.backbone.freeze_reference()
+
+    @property
+    def reward(self) -> Reward | None:
+        return self._reward[0] if self._reward else None
+
+    @property
+    def reward_queries(self) -> int:
+        return self.guarded_reward.queries if self.guarded_reward else 0
+
+    def forward(self, cond: dict[str, torch.Tensor], generator: Any = None) -> torch.Tensor:
+        """Sample final model-space samples for `cond` (inference)."""
+        return self.policy.sample(cond, generator)
+
+    def setup(self, stage: str) -> None:
+        if self.reward is not None:
+            self.reward.to(self.device)
+
+    def on_fit_start(self) -> None:
+        if self.reward is not None:
+            self.reward.to(self.device)
+
+    # -- training ------------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        ctx = AlignContext(self.policy, self.guarded_reward, self.generator, self.device)
+        data, metrics = self.algorithm.prepare(ctx, batch)
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)
+        updates = 0
+        for micro_batches in self.algorithm.minibatches(data, self.generator):
+            for micro in micro_batches:
+                out = self.algorithm(self.policy, micro)
+                loss = out["loss"]
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"{type(self.algorithm).__name__} loss is {loss.item()} at global step "
+                        f"{self.global_step} (batch {batch_idx}); stopping instead of training on it"
+                    )
+                self.manual_backward(loss / len(micro_batches))
+                for k, v in out.items():
+                    sums[k] += float(v.detach())
+                    counts[k] += 1
+            if self.max_grad_norm is not None:
+                self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if sched is not None:
+                sched.step()
+            updates += 1
+        logged = {k: sums[k] / counts[k] for k in sums}
+        logged.update(metrics)
+        logged["updates"] = float(updates)
+        if self.guarded_reward is not None:
+            logged["reward_queries"] = float(self.guarded_reward.queries)
+            logged["reward_dropped_total"] = float(self.guarded_reward.dropped)
+        logged = {k: v for k, v in logged.items() if math.isfinite(v)}
+        self.log_dict({f"train/{k}": v for k, v in logged.items()}, on_step=True, on_epoch=False,
+                      batch_size=1)
+        if "reward_mean" in logged:
+            self.log("reward", logged["reward_mean"], prog_bar=True, on_step=True, batch_size=1)
+        elif "loss" in logged:
+            self.log("loss", logged["loss"], prog_bar=True, on_step=True, batch_size=1)
+
+    def configure_optimizers(self) -> Any:
+        params = list(self.policy.backbone.trainable_parameters())
+        if not params:
+            raise ValueError("the backbone has no trainable parameters")
+        opt = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": self.lr_scheduler_factory(opt)}
+
+    # -- checkpoint state ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["diffalign"] = {
+            "generator": self.generator.get_state(),
+            "reward_queries": self.reward_queries,
+            "reward_dropped": self.guarded_reward.dropped if self.guarded_reward else 0,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("diffalign")
+        if not state:
+            return
+        self.generator.set_state(state["generator"])
+        if self.guarded_reward is not None:
+            self.guarded_reward.queries = int(state.get("reward_queries", 0))
+            self.guarded_reward.dropped = int(state.get("reward_dropped", 0))

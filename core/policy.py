@@ -1,0 +1,186 @@
+"""The sampling policy: a backbone, a transition kernel, a step count and classifier-free guidance.
+
+`DiffusionPolicy.rollout` is the one sampling loop of the project, written out plainly. Every training
+algorithm and every test-time method goes through it: policy gradient reads the stored log-probs,
+reward backpropagation keeps the graph through the last K steps, test-time methods attach hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from diffalign.core.backbone import Backbone
+from diffalign.core.functional import Generator
+from diffalign.core.kernels import DDIMKernel, StepOutput, TransitionKernel
+from diffalign.core.types import Cond, Trajectory
+
+
+@dataclass
+class RolloutState:
+    """What a hook sees at step `index` of a rollout; hooks may replace `model_output` or `prev_sample`.
+
+    `before_step` runs after the denoiser call and before the kernel step (guidance edits
+    `model_output`); `after_step` runs after the kernel step (resampling edits `prev_sample`, `cond`).
+    """
+
+    index: int
+    t: Tensor
+    x_t: Tensor
+    cond: Cond
+    mask: Tensor | None
+    model_output: Tensor | None = None
+    step: StepOutput | None = None
+    prev_sample: Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class RolloutHook:
+    """Per-step callback for `DiffusionPolicy.rollout`; override either method."""
+
+    def before_step(self, policy: DiffusionPolicy, state: RolloutState) -> None:  # noqa: B027
+        pass
+
+    def after_step(self, policy: DiffusionPolicy, state: RolloutState) -> None:  # noqa: B027
+        pass
+
+
+class DiffusionPolicy(nn.Module):
+    """A backbone sampled by a transition kernel, seen as a stochastic policy over denoising steps.
+
+    Args:
+        backbone: the modality's denoiser.
+        kernel: the per-step math (default: DDIM with eta = 1, DDPO's sampler).
+        num_steps: sampling steps T.
+        guidance_scale: classifier-free guidance weight w (1 = no guidance). The guided output
+            u + w·(c − u) is the policy in both sampling and re-scoring.
+        gradient_checkpointing: recompute denoiser activations in the backward pass of steps that
+            keep their graph (reward backprop through many steps).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        kernel: TransitionKernel | None = None,
+        num_steps: int = 20,
+        guidance_scale: float = 1.0,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        self.backbone = backbone
+        self.kernel = (kernel or DDIMKernel(eta=1.0)).bind(backbone.make_scheduler())
+        self.num_steps = num_steps
+        self.guidance_scale = guidance_scale
+        self.gradient_checkpointing = gradient_checkpointing
+
+    # -- model output --------------------------------------------------------------------------------
+    def model_output(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        cond: Cond,
+        mask: Tensor | None = None,
+        backbone: Backbone | None = None,
+    ) -> Tensor:
+        """The (guided) denoiser output; `backbone` overrides the policy's (e.g. the reference)."""
+        net = backbone if backbone is not None else self.backbone
+        if self.guidance_scale == 1.0:
+            return net.denoise(x_t, t, cond, mask)
+        null = net.null_condition(cond)
+        both = {k: torch.cat([cond[k], null[k]]) for k in cond}
+        t2 = torch.cat([t, t]) if t.dim() > 0 else t
+        m2 = torch.cat([mask, mask]) if mask is not None else None
+        out_c, out_u = net.denoise(torch.cat([x_t, x_t]), t2, both, m2).chunk(2)
+        return out_u + self.guidance_scale * (out_c - out_u)
+
+    def _timesteps(self, device: torch.device) -> Tensor:
+        return self.kernel.set_timesteps(self.num_steps, device=device)
+
+    # -- sampling ------------------------------------------------------------------------------------
+    def rollout(
+        self,
+        cond: Cond,
+        generator: Generator = None,
+        grad_steps: int | None = None,
+        hooks: Sequence[RolloutHook] = (),
+        x_T: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Trajectory:
+        """Sample one trajectory per condition row.
+
+        Args:
+            cond: batched conditioning from `backbone.encode_condition`.
+            generator: a torch.Generator or one per sample (then each row depends on its own seed only).
+            grad_steps: keep the autograd graph through the last K denoiser calls (None or 0: no
+                graph at all; `num_steps`: the whole chain). Earlier steps run without grad.
+            hooks: per-step `RolloutHook`s.
+            x_T: initial noise to start from instead of `backbone.init_noise` (with its `mask`).
+        """
+        if x_T is None:
+            x_T, mask = self.backbone.init_noise(cond, generator)
+        device = x_T.device
+        timesteps = self._timesteps(device)
+        k = 0 if grad_steps is None else min(int(grad_steps), self.num_steps)
+        x = x_T.float()
+        states, log_probs = [x], []
+        for i, t in enumerate(timesteps):
+            keep_graph = i >= self.num_steps - k and torch.is_grad_enabled()
+            with nullcontext() if keep_graph else torch.no_grad():
+                tb = t.expand(x.shape[0])
+                if keep_graph and self.gradient_checkpointing:
+                    out = checkpoint(self.model_output, x, tb, cond, mask, use_reentrant=False)
+                else:
+                    out = self.model_output(x, tb, cond, mask)
+                state = RolloutState(index=i, t=tb, x_t=x, cond=cond, mask=mask, model_output=out)
+                for h in hooks:
+                    h.before_step(self, state)
+                step = self.kernel.step(state.model_output, tb, x, generator=generator, mask=mask)
+                if keep_graph:
+                    # reparameterised sample: gradient flows through the mean (the noise is fixed)
+                    noise_part = (step.prev_sample - step.mean).detach()
+                    step.prev_sample = step.mean + noise_part
+                state.step, state.prev_sample = step, step.prev_sample
+                for h in hooks:
+                    h.after_step(self, state)
+                x, cond, mask = state.prev_sample, state.cond, state.mask
+            states.append(x)
+            log_probs.append(step.log_prob.detach())
+        b = x.shape[0]
+        return Trajectory(
+            states=torch.stack(states, dim=1),
+            timesteps=timesteps.to(device).unsqueeze(0).expand(b, -1).clone(),
+            log_probs=torch.stack(log_probs, dim=1),
+            cond=cond,
+            mask=mask,
+        )
+
+    @torch.no_grad()
+    def sample(self, cond: Cond, generator: Generator = None, **kwargs: Any) -> Tensor:
+        """Final samples only, in model space (no graph)."""
+        return self.rollout(cond, generator, **kwargs).x0
+
+    # -- re-scoring ----------------------------------------------------------------------------------
+    def log_prob(
+        self, traj: Trajectory, step: int | Tensor, backbone: Backbone | None = None
+    ) -> StepOutput:
+        """Re-score transition `step` of each row under the current weights (or under `backbone`).
+
+        `step` is an int or a (B,) index tensor (each row its own step, as DDPO's shuffled timesteps).
+        """
+        if self.kernel.num_steps != traj.num_steps:
+            self.kernel.set_timesteps(traj.num_steps, device=traj.states.device)
+        b = traj.batch_size
+        idx = torch.as_tensor(step, device=traj.states.device).long()
+        idx = idx.expand(b) if idx.dim() == 0 else idx
+        rows = torch.arange(b, device=traj.states.device)
+        x_t, x_next, t = traj.states[rows, idx], traj.states[rows, idx + 1], traj.timesteps[rows, idx]
+        out = self.model_output(x_t, t, traj.cond, traj.mask, backbone=backbone)
+        return self.kernel.step(out, t, x_t, prev_sample=x_next, mask=traj.mask)

@@ -1,0 +1,1 @@
+"""Rewards, one module per modality plus `common` (modality-agnostic combinators)."""
