@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/python -m diffalign.core.demo
+	$(BIN)/diffalign fit --config recipes/toy/ddpo_mode.yaml
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import time
@@ -11,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 
 from diffalign.core.io import save_state_dict, write_json
 
@@ -211,3 +213,36 @@ class ExportBackbone(Callback):
         meta = {"global_step": str(trainer.global_step), "epochs": str(trainer.current_epoch)}
         out = save_state_dict(pl_module.policy.backbone, self.path, metadata=meta)
         print(f"exported backbone weights to {out}")
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger that keeps the rows of the interrupted run when a run resumes in its own folder.
+
+    Lightning's CSV writer deletes an existing metrics.csv. This logger reads it first and writes back
+    the rows logged before the checkpoint it resumes from (`keep_before_step`); rows logged after that
+    checkpoint are dropped, since the resumed run logs those steps again.
+    """
+
+    def __init__(self, *args: Any, keep_before_step: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.keep_before_step = keep_before_step
+
+    @property
+    def experiment(self) -> Any:
+        if self._experiment is not None:
+            return self._experiment
+        path = Path(self.log_dir) / "metrics.csv"
+        old: list[dict[str, str]] = []
+        if self.keep_before_step is not None and path.is_file():
+            with open(path, newline="") as f:
+                old = [r for r in csv.DictReader(f) if r.get("step", "") != ""
+                       and int(float(r["step"])) < self.keep_before_step]
+        exp = super().experiment
+        if old:
+            keys = sorted(set().union(*old))
+            exp.metrics_keys = keys
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(old)
+        return exp

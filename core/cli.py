@@ -95,12 +95,61 @@ def _config_names(argv: Sequence[str]) -> list[str]:
     return names
 
 
+def _offending_keys(message: str) -> list[str]:
+    """Key names a jsonargparse error mentions, innermost last."""
+    import re
+
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    keys += re.findall(r"Option '([^']+)' is not accepted", message)
+    keys += re.findall(r'Key "([^"]+)" is required', message)
+    keys += re.findall(r"does not accept option '([^']+)'", message)
+    return [k.split(".")[-1] for k in keys]
+
+
+def explain_config_error(message: str, config_files: Sequence[str]) -> str:
+    """A short error naming the config file and line of the offending key, then the parser's reason."""
+    keys = _offending_keys(message)
+    where = []
+    for key in reversed(keys):
+        for f in config_files:
+            try:
+                lines = Path(f).read_text(encoding="utf-8").splitlines()
+            except OSError:
+                continue
+            for n, line in enumerate(lines, 1):
+                if line.strip().startswith(f"{key}:") or line.strip().startswith(f"- {key}:"):
+                    where.append(f"{f}:{n} (key '{key}')")
+        if where:
+            break
+    reason = "\n".join(
+        line for line in message.splitlines()
+        if line.strip() and not line.strip().startswith(
+            ("Given value", "- Expected a <class 'NoneType'>", "Does not validate", "Subtypes:", "Errors:"))
+    )
+    head = f"invalid configuration at {where[0]}" if where else (
+        f"invalid configuration (config files: {', '.join(config_files)})" if config_files
+        else "invalid arguments")
+    if keys and not where:
+        head += f"; offending key: '{keys[-1]}'"
+    return f"diffalign: {head}\n{reason}"
+
+
+def _checkpoint_step(path: str) -> int | None:
+    """The global step stored in a Lightning checkpoint (memory-mapped, so cheap for big files)."""
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+    except (OSError, KeyError, RuntimeError):
+        return None
+
+
 def _build_cli_class() -> type:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.loggers import TensorBoardLogger
 
-    from diffalign.core.callbacks import RewardEvaluation
+    from diffalign.core.callbacks import ResumableCSVLogger, RewardEvaluation
     from diffalign.core.io import AtomicCheckpointIO
 
     class DiffalignCLI(LightningCLI):
@@ -135,17 +184,19 @@ def _build_cli_class() -> type:
             if trainer_cfg.get("logger") in (None, True):
                 ckpt = cfg.get("ckpt_path") if self.subcommand else None
                 version = self._run_version(ckpt)
-                root = run_root
+                root, keep_before = run_root, None
                 if version is not None:
                     root = str(Path(ckpt).resolve().parent.parent.parent.parent)
-                csv = CSVLogger(root, name=self.recipe_name, version=version)
+                    keep_before = _checkpoint_step(ckpt)
+                csv = ResumableCSVLogger(root, name=self.recipe_name, version=version,
+                                         keep_before_step=keep_before)
                 tb = TensorBoardLogger(root, name=self.recipe_name, version=csv.version, default_hp_metric=False)
                 kwargs["logger"] = [csv, tb]
             callbacks = list(trainer_cfg.get("callbacks") or [])
             if trainer_cfg.get("enable_checkpointing", True) is not False and not any(
                 isinstance(c, ModelCheckpoint) for c in callbacks
             ):
-                callbacks.append(ModelCheckpoint(save_last=True, save_top_k=0, every_n_epochs=1))
+                callbacks.append(ModelCheckpoint(save_last=True, save_top_k=1, every_n_epochs=1))
             for c in callbacks:
                 if isinstance(c, RewardEvaluation) and c.recipe is None:
                     c.recipe = self.recipe_name
@@ -176,12 +227,25 @@ def cli_main(args: Sequence[str] | None = None) -> Any:
             raise SystemExit(code)
         return code
     _check_config_files(argv)
+    from jsonargparse import ArgumentError
 
+    cli_cls = _build_cli_class()
+    config_files = _config_names(argv)
+    try:
+        return _run_cli(cli_cls, argv if args is not None else None, config_files)
+    except ArgumentError as e:
+        if any(a in ("-h", "--help") for a in argv):
+            raise
+        print(explain_config_error(str(e), config_files), file=sys.stderr)
+        print("see 'diffalign fit --help' or 'diffalign fit --config <recipe> --print_config'", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run_cli(cli_cls: type, args: Sequence[str] | None, config_files: list[str]) -> Any:
     from lightning import LightningDataModule
 
     from diffalign.core.module import AlignmentModule
 
-    cli_cls = _build_cli_class()
     return cli_cls(
         AlignmentModule,
         LightningDataModule,
@@ -191,10 +255,13 @@ def cli_main(args: Sequence[str] | None = None) -> Any:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"log_every_n_steps": 1},
-        args=argv if args is not None else None,
-        config_files=_config_names(argv),
-        parser_kwargs={"description": "diffalign: align diffusion models with rewards and preferences. "
-                       "Own subcommands: " + ", ".join(f"'{k}' ({v})" for k, v in OWN_COMMANDS.items())},
+        args=args,
+        config_files=config_files,
+        parser_kwargs={
+            "exit_on_error": False,
+            "description": "diffalign: align diffusion models with rewards and preferences. "
+            "Own subcommands: " + ", ".join(f"'{k}' ({v})" for k, v in OWN_COMMANDS.items()),
+        },
     )
 
 

@@ -163,9 +163,9 @@ class _AlphaKernel(TransitionKernel):
             eps = sa * model_output + sb * x
         cfg = self.scheduler.config
         if cfg.get("clip_sample", False):
+            # like diffusers (use_clipped_model_output=False): only x̂0 is clipped, ε̂ stays unclipped
             r = cfg.get("clip_sample_range", 1.0)
             x0 = x0.clamp(-r, r)
-            eps = (x - sa * x0) / sb
         return x0, eps
 
     def pred_x0(self, model_output: Tensor, t: Tensor | float, x_t: Tensor) -> Tensor:
@@ -275,7 +275,8 @@ class FlowSDEKernel(TransitionKernel):
 
     g = noise_level·√(σ/(1−σ)), mean = x + [v + g²/(2σ)·(x + (1−σ)v)]·dt, std = g·√(−dt), with
     dt = σ_next − σ < 0. With noise_level → 0 the mean is the Euler ODE step x + v·dt. At σ = 1 the
-    scheduler's next sigma stands in for σ to avoid dividing by zero (as Flow-GRPO does).
+    scheduler's next sigma stands in for σ in the (1−σ) denominator of g to avoid dividing by zero (as
+    Flow-GRPO does: g = noise_level·√(σ/(1−σ₁))).
     """
 
     def __init__(self, noise_level: float = 0.7, reduction: Reduction = "mean") -> None:
@@ -314,12 +315,11 @@ class FlowSDEKernel(TransitionKernel):
         sigma, sigma_next = self._sigmas(t)
         sig_max = self.scheduler.sigmas[1].to(device=t.device, dtype=torch.float32)
         sigma_safe = torch.where(sigma >= 1.0, sig_max.expand_as(sigma), sigma)
-        g = self.noise_level * (sigma_safe / (1 - sigma_safe)).sqrt()
+        g = self.noise_level * (sigma / (1 - sigma_safe)).sqrt()
         dt = sigma_next - sigma
         s, gb, dtb = (left_broadcast(v, x.shape) for v in (sigma, g, dt))
-        ssafe = left_broadcast(sigma_safe, x.shape)
         v = model_output
-        mean = x + (v + gb**2 / (2 * ssafe) * (x + (1 - s) * v)) * dtb
+        mean = x + (v + gb**2 / (2 * s) * (x + (1 - s) * v)) * dtb
         std = gb * (-dtb).clamp_min(0).sqrt()
         return mean, std, x - s * v
 

@@ -118,6 +118,11 @@ def _flat(samples: Tensor) -> Tensor:
     return samples.reshape(samples.shape[0], -1).float()
 
 
+def squared_norm(samples: Tensor, cond: Cond, scale: float = 1.0) -> Tensor:
+    """A plain reward function (for `FunctionReward`): −scale·‖x‖² per sample."""
+    return -scale * _flat(samples).pow(2).sum(-1)
+
+
 class ConstantReward(Reward):
     """Every sample scores `value` (sanity checks: no learning signal)."""
 

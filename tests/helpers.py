@@ -1,0 +1,24 @@
+"""Shared helpers for tests that drive the CLI in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def run_fit(config: str | Path, run_root: Path, *overrides: str, extra_configs: tuple = ()) -> Path:
+    """Run `diffalign fit` in-process; returns the run folder."""
+    from diffalign.core.cli import cli_main
+
+    args = ["fit", "--config", str(REPO / config)]
+    for c in extra_configs:
+        args += ["--config", str(c)]
+    cli = cli_main(args + ["--run_root", str(run_root), *QUIET, *overrides])
+    return Path(cli.trainer.log_dir)
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
