@@ -41,9 +41,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def build(configs: list[str], overrides: list[str], batch_size: int | None):
     """The recipe's AlignmentModule and data module, parsed as the CLI parses them."""
-    from diffalign.core.module import AlignmentModule
     from jsonargparse import ActionConfigFile, ArgumentParser
     from lightning import LightningDataModule
+
+    from diffalign.core.module import AlignmentModule
 
     parser = ArgumentParser(prog="throughput", exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
@@ -84,8 +85,10 @@ def to_device(batch, device: torch.device):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Other arguments (--model.…, --data.…) override the recipe.")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Other arguments (--model.…, --data.…) override the recipe.",
+    )
     p.add_argument("--config", action="append", help="recipe YAML (repeat to merge)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", choices=["32", "bf16"], default="32")
@@ -115,8 +118,11 @@ def main(argv: list[str] | None = None) -> dict:
     params = list(policy.backbone.trainable_parameters())
     batch = to_device(next(iter(data.train_dataloader())), device)
     ctx = AlignContext(policy, module.guarded_reward, module.generator, device)
-    autocast = (torch.autocast(opts.device, dtype=torch.bfloat16) if opts.precision == "bf16"
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(opts.device, dtype=torch.bfloat16)
+        if opts.precision == "bf16"
+        else contextlib.nullcontext()
+    )
     cond = policy.backbone.encode_condition(batch)
     n = next(iter(cond.values())).shape[0]
 
@@ -178,7 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for phase, ts in times.items():
         med = statistics.median(ts)
-        rows.append({"phase": phase, "ms": 1000 * med, "samples_per_s": n / med, "peak_mem_mib": peaks[phase]})
+        rows.append(
+            {"phase": phase, "ms": 1000 * med, "samples_per_s": n / med, "peak_mem_mib": peaks[phase]}
+        )
     result = {
         "configs": configs,
         "overrides": overrides,
@@ -199,15 +207,18 @@ def main(argv: list[str] | None = None) -> dict:
         "results": rows,
     }
     mem = "peak CUDA MiB" if device.type == "cuda" else "peak RSS MiB"
-    print(f"\nDDPO throughput: {', '.join(configs)} | {result['device_name']} | {opts.precision} | "
-          f"batch {n} | {policy.num_steps} steps | {result['threads']} threads | torch {torch.__version__}\n")
+    print(
+        f"\n{result['algorithm']} throughput: {', '.join(configs)} | {result['device_name']} | "
+        f"{opts.precision} | batch {n} | {policy.num_steps} steps | {result['threads']} threads | "
+        f"torch {torch.__version__}\n"
+    )
     print(f"| phase | ms / batch | samples/s | {mem} |\n|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['phase']} | {r['ms']:.1f} | {r['samples_per_s']:.0f} | {r['peak_mem_mib']:.0f} |")
     out = opts.out or RESULTS / f"throughput_{opts.device}_{opts.precision}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nfirst update (ratio should be 1): {first}\nwrote {out}")
+    print(f"\nfirst update, before any optimiser step (ratio_mean should be 1): {first}\nwrote {out}")
     return result
 
 

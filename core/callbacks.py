@@ -109,8 +109,11 @@ class RewardEvaluation(Callback):
             return dm.evaluation_set()
         if not self.prompts:
             raise ValueError("RewardEvaluation needs `prompts` when the data module has no evaluation_set()")
-        return [(p, self.seed + 1000 * i + j) for i, p in enumerate(self.prompts)
-                for j in range(self.seeds_per_prompt)]
+        return [
+            (p, self.seed + 1000 * i + j)
+            for i, p in enumerate(self.prompts)
+            for j in range(self.seeds_per_prompt)
+        ]
 
     def _elapsed(self) -> float:
         return self.wall_offset + time.perf_counter() - self._t0
@@ -122,8 +125,9 @@ class RewardEvaluation(Callback):
         self.before = evaluate_reward(pl_module, self._pairs(trainer), self.batch_size)
         log.info("reward before training: %.4f over %d samples", self.before["mean"], self.before["count"])
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         value = trainer.callback_metrics.get("train/reward_mean")
         if value is not None:
             self.history.append((int(trainer.global_step), float(value)))
@@ -143,26 +147,30 @@ class RewardEvaluation(Callback):
         if getattr(pl_module, "reward", None) is not None:
             after = evaluate_reward(pl_module, self._pairs(trainer), self.batch_size)
             before = self.before or {}
-            summary.update({
-                "reward_name": pl_module.reward.name,
-                "reward_before": before.get("mean"),
-                "reward_before_std": before.get("std"),
-                "reward_after": after["mean"],
-                "reward_after_std": after["std"],
-                "eval_samples": after["count"],
-                "eval_failed": after["failed"],
-                "reward_before_per_prompt": before.get("per_prompt"),
-                "reward_after_per_prompt": after["per_prompt"],
-            })
+            summary.update(
+                {
+                    "reward_name": pl_module.reward.name,
+                    "reward_before": before.get("mean"),
+                    "reward_before_std": before.get("std"),
+                    "reward_after": after["mean"],
+                    "reward_after_std": after["std"],
+                    "eval_samples": after["count"],
+                    "eval_failed": after["failed"],
+                    "reward_before_per_prompt": before.get("per_prompt"),
+                    "reward_after_per_prompt": after["per_prompt"],
+                }
+            )
         write_json(folder / "summary.json", summary)
         if self.plot and self.history:
             self._plot(trainer, folder / "reward_curve.png", summary)
         if "reward_after" in summary:
-            print(f"\nreward ({summary['reward_name']}) before {summary['reward_before']:.4f} -> "
-                  f"after {summary['reward_after']:.4f} over {summary['eval_samples']} fixed samples; "
-                  f"{summary['reward_queries']} reward queries, {summary['wall_seconds']:.1f} s\n"
-                  f"run folder: {folder}  (summary.json, metrics.csv, config.yaml"
-                  f"{', reward_curve.png' if self.plot and self.history else ''})")
+            print(
+                f"\nreward ({summary['reward_name']}) before {summary['reward_before']:.4f} -> "
+                f"after {summary['reward_after']:.4f} over {summary['eval_samples']} fixed samples; "
+                f"{summary['reward_queries']} reward queries, {summary['wall_seconds']:.1f} s\n"
+                f"run folder: {folder}  (summary.json, metrics.csv, config.yaml"
+                f"{', reward_curve.png' if self.plot and self.history else ''})"
+            )
 
     def _plot(self, trainer: L.Trainer, path: Path, summary: dict[str, Any]) -> None:
         import matplotlib
@@ -210,8 +218,8 @@ class ExportBackbone(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if not trainer.is_global_zero:
             return
-        meta = {"global_step": str(trainer.global_step), "epochs": str(trainer.current_epoch)}
-        out = save_state_dict(pl_module.policy.backbone, self.path, metadata=meta)
+        # no metadata: safetensors orders a metadata map arbitrarily, which would make the bytes differ
+        out = save_state_dict(pl_module.policy.backbone, self.path)
         print(f"exported backbone weights to {out}")
 
 
@@ -235,8 +243,11 @@ class ResumableCSVLogger(CSVLogger):
         old: list[dict[str, str]] = []
         if self.keep_before_step is not None and path.is_file():
             with open(path, newline="") as f:
-                old = [r for r in csv.DictReader(f) if r.get("step", "") != ""
-                       and int(float(r["step"])) < self.keep_before_step]
+                old = [
+                    r
+                    for r in csv.DictReader(f)
+                    if r.get("step", "") != "" and int(float(r["step"])) < self.keep_before_step
+                ]
         exp = super().experiment
         if old:
             keys = sorted(set().union(*old))

@@ -122,13 +122,22 @@ def explain_config_error(message: str, config_files: Sequence[str]) -> str:
         if where:
             break
     reason = "\n".join(
-        line for line in message.splitlines()
-        if line.strip() and not line.strip().startswith(
-            ("Given value", "- Expected a <class 'NoneType'>", "Does not validate", "Subtypes:", "Errors:"))
+        line
+        for line in message.splitlines()
+        if line.strip()
+        and not line.strip().startswith(
+            ("Given value", "- Expected a <class 'NoneType'>", "Does not validate", "Subtypes:", "Errors:")
+        )
     )
-    head = f"invalid configuration at {where[0]}" if where else (
-        f"invalid configuration (config files: {', '.join(config_files)})" if config_files
-        else "invalid arguments")
+    head = (
+        f"invalid configuration at {where[0]}"
+        if where
+        else (
+            f"invalid configuration (config files: {', '.join(config_files)})"
+            if config_files
+            else "invalid arguments"
+        )
+    )
     if keys and not where:
         head += f"; offending key: '{keys[-1]}'"
     return f"diffalign: {head}\n{reason}"
@@ -165,8 +174,12 @@ def _build_cli_class() -> type:
             return Path(cfgs[-1]).stem if cfgs else "run"
 
         def add_arguments_to_parser(self, parser: Any) -> None:
-            parser.add_argument("--run_root", type=str, default="runs",
-                                help="folder under which each run gets <recipe>/version_N")
+            parser.add_argument(
+                "--run_root",
+                type=str,
+                default="runs",
+                help="folder under which each run gets <recipe>/version_N",
+            )
 
         def _run_version(self, ckpt_path: str | None) -> str | int | None:
             """When resuming from <run>/checkpoints/x.ckpt, keep writing into <run>."""
@@ -188,9 +201,12 @@ def _build_cli_class() -> type:
                 if version is not None:
                     root = str(Path(ckpt).resolve().parent.parent.parent.parent)
                     keep_before = _checkpoint_step(ckpt)
-                csv = ResumableCSVLogger(root, name=self.recipe_name, version=version,
-                                         keep_before_step=keep_before)
-                tb = TensorBoardLogger(root, name=self.recipe_name, version=csv.version, default_hp_metric=False)
+                csv = ResumableCSVLogger(
+                    root, name=self.recipe_name, version=version, keep_before_step=keep_before
+                )
+                tb = TensorBoardLogger(
+                    root, name=self.recipe_name, version=csv.version, default_hp_metric=False
+                )
                 kwargs["logger"] = [csv, tb]
             callbacks = list(trainer_cfg.get("callbacks") or [])
             if trainer_cfg.get("enable_checkpointing", True) is not False and not any(
@@ -237,7 +253,9 @@ def cli_main(args: Sequence[str] | None = None) -> Any:
         if any(a in ("-h", "--help") for a in argv):
             raise
         print(explain_config_error(str(e), config_files), file=sys.stderr)
-        print("see 'diffalign fit --help' or 'diffalign fit --config <recipe> --print_config'", file=sys.stderr)
+        print(
+            "see 'diffalign fit --help' or 'diffalign fit --config <recipe> --print_config'", file=sys.stderr
+        )
         raise SystemExit(2) from None
 
 

@@ -117,5 +117,10 @@ class PromptDataModule(EvaluationSetMixin, L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochSeededSampler(len(self.prompts), self.batch_size * self.batches_per_epoch, self.seed)
-        return DataLoader(_ListDataset(self.prompts), batch_size=self.batch_size, sampler=sampler,
-                          collate_fn=collate_prompts, num_workers=0)
+        return DataLoader(
+            _ListDataset(self.prompts),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=collate_prompts,
+            num_workers=0,
+        )

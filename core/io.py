@@ -23,7 +23,7 @@ def resolve_path(spec: str | os.PathLike[str]) -> Path:
     """
     s = str(spec)
     if s.startswith(PKG_PREFIX):
-        package, _, rel = s[len(PKG_PREFIX):].partition("/")
+        package, _, rel = s[len(PKG_PREFIX) :].partition("/")
         try:
             path = Path(str(resources.files(package).joinpath(rel)))
         except ModuleNotFoundError as e:
@@ -33,6 +33,12 @@ def resolve_path(spec: str | os.PathLike[str]) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"file not found: {path}" + (f" (from {s})" if s != str(path) else ""))
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
@@ -48,6 +54,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
         write(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -60,13 +67,17 @@ def write_json(path: str | os.PathLike[str], data: Any) -> Path:
     return atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
-def save_state_dict(module: torch.nn.Module, path: str | os.PathLike[str],
-                    metadata: dict[str, str] | None = None) -> Path:
+def save_state_dict(
+    module: torch.nn.Module, path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> Path:
     """Atomically save a module's state dict as safetensors."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()
-             if isinstance(v, torch.Tensor)}
+    state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in module.state_dict().items()
+        if isinstance(v, torch.Tensor)
+    }
     return atomic_write(path, lambda p: save_file(state, str(p), metadata=metadata))
 
 

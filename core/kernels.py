@@ -64,8 +64,8 @@ class TransitionKernel(ABC):
         self.scheduler = self.scheduler_class.from_config(scheduler.config)
         return self
 
-    def _check_compatible(self, scheduler: Any) -> None:  # overridden where it matters
-        pass
+    def _check_compatible(self, scheduler: Any) -> None:  # noqa: B027 - optional hook
+        """Raise ValueError if `scheduler` cannot drive this kernel (subclasses check)."""
 
     def _require_bound(self) -> None:
         if self.scheduler is None or self.num_steps is None:
@@ -119,14 +119,13 @@ class TransitionKernel(ABC):
                 noise = noise * m
             prev_sample = (mean + std_full * noise).detach()
         log_prob = gaussian_log_prob(prev_sample.float(), mean, std_full, mask, self.reduction)
-        return StepOutput(prev_sample=prev_sample.float(), log_prob=log_prob, mean=mean, std=std_full,
-                          pred_x0=x0)
+        return StepOutput(
+            prev_sample=prev_sample.float(), log_prob=log_prob, mean=mean, std=std_full, pred_x0=x0
+        )
 
     # -- training on data ----------------------------------------------------------------------------
     @abstractmethod
-    def training_sample(
-        self, x0: Tensor, generator: Generator = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def training_sample(self, x0: Tensor, generator: Generator = None) -> tuple[Tensor, Tensor, Tensor]:
         """Draw a noisy training input: returns (x_t, t, target) for the denoising loss."""
 
 
@@ -173,9 +172,7 @@ class _AlphaKernel(TransitionKernel):
         tt = _timestep_tensor(t, x.shape[0], x.device)
         return self._x0_eps(model_output.float(), self._alpha(tt), x)[0]
 
-    def training_sample(
-        self, x0: Tensor, generator: Generator = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def training_sample(self, x0: Tensor, generator: Generator = None) -> tuple[Tensor, Tensor, Tensor]:
         x0 = x0.float()
         b = x0.shape[0]
         gen = generator if isinstance(generator, torch.Generator) or generator is None else generator[0]
@@ -323,9 +320,7 @@ class FlowSDEKernel(TransitionKernel):
         std = gb * (-dtb).clamp_min(0).sqrt()
         return mean, std, x - s * v
 
-    def training_sample(
-        self, x0: Tensor, generator: Generator = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def training_sample(self, x0: Tensor, generator: Generator = None) -> tuple[Tensor, Tensor, Tensor]:
         x0 = x0.float()
         gen = generator if isinstance(generator, torch.Generator) or generator is None else generator[0]
         sigma = torch.rand((x0.shape[0],), generator=gen, device="cpu").to(x0.device)

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from diffalign.core.algorithms.base import AlignContext, Algorithm
+from diffalign.core.algorithms.base import Algorithm, AlignContext
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.reward import GuardedReward, OnInvalid, Reward
 
@@ -124,8 +124,9 @@ class AlignmentModule(L.LightningModule):
             logged["reward_queries"] = float(self.guarded_reward.queries)
             logged["reward_dropped_total"] = float(self.guarded_reward.dropped)
         logged = {k: v for k, v in logged.items() if math.isfinite(v)}
-        self.log_dict({f"train/{k}": v for k, v in logged.items()}, on_step=True, on_epoch=False,
-                      batch_size=1)
+        self.log_dict(
+            {f"train/{k}": v for k, v in logged.items()}, on_step=True, on_epoch=False, batch_size=1
+        )
         if "reward_mean" in logged:
             self.log("reward", logged["reward_mean"], prog_bar=True, on_step=True, batch_size=1)
         elif "loss" in logged:

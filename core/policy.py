@@ -168,9 +168,7 @@ class DiffusionPolicy(nn.Module):
         return self.rollout(cond, generator, **kwargs).x0
 
     # -- re-scoring ----------------------------------------------------------------------------------
-    def log_prob(
-        self, traj: Trajectory, step: int | Tensor, backbone: Backbone | None = None
-    ) -> StepOutput:
+    def log_prob(self, traj: Trajectory, step: int | Tensor, backbone: Backbone | None = None) -> StepOutput:
         """Re-score transition `step` of each row under the current weights (or under `backbone`).
 
         `step` is an int or a (B,) index tensor (each row its own step, as DDPO's shuffled timesteps).

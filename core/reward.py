@@ -69,8 +69,9 @@ class WeightedSum(Reward):
         weights: one weight per term (default 1 each).
     """
 
-    def __init__(self, rewards: Sequence[Reward], weights: Sequence[float] | None = None,
-                 name: str | None = None) -> None:
+    def __init__(
+        self, rewards: Sequence[Reward], weights: Sequence[float] | None = None, name: str | None = None
+    ) -> None:
         super().__init__(name or "weighted_sum")
         if not rewards:
             raise ValueError("WeightedSum needs at least one reward")
@@ -112,8 +113,13 @@ class FunctionReward(Reward):
         differentiable: whether the function is differentiable in `samples`.
     """
 
-    def __init__(self, function: str, kwargs: dict[str, Any] | None = None, differentiable: bool = False,
-                 name: str | None = None) -> None:
+    def __init__(
+        self,
+        function: str,
+        kwargs: dict[str, Any] | None = None,
+        differentiable: bool = False,
+        name: str | None = None,
+    ) -> None:
         super().__init__(name or function.rpartition(".")[2])
         self.function = function
         self.fn: Callable[..., Any] = import_object(function)
@@ -216,8 +222,10 @@ class GuardedReward:
             reasons.setdefault(i, f"score is {scores[i].item()}")
         if reasons:
             first = min(reasons)
-            msg = (f"reward '{self.reward.name}' failed on {len(reasons)} of {batch_size} samples; "
-                   f"first at sample index {first}: {reasons[first]}")
+            msg = (
+                f"reward '{self.reward.name}' failed on {len(reasons)} of {batch_size} samples; "
+                f"first at sample index {first}: {reasons[first]}"
+            )
             if self.on_invalid == "raise":
                 raise RewardError(msg + " (set on_invalid_reward: drop to skip such samples)")
             if len(reasons) == batch_size:

@@ -84,8 +84,12 @@ class ToyBackbone(Backbone):
             return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=1.0)
         from diffusers import DDPMScheduler
 
-        return DDPMScheduler(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
-                             prediction_type=self.prediction_type, clip_sample=False)
+        return DDPMScheduler(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_schedule=self.beta_schedule,
+            prediction_type=self.prediction_type,
+            clip_sample=False,
+        )
 
     def encode_condition(self, batch: Mapping[str, Any]) -> Cond:
         labels = batch.get("label", batch.get("prompt"))
@@ -106,8 +110,14 @@ class ToyBackbone(Backbone):
     def denoise(self, x_t: Tensor, t: Tensor, cond: Cond, mask: Tensor | None = None) -> Tensor:
         t = torch.as_tensor(t, device=x_t.device)
         t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
-        h = torch.cat([x_t.float(), timestep_features(t, self.time_dim, self.num_train_timesteps),
-                       self.class_emb(cond["label"])], dim=-1)
+        h = torch.cat(
+            [
+                x_t.float(),
+                timestep_features(t, self.time_dim, self.num_train_timesteps),
+                self.class_emb(cond["label"]),
+            ],
+            dim=-1,
+        )
         return self.net(h)
 
 
@@ -176,8 +186,9 @@ class FlakyReward(Reward):
 # ---------------------------------------------------------------------------------------------------
 # Fake data and contract checks
 # ---------------------------------------------------------------------------------------------------
-def fake_trajectory(batch: int = 2, steps: int = 4, event_shape: Sequence[int] = (2,), seed: int = 0,
-                    with_mask: bool = False) -> Trajectory:
+def fake_trajectory(
+    batch: int = 2, steps: int = 4, event_shape: Sequence[int] = (2,), seed: int = 0, with_mask: bool = False
+) -> Trajectory:
     """A random trajectory of the right shapes (for loss and container tests)."""
     g = torch.Generator().manual_seed(seed)
     states = torch.randn((batch, steps + 1, *event_shape), generator=g)
@@ -194,8 +205,9 @@ def fake_trajectory(batch: int = 2, steps: int = 4, event_shape: Sequence[int] =
     )
 
 
-def check_backbone(backbone: Backbone, batch: Mapping[str, Any], kernel: Any = None, num_steps: int = 3,
-                   atol: float = 1e-5) -> None:
+def check_backbone(
+    backbone: Backbone, batch: Mapping[str, Any], kernel: Any = None, num_steps: int = 3, atol: float = 1e-5
+) -> None:
     """Assert that a backbone fits the core contract (raises AssertionError naming the failed check).
 
     Checks: init_noise/denoise shapes; a seeded rollout is deterministic; re-scored log-probs equal the

@@ -31,14 +31,24 @@ def _map(value: Any, fn) -> Any:
     return value
 
 
-def _as_index(index: Index) -> slice | Tensor:
+def _as_index(index: Index, size: int) -> slice | Tensor:
+    if (
+        isinstance(index, Tensor)
+        and index.dim() == 0
+        and not index.is_floating_point()
+        and index.dtype != torch.bool
+    ):
+        index = int(index)  # a 0-dim index (e.g. argmax) selects one row like an int
     if isinstance(index, int):
+        if not -size <= index < size:  # out of range must raise (also ends `for row in batch`)
+            raise IndexError(f"index {index} is out of range for a batch of {size}")
         return slice(index, index + 1) if index != -1 else slice(-1, None)
     if isinstance(index, slice):
         return index
     if isinstance(index, Tensor):
         return index
-    return torch.as_tensor(list(index), dtype=torch.long)
+    idx = torch.as_tensor(list(index))
+    return idx if idx.dtype == torch.bool else idx.long()  # a list of bools is a mask, not indices 0/1
 
 
 def _index(value: Any, idx: slice | Tensor) -> Any:
@@ -66,7 +76,9 @@ def _cat(values: list[Any]) -> Any:
         keys = set(first)
         for v in values[1:]:
             if set(v) != keys:
-                raise ValueError(f"cannot concatenate dicts with different keys: {sorted(keys)} vs {sorted(v)}")
+                raise ValueError(
+                    f"cannot concatenate dicts with different keys: {sorted(keys)} vs {sorted(v)}"
+                )
         return {k: _cat([v[k] for v in values]) for k in first}
     if isinstance(first, list):
         return [item for v in values for item in v]
@@ -98,7 +110,7 @@ class _Batched:
         return type(self)(**{k: _map(v, lambda t: t.detach()) for k, v in self._fields().items()})
 
     def __getitem__(self: T, index: Index) -> T:
-        idx = _as_index(index)
+        idx = _as_index(index, len(self))  # type: ignore[arg-type]
         return type(self)(**{k: _index(v, idx) for k, v in self._fields().items()})
 
     @classmethod

@@ -30,6 +30,10 @@ class TargetRegion(Reward):
 
     def forward(self, samples: Tensor, cond: Cond) -> RewardOutput:
         if samples.dim() != 2 or samples.shape[1] != self.center.shape[0]:
-            raise ValueError(f"TargetRegion expects (B, {self.center.shape[0]}) points, got {tuple(samples.shape)}")
+            raise ValueError(
+                f"TargetRegion expects (B, {self.center.shape[0]}) points, got {tuple(samples.shape)}"
+            )
         d2 = ((samples.float() - self.center) ** 2).sum(-1)
-        return RewardOutput(scores=torch.exp(-d2 / (2 * self.radius**2)), info={"distance": d2.sqrt().detach()})
+        return RewardOutput(
+            scores=torch.exp(-d2 / (2 * self.radius**2)), info={"distance": d2.sqrt().detach()}
+        )

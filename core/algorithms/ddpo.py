@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from diffalign.core.algorithms.base import AlignContext, Algorithm, prompt_keys
+from diffalign.core.algorithms.base import Algorithm, AlignContext, prompt_keys
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.reward import PerPromptNormalizer, batch_advantages
 from diffalign.core.types import Trajectory
@@ -145,7 +145,9 @@ class DDPO(Algorithm):
         return ddpo_loss(new, old, adv, self.clip_range)
 
 
-def ddpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float) -> dict[str, Tensor]:
+def ddpo_loss(
+    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float
+) -> dict[str, Tensor]:
     """The clipped surrogate and its diagnostics; at ratio 1 the loss is −mean(advantages)."""
     log_ratio = log_prob - old_log_prob
     ratio = torch.exp(log_ratio)

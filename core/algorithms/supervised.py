@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffalign.core.algorithms.base import AlignContext, Algorithm
+from diffalign.core.algorithms.base import Algorithm, AlignContext
 from diffalign.core.functional import masked_mse
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.types import Cond
@@ -53,8 +53,13 @@ class SupervisedDenoising(Algorithm):
         self.sample_key = sample_key
 
     def make_batch(
-        self, policy: DiffusionPolicy, x0: Tensor, cond: Cond, generator: torch.Generator,
-        mask: Tensor | None = None, weight: Tensor | None = None,
+        self,
+        policy: DiffusionPolicy,
+        x0: Tensor,
+        cond: Cond,
+        generator: torch.Generator,
+        mask: Tensor | None = None,
+        weight: Tensor | None = None,
     ) -> DenoisingBatch:
         """Draw timesteps, noise and condition dropout for clean samples `x0` (model space)."""
         x_t, t, target = policy.kernel.training_sample(x0, generator)

@@ -26,5 +26,11 @@ class MixtureBackbone(ToyBackbone):
         depth: int = 3,
         prediction_type: Literal["epsilon", "v_prediction", "sample", "flow"] = "epsilon",
     ) -> None:
-        super().__init__(dim=2, num_classes=num_classes, hidden=hidden, depth=depth,
-                         prediction_type=prediction_type, weights=weights)
+        super().__init__(
+            dim=2,
+            num_classes=num_classes,
+            hidden=hidden,
+            depth=depth,
+            prediction_type=prediction_type,
+            weights=weights,
+        )

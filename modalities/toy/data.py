@@ -74,6 +74,7 @@ class MixtureDataModule(EvaluationSetMixin, L.LightningDataModule):
         self.dataset = TensorDataset(points, labels)
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochSeededSampler(self.num_samples, self.batch_size * self.batches_per_epoch, self.seed,
-                                     replacement=False)
+        sampler = EpochSeededSampler(
+            self.num_samples, self.batch_size * self.batches_per_epoch, self.seed, replacement=False
+        )
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=_collate)

@@ -46,7 +46,9 @@ def test_clipping_stops_the_gradient_beyond_the_trust_region():
 @pytest.mark.parametrize("fraction,expected_steps", [(1.0, 6), (0.5, 3), (0.1, 1)])
 def test_minibatches_cover_distinct_steps_per_sample(fraction, expected_steps):
     traj = fake_trajectory(batch=8, steps=6)
-    algo = DDPO(timestep_fraction=fraction, train_batch_size=4, gradient_accumulation_steps=1, num_inner_epochs=2)
+    algo = DDPO(
+        timestep_fraction=fraction, train_batch_size=4, gradient_accumulation_steps=1, num_inner_epochs=2
+    )
     updates = list(algo.minibatches(traj, torch.Generator().manual_seed(0)))
     assert len(updates) == 2 * 2  # 2 inner epochs x (8 samples / 4 per update)
     for micro in updates:

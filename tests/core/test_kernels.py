@@ -70,8 +70,11 @@ def normal_log_prob(o: StepOutput, reduction: str, mask: torch.Tensor | None = N
     dims = event_dims(lp)
     if mask is None:
         return lp.mean(dims) if reduction == "mean" else lp.sum(dims)
-    m = mask.double().expand_as(lp) if mask.dim() == lp.dim() else mask.double().reshape(
-        mask.shape + (1,) * (lp.dim() - mask.dim())).expand_as(lp)
+    m = (
+        mask.double().expand_as(lp)
+        if mask.dim() == lp.dim()
+        else mask.double().reshape(mask.shape + (1,) * (lp.dim() - mask.dim())).expand_as(lp)
+    )
     total = (lp * m).sum(dims)
     return total / m.sum(dims) if reduction == "mean" else total
 
@@ -191,7 +194,8 @@ def test_whole_trajectory_rescored_in_one_flat_batch(name):
     nxt_flat = states_t[:, 1:].reshape(BATCH * steps, *event)
     t_flat = ts.expand(BATCH, steps).reshape(-1)
     perm = torch.randperm(BATCH * steps, generator=gen(9))
-    re = kernel.step(model(x_flat[perm], t_flat[perm]), t_flat[perm], x_flat[perm], prev_sample=nxt_flat[perm])
+    x_p, t_p = x_flat[perm], t_flat[perm]
+    re = kernel.step(model(x_p, t_p), t_p, x_p, prev_sample=nxt_flat[perm])
     torch.testing.assert_close(re.log_prob, lp.reshape(-1)[perm], rtol=0, atol=1e-5)
 
 
@@ -377,7 +381,9 @@ def test_ddim_eta_zero_is_deterministic_scheduler_step(prediction_type):
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_ddpm_matches_diffusers_step(prediction_type, variance_type, clip_sample):
-    base = alpha_scheduler(prediction_type=prediction_type, variance_type=variance_type, clip_sample=clip_sample)
+    base = alpha_scheduler(
+        prediction_type=prediction_type, variance_type=variance_type, clip_sample=clip_sample
+    )
     kernel = DDPMKernel().bind(base)
     kernel.set_timesteps(NUM_STEPS)
     ref = DDPMScheduler.from_config(base.config)
@@ -446,7 +452,7 @@ def test_training_sample_is_consistent_with_prediction_type(prediction_type, eve
     assert ((t >= 0) & (t < N_TRAIN)).all()
     assert t.unique().numel() > batch // 2  # timesteps are drawn per sample
     again = kernel.training_sample(x0, generator=gen(1))
-    assert all(torch.equal(a, b) for a, b in zip((x_t, t, target), again))
+    assert all(torch.equal(a, b) for a, b in zip((x_t, t, target), again, strict=True))
     if prediction_type == "flow":
         sigma = (t / N_TRAIN).reshape(batch, *([1] * len(event)))
         torch.testing.assert_close(x_t, (1 - sigma) * x0 + sigma * (target + x0))

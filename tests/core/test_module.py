@@ -18,7 +18,9 @@ from tests.helpers import QUIET, REPO, run_fit, summary
 
 
 def make_module(algorithm, reward=None, **kw):
-    return AlignmentModule(DiffusionPolicy(ToyBackbone(hidden=8, depth=1), num_steps=2), algorithm, reward, **kw)
+    return AlignmentModule(
+        DiffusionPolicy(ToyBackbone(hidden=8, depth=1), num_steps=2), algorithm, reward, **kw
+    )
 
 
 def test_reward_is_frozen_and_kept_out_of_the_state_dict():
@@ -84,14 +86,28 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 def test_sigkilled_run_resumes_to_the_same_final_metrics(tmp_path):
     """Kill a run mid-epoch with SIGKILL, resume from last.ckpt, and match an uninterrupted run."""
     recipe = "recipes/toy/ddpo_mode.yaml"
-    common = ["--trainer.max_epochs=4", "--data.init_args.batches_per_epoch=2",
-              "--data.init_args.eval_seeds_per_prompt=8"]
+    common = [
+        "--trainer.max_epochs=4",
+        "--data.init_args.batches_per_epoch=2",
+        "--data.init_args.eval_seeds_per_prompt=8",
+    ]
     # 1. the run that dies: SIGKILL at the second batch of epoch 2 (after epoch 1's checkpoint)
     killed_root = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "diffalign.core.cli", "fit", "--config", str(REPO / recipe),
-           "--run_root", str(killed_root), *QUIET, *common,
-           "--trainer.callbacks+=diffalign.core.testing.SigkillAt",
-           "--trainer.callbacks.init_args.epoch=2", "--trainer.callbacks.init_args.batch=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffalign.core.cli",
+        "fit",
+        "--config",
+        str(REPO / recipe),
+        "--run_root",
+        str(killed_root),
+        *QUIET,
+        *common,
+        "--trainer.callbacks+=diffalign.core.testing.SigkillAt",
+        "--trainer.callbacks.init_args.epoch=2",
+        "--trainer.callbacks.init_args.batch=1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -110,7 +126,8 @@ def test_sigkilled_run_resumes_to_the_same_final_metrics(tmp_path):
     rows_b = (clean / "metrics.csv").read_text().splitlines()
     assert len(rows_a) == len(rows_b) == 1 + 8
     curve_a, curve_b = (
-        [float(r["train/reward_mean"]) for r in csv.DictReader(open(d / "metrics.csv"))] for d in (resumed, clean)
+        [float(r["train/reward_mean"]) for r in csv.DictReader((d / "metrics.csv").read_text().splitlines())]
+        for d in (resumed, clean)
     )
     assert curve_a == pytest.approx(curve_b, abs=1e-6)
     assert a["global_step"] == b["global_step"] == 8

@@ -16,8 +16,12 @@ def make_policy(kernel=None, prediction_type="epsilon", **kw):
 
 @pytest.mark.parametrize(
     "prediction_type,kernel",
-    [("epsilon", DDIMKernel(1.0)), ("v_prediction", DDPMKernel()), ("sample", DDIMKernel(0.7)),
-     ("flow", FlowSDEKernel(0.7))],
+    [
+        ("epsilon", DDIMKernel(1.0)),
+        ("v_prediction", DDPMKernel()),
+        ("sample", DDIMKernel(0.7)),
+        ("flow", FlowSDEKernel(0.7)),
+    ],
 )
 def test_contract_on_every_kernel(prediction_type, kernel):
     check_backbone(ToyBackbone(hidden=16, depth=2, prediction_type=prediction_type), BATCH, kernel)
@@ -52,9 +56,13 @@ def test_guidance_changes_samples_and_rescoring_still_exact():
 
 def test_per_sample_generators_make_rows_independent_of_batch():
     policy = make_policy(num_steps=3)
-    full = policy.rollout(policy.backbone.encode_condition({"prompt": [0, 1, 2]}),
-                          [torch.Generator().manual_seed(s) for s in (7, 8, 9)])
-    alone = policy.rollout(policy.backbone.encode_condition({"prompt": [1]}), [torch.Generator().manual_seed(8)])
+    full = policy.rollout(
+        policy.backbone.encode_condition({"prompt": [0, 1, 2]}),
+        [torch.Generator().manual_seed(s) for s in (7, 8, 9)],
+    )
+    alone = policy.rollout(
+        policy.backbone.encode_condition({"prompt": [1]}), [torch.Generator().manual_seed(8)]
+    )
     assert torch.allclose(full.states[1], alone.states[0], atol=1e-6)
 
 
@@ -74,7 +82,9 @@ class _CallRecorder:
 def test_gradient_flows_only_through_last_k_steps(k):
     policy = make_policy(num_steps=6)
     rec = _CallRecorder(policy.backbone)
-    traj = policy.rollout(policy.backbone.encode_condition(BATCH), torch.Generator().manual_seed(0), grad_steps=k)
+    traj = policy.rollout(
+        policy.backbone.encode_condition(BATCH), torch.Generator().manual_seed(0), grad_steps=k
+    )
     assert rec.calls == [False] * (6 - k) + [True] * k
     assert traj.x0.requires_grad == (k > 0)
     if k:
@@ -125,7 +135,9 @@ def test_hooks_can_edit_model_output_and_samples():
 
     hook = Zero()
     policy = make_policy(num_steps=5)
-    traj = policy.rollout(policy.backbone.encode_condition(BATCH), torch.Generator().manual_seed(0), hooks=[hook])
+    traj = policy.rollout(
+        policy.backbone.encode_condition(BATCH), torch.Generator().manual_seed(0), hooks=[hook]
+    )
     assert hook.seen == list(range(5))
     assert traj.states[:, 1:].abs().max() <= 0.1 + 1e-6
 

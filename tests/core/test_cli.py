@@ -1,0 +1,64 @@
+"""The `diffalign` command: recipe listing and errors that name the file, line and key."""
+
+import pytest
+
+from diffalign.core.cli import cli_main, explain_config_error, list_recipes
+from tests.helpers import REPO
+
+
+def test_recipes_lists_every_recipe_with_its_description(capsys):
+    assert cli_main(["recipes", "--root", str(REPO / "recipes")]) == 0
+    out = capsys.readouterr().out
+    yamls = [
+        p
+        for p in (REPO / "recipes").rglob("*.yaml")
+        if not p.relative_to(REPO / "recipes").parts[0].startswith("_")
+    ]
+    assert len(out.strip().splitlines()) == len(yamls) >= 2
+    assert "recipes/toy/ddpo_mode.yaml" in out and "DDPO" in out
+    for rel, desc in list_recipes(REPO / "recipes"):
+        assert not desc.startswith("(no description"), f"{rel} has no '# description' first line"
+
+
+def _write_bad(tmp_path, old, new):
+    text = (REPO / "recipes/toy/ddpo_mode.yaml").read_text()
+    assert old in text
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace(old, new))
+    line = next(i for i, s in enumerate(bad.read_text().splitlines(), 1) if new.split(":")[0].strip() in s)
+    return bad, line
+
+
+@pytest.mark.parametrize(
+    "old,new,key",
+    [
+        ("clip_range: 0.0001", "clip_rnge: 0.0001", "clip_rnge"),
+        ("num_steps: 10", "num_steps: ten", "num_steps"),
+        ("max_epochs: 40", "max_epoch: 40", "max_epoch"),
+    ],
+)
+def test_wrong_key_or_type_names_file_line_and_key(tmp_path, capsys, old, new, key):
+    bad, line = _write_bad(tmp_path, old, new)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "--config", str(bad)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:{line} (key '{key}')" in err, err
+
+
+def test_missing_config_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(SystemExit, match=f"config file not found: {missing}"):
+        cli_main(["fit", "--config", str(missing)])
+
+
+def test_missing_weights_file_names_the_path(tmp_path):
+    from diffalign.modalities.toy import MixtureBackbone
+
+    with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
+        MixtureBackbone(weights=str(tmp_path / "nothing.safetensors"))
+
+
+def test_explain_without_a_matching_line_still_names_the_key():
+    msg = explain_config_error("Option 'zzz' is not accepted", ["a.yaml"])
+    assert "offending key: 'zzz'" in msg and "a.yaml" in msg

@@ -1,0 +1,29 @@
+"""Every recipe runs two optimiser steps through the CLI (tiny overrides from tests/overrides/)."""
+
+import pytest
+
+from tests.helpers import REPO, run_fit, summary
+
+RECIPES = sorted(
+    p.relative_to(REPO)
+    for p in (REPO / "recipes").rglob("*.yaml")
+    if not p.relative_to(REPO / "recipes").parts[0].startswith("_")
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES, ids=[str(r) for r in RECIPES])
+def test_recipe_runs_two_steps(recipe, cleandir):
+    override = REPO / "tests" / "overrides" / recipe.relative_to("recipes")
+    extra = (override,) if override.is_file() else ()
+    run = run_fit(
+        recipe,
+        cleandir / "runs",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.max_steps=2",
+        extra_configs=extra,
+    )
+    s = summary(run)
+    assert s["global_step"] == 2 and s["recipe"] == recipe.stem
+    assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
