@@ -12,10 +12,10 @@ after `--warmup` untimed iterations, median over `--repeats`:
   (`algorithm.minibatches` → forward, backward per micro-batch → grad clip → optimiser step);
 - train_step: `algorithm.prepare` (rollout + decode + reward + advantages) plus the update.
 
-bf16 runs the whole step under `torch.autocast(device, bfloat16)`, as Lightning's `bf16-mixed` does; the
-kernels compute log-probs in float32. Peak memory is `torch.cuda.max_memory_allocated` per phase on
-CUDA and the process's peak RSS on CPU. Prints a markdown table and writes
-benchmarks/results/throughput_<device>_<precision>.json.
+bf16 runs the whole step under `torch.autocast(device, bfloat16, cache_enabled=False)`, as Lightning's
+`bf16-mixed` does; the kernels compute log-probs in float32. Peak memory is
+`torch.cuda.max_memory_allocated` per phase on CUDA and the process's peak RSS on CPU. Prints a
+markdown table and writes benchmarks/results/throughput_<device>_<precision>.json.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch = to_device(next(iter(data.train_dataloader())), device)
     ctx = AlignContext(policy, module.guarded_reward, module.generator, device)
     autocast = (
-        torch.autocast(opts.device, dtype=torch.bfloat16)
+        torch.autocast(opts.device, dtype=torch.bfloat16, cache_enabled=False)
         if opts.precision == "bf16"
         else contextlib.nullcontext()
     )

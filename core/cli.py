@@ -195,7 +195,8 @@ def _build_cli_class() -> type:
             trainer_cfg = cfg["trainer"]
             run_root = cfg.get("run_root", "runs")
             if trainer_cfg.get("logger") in (None, True):
-                ckpt = cfg.get("ckpt_path") if self.subcommand else None
+                # a resumed fit keeps writing into its run folder; validate/test/predict get a new one
+                ckpt = cfg.get("ckpt_path") if self.subcommand == "fit" else None
                 version = self._run_version(ckpt)
                 root, keep_before = run_root, None
                 if version is not None:

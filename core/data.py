@@ -54,12 +54,41 @@ def collate_prompts(items: list[Any]) -> dict[str, list[Any]]:
     return {"prompt": list(items)}
 
 
+def collate_evaluation(rows: list[tuple[Any, int]]) -> dict[str, list[Any]]:
+    return {"prompt": [p for p, _ in rows], "seed": [s for _, s in rows]}
+
+
 class EvaluationSetMixin:
-    """Gives a data module a fixed evaluation set: each prompt × `eval_seeds_per_prompt` seeds."""
+    """Gives a data module a fixed evaluation set: each prompt × `eval_seeds_per_prompt` seeds.
+
+    `diffalign validate / test / predict` iterate it ({"prompt": [...], "seed": [...]} batches);
+    `fit` does not validate (the RewardEvaluation callback scores the set before and after training).
+    """
 
     eval_prompts: list[Any]
     eval_seeds_per_prompt: int
     eval_seed: int
+    eval_batch_size: int = 64
+
+    def _evaluation_loader(self) -> DataLoader:
+        return DataLoader(
+            self.evaluation_set(),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=collate_evaluation,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.state.fn == "fit":
+            return []
+        return self._evaluation_loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._evaluation_loader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._evaluation_loader()
 
     def evaluation_set(self) -> list[tuple[Any, int]]:
         """Fixed (prompt, seed) pairs; the same before and after training."""

@@ -132,6 +132,59 @@ class AlignmentModule(L.LightningModule):
         elif "loss" in logged:
             self.log("loss", logged["loss"], prog_bar=True, on_step=True, batch_size=1)
 
+    # -- evaluation: validate / test / predict over the data module's fixed evaluation set --------------
+    @torch.no_grad()
+    def _sample_and_score(self, batch: dict[str, Any]) -> dict[str, Any]:
+        backbone = self.policy.backbone
+        cond = backbone.encode_condition(batch)
+        gens = [torch.Generator().manual_seed(int(s)) for s in batch["seed"]]
+        traj = self.policy.rollout(cond, generator=gens)
+        samples = backbone.decode(traj.x0, traj.mask)
+        out = {"prompt": batch["prompt"], "seed": batch["seed"], "samples": samples}
+        if self.reward is not None:
+            out["rewards"] = self.reward(samples, cond).scores.detach().float()
+        return out
+
+    def _log_eval(self, prefix: str, batch: dict[str, Any]) -> None:
+        out = self._sample_and_score(batch)
+        if "rewards" in out:
+            r = out["rewards"]
+            finite = r[torch.isfinite(r)]
+            self.log(
+                f"{prefix}/reward_mean",
+                finite.mean() if len(finite) else torch.tensor(float("nan")),
+                batch_size=len(r),
+                prog_bar=True,
+            )
+            self.log(
+                f"{prefix}/reward_failed",
+                float((~torch.isfinite(r)).sum()),
+                batch_size=len(r),
+                reduce_fx="sum",
+            )
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._log_eval("val", batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._log_eval("test", batch)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Samples (decoded) and rewards for each (prompt, seed) of the evaluation set."""
+        return self._sample_and_score(batch)
+
+    def on_predict_epoch_end(self) -> None:
+        from pathlib import Path
+
+        from diffalign.core.io import atomic_write
+
+        preds = self.trainer.predict_loop.predictions
+        if not preds or not self.trainer.is_global_zero or self.trainer.log_dir is None:
+            return
+        path = Path(self.trainer.log_dir) / "predictions.pt"
+        atomic_write(path, lambda p: torch.save(preds, p))
+        print(f"wrote {sum(len(b['seed']) for b in preds)} predictions to {path}")
+
     def configure_optimizers(self) -> Any:
         params = list(self.policy.backbone.trainable_parameters())
         if not params:

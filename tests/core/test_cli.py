@@ -62,3 +62,22 @@ def test_missing_weights_file_names_the_path(tmp_path):
 def test_explain_without_a_matching_line_still_names_the_key():
     msg = explain_config_error("Option 'zzz' is not accepted", ["a.yaml"])
     assert "offending key: 'zzz'" in msg and "a.yaml" in msg
+
+
+@pytest.mark.slow
+def test_validate_test_predict_score_the_evaluation_set(tmp_path):
+    from tests.helpers import QUIET, run_fit, summary
+
+    small = ["--data.init_args.batches_per_epoch=1", "--data.init_args.eval_seeds_per_prompt=4"]
+    run = run_fit("recipes/toy/ddpo_mode.yaml", tmp_path, "--trainer.max_epochs=2", *small)
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    base = ["--config", str(REPO / "recipes/toy/ddpo_mode.yaml"), "--run_root", str(tmp_path), *QUIET, *small]
+    after = summary(run)["reward_after"]
+    for sub in ("validate", "test"):
+        cli = cli_main([sub, *base, "--ckpt_path", ckpt])
+        assert cli.trainer.callback_metrics[f"{sub.replace('validate', 'val')}/reward_mean"].item() == pytest.approx(after, abs=1e-5)
+    cli = cli_main(["predict", *base, "--ckpt_path", ckpt])
+    preds = __import__("torch").load(f"{cli.trainer.log_dir}/predictions.pt", weights_only=False)
+    assert sum(len(p["seed"]) for p in preds) == 16 and preds[0]["samples"].shape[1] == 2
+    # evaluation runs get their own folder: the fit run's config.yaml is not overwritten
+    assert cli.trainer.log_dir != str(run) and "ckpt_path: null" in (run / "config.yaml").read_text()
