@@ -50,8 +50,17 @@ def test_quick_start_commands_run(cleandir, capsys):
             i = args.index("--ckpt_path")
             args[i + 1] = str(runs / "ddpo_mode" / "version_0" / "checkpoints" / "last.ckpt")
         # tiny overrides: the commands must run, not converge
-        cli = cli_main([*args, "--run_root", str(runs), *QUIET, "--trainer.max_epochs=3",
-                        "--data.init_args.batches_per_epoch=1", "--data.init_args.eval_seeds_per_prompt=4"])
+        cli = cli_main(
+            [
+                *args,
+                "--run_root",
+                str(runs),
+                *QUIET,
+                "--trainer.max_epochs=3",
+                "--data.init_args.batches_per_epoch=1",
+                "--data.init_args.eval_seeds_per_prompt=4",
+            ]
+        )
         assert (Path(cli.trainer.log_dir) / "summary.json").is_file(), cmd
 
 

@@ -75,7 +75,9 @@ def test_validate_test_predict_score_the_evaluation_set(tmp_path):
     after = summary(run)["reward_after"]
     for sub in ("validate", "test"):
         cli = cli_main([sub, *base, "--ckpt_path", ckpt])
-        assert cli.trainer.callback_metrics[f"{sub.replace('validate', 'val')}/reward_mean"].item() == pytest.approx(after, abs=1e-5)
+        assert cli.trainer.callback_metrics[
+            f"{sub.replace('validate', 'val')}/reward_mean"
+        ].item() == pytest.approx(after, abs=1e-5)
     cli = cli_main(["predict", *base, "--ckpt_path", ckpt])
     preds = __import__("torch").load(f"{cli.trainer.log_dir}/predictions.pt", weights_only=False)
     assert sum(len(p["seed"]) for p in preds) == 16 and preds[0]["samples"].shape[1] == 2
