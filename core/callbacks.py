@@ -24,6 +24,18 @@ def run_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+def _score_or_nan(reward: Any, samples: Any, cond: Any, n: int) -> torch.Tensor:
+    """Scores for an evaluation batch; rows whose reward fails become NaN (counted as failed)."""
+    from diffalign.core.reward import GuardedReward, RewardError
+
+    try:
+        scored = GuardedReward(reward, on_invalid="drop")(samples, cond, n)
+    except RewardError as e:
+        log.warning("evaluation: %s", e)
+        return torch.full((n,), float("nan"))
+    return scored.scores.detach().float().cpu().reshape(-1)
+
+
 @torch.no_grad()
 def evaluate_reward(module: Any, pairs: list[tuple[Any, int]], batch_size: int = 64) -> dict[str, Any]:
     """Mean reward of the policy over fixed (prompt, seed) pairs; each sample uses its own seed.
@@ -44,7 +56,7 @@ def evaluate_reward(module: Any, pairs: list[tuple[Any, int]], batch_size: int =
             cond = policy.backbone.encode_condition({"prompt": prompts})
             traj = policy.rollout(cond, generator=gens)
             samples = policy.backbone.decode(traj.x0, traj.mask)
-            out = reward(samples, cond).scores.detach().float().cpu().reshape(-1)
+            out = _score_or_nan(reward, samples, cond, len(chunk))
             for p, s in zip(prompts, out.tolist(), strict=True):
                 if math.isfinite(s):
                     scores.append(s)

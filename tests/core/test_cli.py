@@ -83,3 +83,14 @@ def test_validate_test_predict_score_the_evaluation_set(tmp_path):
     assert sum(len(p["seed"]) for p in preds) == 16 and preds[0]["samples"].shape[1] == 2
     # evaluation runs get their own folder: the fit run's config.yaml is not overwritten
     assert cli.trainer.log_dir != str(run) and "ckpt_path: null" in (run / "config.yaml").read_text()
+
+
+def test_console_script_is_installed():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "diffalign"
+    out = subprocess.run([str(exe), "recipes"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "recipes/toy/ddpo_mode.yaml" in out.stdout

@@ -102,3 +102,22 @@ def test_buffer_keeps_only_the_last_rewards():
 def test_cond_keys_group_equal_conditions():
     keys = cond_keys({"label": torch.tensor([1, 2, 1])}, 3)
     assert keys[0] == keys[2] != keys[1]
+
+
+def test_evaluation_counts_failed_rewards_instead_of_crashing():
+    from types import SimpleNamespace
+
+    from diffalign.core.callbacks import evaluate_reward
+    from diffalign.core.policy import DiffusionPolicy
+    from diffalign.core.testing import ToyBackbone
+
+    policy = DiffusionPolicy(ToyBackbone(hidden=8, depth=1), num_steps=2)
+    pairs = [(0, 1), (1, 2), (2, 3), (3, 4)]
+    good = evaluate_reward(SimpleNamespace(policy=policy, reward=LinearReward()), pairs)
+    assert good["count"] == 4 and good["failed"] == 0
+    flaky = FlakyReward(LinearReward(), nan_rows=[1])
+    res = evaluate_reward(SimpleNamespace(policy=policy, reward=flaky), pairs)
+    assert res["count"] == 3 and res["failed"] == 1
+    broken = FlakyReward(LinearReward(), raise_rows=[0, 1, 2, 3])
+    res = evaluate_reward(SimpleNamespace(policy=policy, reward=broken), pairs)
+    assert res["count"] == 0 and res["failed"] == 4
