@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "python": platform.python_version(),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "peak_mem": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS",
         "first_update_terms": first,
         "results": rows,

@@ -6,6 +6,7 @@ import csv
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -260,7 +261,9 @@ class ResumableCSVLogger(CSVLogger):
                     for r in csv.DictReader(f)
                     if r.get("step", "") != "" and int(float(r["step"])) < self.keep_before_step
                 ]
-        exp = super().experiment
+        with warnings.catch_warnings():  # its "previous log files will be deleted" is untrue here
+            warnings.filterwarnings("ignore", message=".*Previous log files in this directory.*")
+            exp = super().experiment
         if old:
             keys = sorted(set().union(*old))
             exp.metrics_keys = keys

@@ -77,6 +77,12 @@ class DiffusionPolicy(nn.Module):
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         self.backbone = backbone
         self.kernel = (kernel or DDIMKernel(eta=1.0)).bind(backbone.make_scheduler())
+        if self.kernel.prediction_type != backbone.prediction_type:
+            raise ValueError(
+                f"{type(backbone).__name__}.prediction_type is {backbone.prediction_type!r} but its "
+                f"scheduler (and so {type(self.kernel).__name__}) says {self.kernel.prediction_type!r}: "
+                "make_scheduler() must describe what denoise() predicts"
+            )
         self.num_steps = num_steps
         self.guidance_scale = guidance_scale
         self.gradient_checkpointing = gradient_checkpointing

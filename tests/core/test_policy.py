@@ -156,3 +156,14 @@ def test_reference_context_is_frozen_initial_model():
         assert torch.allclose(ref.denoise(x, t, cond), before)
         assert not any(p.requires_grad for p in ref.parameters())
     assert "_reference_copy" not in "".join(bb.state_dict())
+
+
+def test_backbone_and_scheduler_must_agree_on_the_prediction_type():
+    from diffusers import DDPMScheduler
+
+    class Mismatch(ToyBackbone):
+        def make_scheduler(self):
+            return DDPMScheduler(num_train_timesteps=1000, clip_sample=False)  # says epsilon
+
+    with pytest.raises(ValueError, match="'v_prediction' but its scheduler"):
+        DiffusionPolicy(Mismatch(hidden=8, depth=1, prediction_type="v_prediction"))
