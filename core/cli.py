@@ -21,6 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 OWN_COMMANDS = {"recipes": "list the recipes under recipes/ with their one-line descriptions"}
+# Subcommands implemented in their own module: name -> ("module:function(argv) -> int", description).
+PLUGIN_COMMANDS = {
+    "score": ("diffalign.core.score:main", "score a file of samples with rewards, one output row per input"),
+}
 
 
 def recipes_root() -> Path:
@@ -238,8 +242,13 @@ def main() -> None:
 def cli_main(args: Sequence[str] | None = None) -> Any:
     """Run `diffalign`; `args` replaces sys.argv[1:] (tests call it in-process). Returns the CLI."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in OWN_COMMANDS:
-        code = _recipes_command(argv[1:])
+    if argv and (argv[0] in OWN_COMMANDS or argv[0] in PLUGIN_COMMANDS):
+        if argv[0] in OWN_COMMANDS:
+            code = _recipes_command(argv[1:])
+        else:
+            from diffalign.core.reward import import_object
+
+            code = import_object(PLUGIN_COMMANDS[argv[0]][0])(argv[1:])
         if args is None:
             raise SystemExit(code)
         return code
@@ -279,7 +288,10 @@ def _run_cli(cli_cls: type, args: Sequence[str] | None, config_files: list[str])
         parser_kwargs={
             "exit_on_error": False,
             "description": "diffalign: align diffusion models with rewards and preferences. "
-            "Own subcommands: " + ", ".join(f"'{k}' ({v})" for k, v in OWN_COMMANDS.items()),
+            "Own subcommands: "
+            + ", ".join(f"'{k}' ({v})" for k, v in OWN_COMMANDS.items())
+            + ", "
+            + ", ".join(f"'{k}' ({v[1]})" for k, v in PLUGIN_COMMANDS.items()),
         },
     )
 

@@ -1,0 +1,1 @@
+"""image modality (in progress)."""

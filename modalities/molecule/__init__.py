@@ -1,0 +1,1 @@
+"""molecule modality (in progress)."""
