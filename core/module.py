@@ -38,6 +38,8 @@ class AlignmentModule(L.LightningModule):
             "drop" drops such samples, counts them and logs `train/reward_dropped`.
         seed: seed of the run's own generator (rollout noise, shuffling, dropout of conditions). Its
             state is saved in checkpoints, so a resumed run continues the same random stream.
+        checkpoint_frozen_weights: False leaves parameters with requires_grad=False out of checkpoints
+            (set it for LoRA runs on large models; the frozen weights are rebuilt from the recipe).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class AlignmentModule(L.LightningModule):
         max_grad_norm: float | None = 1.0,
         on_invalid_reward: OnInvalid = "raise",
         seed: int = 0,
+        checkpoint_frozen_weights: bool = True,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -63,6 +66,9 @@ class AlignmentModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.max_grad_norm = max_grad_norm
         self.seed = seed
+        self.checkpoint_frozen_weights = checkpoint_frozen_weights
+        # checkpoints without frozen weights load non-strictly (the frozen ones are already in place)
+        self.strict_loading = checkpoint_frozen_weights
         self.generator = torch.Generator().manual_seed(seed)
         if algorithm.needs_reference:
             # taken now, before any checkpoint is restored: the reference is the initial model
@@ -196,6 +202,11 @@ class AlignmentModule(L.LightningModule):
 
     # -- checkpoint state ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.checkpoint_frozen_weights:
+            # frozen weights come back from their source (a local folder, shipped file) when the recipe is
+            # built again: checkpoints of a LoRA run hold the adapters, not gigabytes of base model
+            frozen = {f"{n}" for n, p in self.named_parameters() if not p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["diffalign"] = {
             "generator": self.generator.get_state(),
             "reward_queries": self.reward_queries,

@@ -139,3 +139,18 @@ def test_sigkilled_run_resumes_to_the_same_final_metrics(tmp_path):
     for k in last_b:
         if isinstance(last_b[k], torch.Tensor):
             assert torch.allclose(last_a[k], last_b[k], atol=1e-6), k
+
+
+def test_checkpoints_can_leave_frozen_weights_out():
+    from diffalign.core.algorithms import DDPO
+
+    module = make_module(DDPO(), LinearReward(), checkpoint_frozen_weights=False)
+    frozen = "policy.backbone.net.0.weight"
+    module.policy.backbone.net[0].weight.requires_grad_(False)
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    assert frozen not in ckpt["state_dict"] and "policy.backbone.net.2.weight" in ckpt["state_dict"]
+    assert module.strict_loading is False
+    other = make_module(DDPO(), LinearReward(), checkpoint_frozen_weights=False)
+    other.load_state_dict(ckpt["state_dict"], strict=False)
+    assert torch.equal(other.policy.backbone.net[2].weight, module.policy.backbone.net[2].weight)
