@@ -82,3 +82,30 @@ def gaussian_log_prob(
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
     """Per-sample mean squared error over unmasked event entries, shape (B,)."""
     return reduce_event((pred.float() - target.float()) ** 2, mask, "mean")
+
+
+def gaussian_kl_same_std(
+    mean_p: Tensor, mean_q: Tensor, std: Tensor, mask: Tensor | None = None, reduction: str = "mean"
+) -> Tensor:
+    """KL(N(mean_p, std²) ‖ N(mean_q, std²)) = ‖mean_p − mean_q‖² / (2 std²) per sample.
+
+    Reduced over event dims like the kernels' log-probs; entries with std 0 (deterministic steps)
+    contribute 0.
+    """
+    std = std.expand_as(mean_p) if std.shape != mean_p.shape else std
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    kl = torch.where(std > 0, (mean_p - mean_q) ** 2 / (2 * safe**2), torch.zeros_like(mean_p))
+    return reduce_event(kl, mask, reduction)
+
+
+def repeat_batch(batch: dict, n: int) -> dict:
+    """Repeat every row of a data batch n times in place order (row i → rows i·n … i·n+n−1)."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, Tensor):
+            out[k] = v.repeat_interleave(n, dim=0)
+        elif isinstance(v, (list, tuple)):
+            out[k] = [item for item in v for _ in range(n)]
+        else:
+            out[k] = v
+    return out

@@ -125,6 +125,10 @@ class TransitionKernel(ABC):
 
     # -- training on data ----------------------------------------------------------------------------
     @abstractmethod
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
+        """The forward process: x_t for clean `x0`, standard-normal `noise` and timestep(s) `t`."""
+
+    @abstractmethod
     def training_sample(self, x0: Tensor, generator: Generator = None) -> tuple[Tensor, Tensor, Tensor]:
         """Draw a noisy training input: returns (x_t, t, target) for the denoising loss."""
 
@@ -172,6 +176,11 @@ class _AlphaKernel(TransitionKernel):
         tt = _timestep_tensor(t, x.shape[0], x.device)
         return self._x0_eps(model_output.float(), self._alpha(tt), x)[0]
 
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
+        tt = _timestep_tensor(t, x0.shape[0], x0.device)
+        a = left_broadcast(self._alpha(tt), x0.shape)
+        return a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()
+
     def training_sample(self, x0: Tensor, generator: Generator = None) -> tuple[Tensor, Tensor, Tensor]:
         x0 = x0.float()
         b = x0.shape[0]
@@ -179,7 +188,7 @@ class _AlphaKernel(TransitionKernel):
         t = torch.randint(0, self.num_train_timesteps, (b,), generator=gen, device="cpu").to(x0.device)
         noise = randn(x0.shape, generator, device=x0.device)
         a = left_broadcast(self._alpha(t), x0.shape)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        x_t = self.add_noise(x0, noise, t)
         pt = self.prediction_type
         if pt == "epsilon":
             target = noise
@@ -325,6 +334,10 @@ class FlowSDEKernel(TransitionKernel):
         gen = generator if isinstance(generator, torch.Generator) or generator is None else generator[0]
         sigma = torch.rand((x0.shape[0],), generator=gen, device="cpu").to(x0.device)
         noise = randn(x0.shape, generator, device=x0.device)
-        s = left_broadcast(sigma, x0.shape)
-        x_t = (1 - s) * x0 + s * noise
-        return x_t, sigma * self.num_train_timesteps, noise - x0
+        t = sigma * self.num_train_timesteps
+        return self.add_noise(x0, noise, t), t, noise - x0
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
+        tt = _timestep_tensor(t, x0.shape[0], x0.device)
+        s = left_broadcast(tt.float() / self.num_train_timesteps, x0.shape)
+        return (1 - s) * x0.float() + s * noise.float()

@@ -60,6 +60,12 @@ class AlignmentModule(L.LightningModule):
         self.algorithm = algorithm
         if algorithm.needs_reward and reward is None:
             raise ValueError(f"{type(algorithm).__name__} needs a reward: set model.init_args.reward")
+        if algorithm.needs_differentiable_reward and reward is not None and not reward.differentiable:
+            raise ValueError(
+                f"{type(algorithm).__name__} back-propagates through the reward, but reward "
+                f"'{reward.name}' ({type(reward).__name__}) is not differentiable; use a policy-gradient "
+                "method (DDPO, DPOK, GRPO) or a differentiable reward"
+            )
         self._reward = [reward.freeze()] if reward is not None else []  # a list keeps it out of state_dict
         self.guarded_reward = GuardedReward(reward, on_invalid_reward) if reward is not None else None
         self.optimizer_factory = optimizer

@@ -1,7 +1,30 @@
 """Alignment algorithms, one file each."""
 
+from diffalign.core.algorithms.alignprop import AlignProp
 from diffalign.core.algorithms.base import Algorithm, AlignContext
 from diffalign.core.algorithms.ddpo import DDPO, ddpo_loss
+from diffalign.core.algorithms.dpok import DPOK
+from diffalign.core.algorithms.draft import DRaFT
+from diffalign.core.algorithms.grpo import GRPO, group_advantages
+from diffalign.core.algorithms.raft import RAFT, select_top
+from diffalign.core.algorithms.refl import ReFL
+from diffalign.core.algorithms.rwr import RWR, reward_weights
 from diffalign.core.algorithms.supervised import SupervisedDenoising
 
-__all__ = ["DDPO", "AlignContext", "Algorithm", "SupervisedDenoising", "ddpo_loss"]
+__all__ = [
+    "DDPO",
+    "DPOK",
+    "GRPO",
+    "RAFT",
+    "RWR",
+    "AlignContext",
+    "AlignProp",
+    "Algorithm",
+    "DRaFT",
+    "ReFL",
+    "SupervisedDenoising",
+    "ddpo_loss",
+    "group_advantages",
+    "reward_weights",
+    "select_top",
+]

@@ -33,12 +33,14 @@ class Algorithm(nn.Module):
        back-propagates each micro-batch's loss divided by the list length, then steps.
     3. `forward(policy, micro) -> {"loss": ..., other named scalars}`: every term is logged.
 
-    Set `needs_reference` for methods that compare with the frozen base model and `needs_reward` to
-    False for methods that learn from data alone.
+    Set `needs_reference` for methods that compare with the frozen base model, `needs_reward` to
+    False for methods that learn from data alone, and `needs_differentiable_reward` for methods that
+    back-propagate through the reward.
     """
 
     needs_reference: bool = False
     needs_reward: bool = True
+    needs_differentiable_reward: bool = False
 
     def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Any, dict[str, float]]:
         raise NotImplementedError

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from diffalign.core.algorithms.base import Algorithm, AlignContext, prompt_keys
+from diffalign.core.functional import gaussian_kl_same_std, repeat_batch
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.reward import PerPromptNormalizer, batch_advantages
 from diffalign.core.types import Trajectory
@@ -35,23 +36,36 @@ class StepBatch:
     step: Tensor
 
 
-def collect_rollouts(ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Trajectory, list[str], dict]:
-    """No-grad rollout of one batch of conditions, scored by the guarded reward.
+def collect_rollouts(
+    ctx: AlignContext, batch: Mapping[str, Any], repeat: int = 1, shared_noise: bool = False
+) -> tuple[Trajectory, list[str], Tensor, dict[str, float]]:
+    """No-grad rollout of a batch of conditions (each repeated `repeat` times), scored by the guarded reward.
 
-    Returns the kept trajectories with `rewards` set, their prompt keys, and metrics.
+    With `shared_noise`, the `repeat` samples of a condition start from the same x_T (GRPO's option).
+    Returns the kept trajectories with `rewards` set, their prompt keys, their group ids (the index of
+    the condition they came from), and metrics.
     """
     policy = ctx.policy
-    cond = policy.backbone.encode_condition(batch)
+    backbone = policy.backbone
+    rows = repeat_batch(dict(batch), repeat) if repeat > 1 else batch
+    cond = backbone.encode_condition(rows)
     with torch.no_grad():
-        traj = policy.rollout(cond, generator=ctx.generator)
-        samples = policy.backbone.decode(traj.x0, traj.mask)
+        x_T = mask = None
+        if shared_noise and repeat > 1:
+            x_T, mask = backbone.init_noise(backbone.encode_condition(batch), ctx.generator)
+            x_T = x_T.repeat_interleave(repeat, dim=0)
+            mask = mask.repeat_interleave(repeat, dim=0) if mask is not None else None
+        traj = policy.rollout(cond, generator=ctx.generator, x_T=x_T, mask=mask)
+        samples = backbone.decode(traj.x0, traj.mask)
     b = traj.batch_size
     scored = ctx.reward(samples, cond, b)
-    keys = prompt_keys(batch, cond, b)
+    keys = prompt_keys(rows, cond, b)
+    groups = torch.arange(b // repeat).repeat_interleave(repeat)
     keep = scored.keep.to(traj.states.device)
     traj = traj[keep]
     traj.rewards = scored.scores.to(traj.states.device)[keep].float().detach()
     keys = [k for k, kept in zip(keys, keep.tolist(), strict=True) if kept]
+    groups = groups[keep.cpu()]
     metrics = {
         "reward_mean": traj.rewards.mean().item(),
         "reward_std": traj.rewards.std(unbiased=False).item(),
@@ -60,7 +74,7 @@ def collect_rollouts(ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Traje
     for name, v in scored.info.items():
         v = torch.as_tensor(v).float()
         metrics[f"reward/{name}"] = (v[keep.cpu()] if v.dim() and len(v) == b else v).mean().item()
-    return traj, keys, metrics
+    return traj, keys, groups, metrics
 
 
 class DDPO(Algorithm):
@@ -76,6 +90,9 @@ class DDPO(Algorithm):
         train_batch_size: samples per micro-batch (None: the whole rollout batch).
         gradient_accumulation_steps: micro-batches of samples per optimiser step (each covers all
             trained steps), as in ddpo-pytorch.
+        kl_coef: β of a per-step KL(π_θ ‖ π_ref) penalty to the frozen initial model (0: plain DDPO;
+            DPOK sets it by default). The KL of two Gaussian steps with the same std is
+            ‖μ_θ − μ_ref‖²/(2σ²), reduced over event dims like the log-probs.
     """
 
     def __init__(
@@ -89,8 +106,13 @@ class DDPO(Algorithm):
         num_inner_epochs: int = 1,
         train_batch_size: int | None = None,
         gradient_accumulation_steps: int = 1,
+        kl_coef: float = 0.0,
     ) -> None:
         super().__init__()
+        if kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+        self.kl_coef = kl_coef
+        self.needs_reference = kl_coef > 0
         if not 0 < timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
         if advantages not in ("per_prompt", "batch"):
@@ -111,7 +133,7 @@ class DDPO(Algorithm):
         self.normalizer.load_state_dict(state.get("normalizer", {}))
 
     def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Trajectory, dict[str, float]]:
-        traj, keys, metrics = collect_rollouts(ctx, batch)
+        traj, keys, _, metrics = collect_rollouts(ctx, batch)
         if self.advantages == "per_prompt":
             adv = self.normalizer(keys, traj.rewards)
         else:
@@ -140,9 +162,19 @@ class DDPO(Algorithm):
         traj, step = micro.traj, micro.step
         rows = torch.arange(traj.batch_size, device=step.device)
         old = traj.log_probs[rows, step]
-        new = policy.log_prob(traj, step).log_prob
+        new = policy.log_prob(traj, step)
         adv = traj.advantages if traj.advantages.dim() == 1 else traj.advantages[rows, step]
-        return ddpo_loss(new, old, adv, self.clip_range)
+        out = ddpo_loss(new.log_prob, old, adv, self.clip_range)
+        if self.kl_coef > 0:
+            with policy.backbone.reference() as ref:
+                ref_mean = policy.log_prob(traj, step, backbone=ref).mean
+            kl = gaussian_kl_same_std(
+                new.mean, ref_mean, new.std.detach(), traj.mask, policy.kernel.reduction
+            )
+            out["kl"] = kl.mean().detach()
+            out["policy_loss"] = out["loss"].detach()
+            out["loss"] = out["loss"] + self.kl_coef * kl.mean()
+        return out
 
 
 def ddpo_loss(

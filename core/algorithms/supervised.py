@@ -30,6 +30,7 @@ class DenoisingBatch:
     cond: Cond
     mask: Tensor | None = None
     weight: Tensor | None = None
+    x0: Tensor | None = None  # the clean samples (kept for inspection; not used by the loss)
 
 
 class SupervisedDenoising(Algorithm):
@@ -70,7 +71,7 @@ class SupervisedDenoising(Algorithm):
                 k: torch.where(drop.to(v.device).reshape(-1, *([1] * (v.dim() - 1))), null[k], v)
                 for k, v in cond.items()
             }
-        return DenoisingBatch(x_t=x_t, t=t, target=target, cond=cond, mask=mask, weight=weight)
+        return DenoisingBatch(x_t=x_t, t=t, target=target, cond=cond, mask=mask, weight=weight, x0=x0)
 
     def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[DenoisingBatch, dict[str, float]]:
         if self.sample_key not in batch:

@@ -7,6 +7,9 @@ from typing import Literal
 from diffalign.core.testing import ToyBackbone
 
 BASE_WEIGHTS = "pkg://diffalign.modalities.toy/toy_base.safetensors"
+FLOW_BASE_WEIGHTS = (
+    "pkg://diffalign.modalities.toy/toy_flow_base.safetensors"  # recipes/toy/pretrain_flow.yaml
+)
 
 
 class MixtureBackbone(ToyBackbone):

@@ -35,10 +35,17 @@ def test_shipped_base_model_follows_its_condition():
 
 
 @pytest.mark.slow
-def test_pretrain_recipe_reproduces_the_shipped_weights(cleandir):
-    run_fit("recipes/toy/pretrain.yaml", cleandir / "runs")
-    made = load_file(str(cleandir / "modalities/toy/toy_base.safetensors"))
-    shipped = load_file(str(resolve_path(BASE_WEIGHTS)))
+@pytest.mark.parametrize(
+    "recipe,weights",
+    [
+        ("pretrain", BASE_WEIGHTS),
+        ("pretrain_flow", "pkg://diffalign.modalities.toy/toy_flow_base.safetensors"),
+    ],
+)
+def test_pretrain_recipe_reproduces_the_shipped_weights(cleandir, recipe, weights):
+    run_fit(f"recipes/toy/{recipe}.yaml", cleandir / "runs")
+    made = load_file(str(cleandir / "modalities/toy" / weights.rsplit("/", 1)[1]))
+    shipped = load_file(str(resolve_path(weights)))
     assert made.keys() == shipped.keys()
     for k in shipped:
         assert torch.allclose(made[k], shipped[k], atol=1e-5), k

@@ -30,5 +30,5 @@ def test_recipe_runs_two_steps(recipe, cleandir):
         extra_configs=extra,
     )
     s = summary(run)
-    assert s["global_step"] == 2 and s["recipe"] == recipe.stem
+    assert s["global_step"] >= 2 and s["recipe"] == recipe.stem  # RWR/RAFT take several steps per batch
     assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
