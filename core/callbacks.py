@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from diffalign.core.io import save_state_dict, write_json
 
@@ -272,3 +273,47 @@ class ResumableCSVLogger(CSVLogger):
                 writer.writeheader()
                 writer.writerows(old)
         return exp
+
+
+class RatioConsistencyCheck(Callback):
+    """Warns when the importance ratio is not 1 at the first update of an epoch.
+
+    Before any update, re-scoring a stored trajectory under the same weights must reproduce its
+    log-probs exactly (ratio exp(log p_new − log p_old) == 1). A deviation means the sampler and the
+    trainer disagree: different guidance, step count, noise schedule, precision (bf16), dropout left on,
+    a non-deterministic kernel, or EMA weights swapped in — the most common silent bug of
+    policy-gradient fine-tuning. Reads `train/first_update_ratio_dev` (the largest |ratio − 1| over the
+    micro-batches of the first optimiser step of a batch), logged by `AlignmentModule` for
+    ratio-based algorithms.
+
+    Args:
+        tolerance: the largest |ratio − 1| accepted (float32 re-scoring is exact to ~1e-6).
+        raise_error: raise instead of warning.
+    """
+
+    def __init__(self, tolerance: float = 1e-4, raise_error: bool = False) -> None:
+        self.tolerance, self.raise_error = tolerance, raise_error
+        self.worst: float = 0.0
+        self.checked = 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx != 0:
+            return
+        value = trainer.callback_metrics.get("train/first_update_ratio_dev")
+        if value is None:
+            return
+        dev = float(value)
+        self.checked += 1
+        self.worst = max(self.worst, dev)
+        if dev > self.tolerance:
+            msg = (
+                f"epoch {trainer.current_epoch}: the importance ratio before the first update deviates from "
+                f"1 by up to {dev:.3g} (tolerance {self.tolerance:g}); sampling and re-scoring disagree "
+                "(guidance scale, step count, precision, dropout, EMA or scheduler mismatch)"
+            )
+            if self.raise_error:
+                raise RuntimeError(msg)
+            log.warning(msg)
+            rank_zero_warn(msg)

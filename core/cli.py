@@ -162,7 +162,7 @@ def _build_cli_class() -> type:
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from diffalign.core.callbacks import ResumableCSVLogger, RewardEvaluation
+    from diffalign.core.callbacks import RatioConsistencyCheck, ResumableCSVLogger, RewardEvaluation
     from diffalign.core.io import AtomicCheckpointIO
 
     class DiffalignCLI(LightningCLI):
@@ -223,6 +223,8 @@ def _build_cli_class() -> type:
                     c.recipe = self.recipe_name
             if not any(isinstance(c, RewardEvaluation) for c in callbacks):
                 callbacks.append(RewardEvaluation(recipe=self.recipe_name))
+            if not any(isinstance(c, RatioConsistencyCheck) for c in callbacks):
+                callbacks.append(RatioConsistencyCheck())
             kwargs["callbacks"] = callbacks
             plugins = trainer_cfg.get("plugins")
             plugins = list(plugins) if isinstance(plugins, (list, tuple)) else ([plugins] if plugins else [])

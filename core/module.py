@@ -109,6 +109,7 @@ class AlignmentModule(L.LightningModule):
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
         updates = 0
+        first_dev = 0.0  # largest |ratio − 1| before the first update of this batch: must be ~0
         for micro_batches in self.algorithm.minibatches(data, self.generator):
             for micro in micro_batches:
                 out = self.algorithm(self.policy, micro)
@@ -120,6 +121,10 @@ class AlignmentModule(L.LightningModule):
                     )
                 self.manual_backward(loss / len(micro_batches))
                 for k, v in out.items():
+                    if k == "ratio_max_dev":
+                        if updates == 0:
+                            first_dev = max(first_dev, float(v))
+                        continue
                     sums[k] += float(v.detach())
                     counts[k] += 1
             if self.max_grad_norm is not None:
@@ -132,6 +137,8 @@ class AlignmentModule(L.LightningModule):
         logged = {k: sums[k] / counts[k] for k in sums}
         logged.update(metrics)
         logged["updates"] = float(updates)
+        if "ratio_mean" in logged:
+            logged["first_update_ratio_dev"] = first_dev
         if self.guarded_reward is not None:
             logged["reward_queries"] = float(self.guarded_reward.queries)
             logged["reward_dropped_total"] = float(self.guarded_reward.dropped)

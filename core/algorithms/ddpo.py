@@ -192,4 +192,5 @@ def ddpo_loss(
             "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean(),
             "clipfrac": ((ratio.detach() - 1.0).abs() > clip_range).float().mean(),
             "ratio_mean": ratio.detach().mean(),
+            "ratio_max_dev": (ratio.detach() - 1.0).abs().max(),
         }
