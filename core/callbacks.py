@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -159,7 +160,9 @@ class RewardEvaluation(Callback):
             "run_dir": str(folder),
         }
         if getattr(pl_module, "reward", None) is not None:
-            after = evaluate_reward(pl_module, self._pairs(trainer), self.batch_size)
+            ema = getattr(pl_module, "ema_weights", None)
+            with ema() if ema is not None else contextlib.nullcontext():
+                after = evaluate_reward(pl_module, self._pairs(trainer), self.batch_size)
             before = self.before or {}
             summary.update(
                 {
@@ -233,7 +236,9 @@ class ExportBackbone(Callback):
         if not trainer.is_global_zero:
             return
         # no metadata: safetensors orders a metadata map arbitrarily, which would make the bytes differ
-        out = save_state_dict(pl_module.policy.backbone, self.path)
+        ema = getattr(pl_module, "ema_weights", None)
+        with ema() if ema is not None else contextlib.nullcontext():
+            out = save_state_dict(pl_module.policy.backbone, self.path)
         print(f"exported backbone weights to {out}")
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -40,6 +42,9 @@ class AlignmentModule(L.LightningModule):
             state is saved in checkpoints, so a resumed run continues the same random stream.
         checkpoint_frozen_weights: False leaves parameters with requires_grad=False out of checkpoints
             (set it for LoRA runs on large models; the frozen weights are rebuilt from the recipe).
+        ema_decay: keep an exponential moving average of the trainable parameters (e.g. 0.99), updated
+            after every optimiser step; the final evaluation, validate/test/predict and the weight
+            export use it (`ema_weights()`); rollouts for training use the live weights.
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class AlignmentModule(L.LightningModule):
         on_invalid_reward: OnInvalid = "raise",
         seed: int = 0,
         checkpoint_frozen_weights: bool = True,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -76,6 +82,10 @@ class AlignmentModule(L.LightningModule):
         # checkpoints without frozen weights load non-strictly (the frozen ones are already in place)
         self.strict_loading = checkpoint_frozen_weights
         self.generator = torch.Generator().manual_seed(seed)
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
+        self.ema_decay = ema_decay
+        self.ema: dict[str, torch.Tensor] = {}
         if algorithm.needs_reference:
             # taken now, before any checkpoint is restored: the reference is the initial model
             policy.backbone.freeze_reference()
@@ -131,6 +141,7 @@ class AlignmentModule(L.LightningModule):
                 self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
             opt.step()
             opt.zero_grad(set_to_none=True)
+            self._update_ema()
             if sched is not None:
                 sched.step()
             updates += 1
@@ -165,7 +176,8 @@ class AlignmentModule(L.LightningModule):
         return out
 
     def _log_eval(self, prefix: str, batch: dict[str, Any]) -> None:
-        out = self._sample_and_score(batch)
+        with self.ema_weights():
+            out = self._sample_and_score(batch)
         if "rewards" in out:
             r = out["rewards"]
             finite = r[torch.isfinite(r)]
@@ -190,7 +202,8 @@ class AlignmentModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Samples (decoded) and rewards for each (prompt, seed) of the evaluation set."""
-        return self._sample_and_score(batch)
+        with self.ema_weights():
+            return self._sample_and_score(batch)
 
     def on_predict_epoch_end(self) -> None:
         from pathlib import Path
@@ -213,6 +226,38 @@ class AlignmentModule(L.LightningModule):
             return opt
         return {"optimizer": opt, "lr_scheduler": self.lr_scheduler_factory(opt)}
 
+    # -- EMA -----------------------------------------------------------------------------------------
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema_decay is None:
+            return
+        for name, p in self._trainable().items():
+            if name not in self.ema:
+                self.ema[name] = p.detach().clone()
+            else:
+                self.ema[name].lerp_(p.detach(), 1.0 - self.ema_decay)
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Temporarily load the EMA weights into the policy (a no-op without EMA)."""
+        if not self.ema:
+            yield
+            return
+        params = self._trainable()
+        saved = {n: params[n].detach().clone() for n in self.ema}
+        with torch.no_grad():
+            for n, v in self.ema.items():
+                params[n].copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, v in saved.items():
+                    params[n].copy_(v)
+
     # -- checkpoint state ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if not self.checkpoint_frozen_weights:
@@ -224,6 +269,7 @@ class AlignmentModule(L.LightningModule):
             "generator": self.generator.get_state(),
             "reward_queries": self.reward_queries,
             "reward_dropped": self.guarded_reward.dropped if self.guarded_reward else 0,
+            "ema": {k: v.detach().cpu() for k, v in self.ema.items()},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -231,6 +277,7 @@ class AlignmentModule(L.LightningModule):
         if not state:
             return
         self.generator.set_state(state["generator"])
+        self.ema = {k: v.to(self.device) for k, v in state.get("ema", {}).items()}
         if self.guarded_reward is not None:
             self.guarded_reward.queries = int(state.get("reward_queries", 0))
             self.guarded_reward.dropped = int(state.get("reward_dropped", 0))

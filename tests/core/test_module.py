@@ -154,3 +154,28 @@ def test_checkpoints_can_leave_frozen_weights_out():
     other = make_module(DDPO(), LinearReward(), checkpoint_frozen_weights=False)
     other.load_state_dict(ckpt["state_dict"], strict=False)
     assert torch.equal(other.policy.backbone.net[2].weight, module.policy.backbone.net[2].weight)
+
+
+def test_ema_tracks_the_weights_and_swaps_in_temporarily():
+    from diffalign.core.algorithms import DDPO
+
+    module = make_module(DDPO(), LinearReward(), ema_decay=0.5)
+    p = module.policy.backbone.net[0].weight
+    module._update_ema()  # first call copies
+    first = p.detach().clone()
+    with torch.no_grad():
+        p.add_(1.0)
+    module._update_ema()
+    ema = module.ema["backbone.net.0.weight"]
+    assert torch.allclose(ema, first + 0.5)
+    live = p.detach().clone()
+    with module.ema_weights():
+        assert torch.allclose(p, first + 0.5)
+    assert torch.equal(p, live)
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    other = make_module(DDPO(), LinearReward(), ema_decay=0.5)
+    other.on_load_checkpoint(ckpt)
+    assert torch.equal(other.ema["backbone.net.0.weight"], ema)
+    with pytest.raises(ValueError, match="ema_decay"):
+        make_module(DDPO(), LinearReward(), ema_decay=1.5)
