@@ -91,6 +91,10 @@ class TransitionKernel(ABC):
         """The model's estimate of the clean sample at timestep `t`."""
 
     @abstractmethod
+    def shift_pred_x0(self, model_output: Tensor, t: Tensor | float, x_t: Tensor, delta: Tensor) -> Tensor:
+        """A model output whose x̂0 is the current x̂0 + `delta` (how guidance edits a prediction)."""
+
+    @abstractmethod
     def mean_std(self, model_output: Tensor, t: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Gaussian mean and std of the transition (float32, std broadcastable), and x̂0."""
 
@@ -102,10 +106,13 @@ class TransitionKernel(ABC):
         prev_sample: Tensor | None = None,
         generator: Generator = None,
         mask: Tensor | None = None,
+        noise: Tensor | None = None,
     ) -> StepOutput:
         """Sample (or, given `prev_sample`, re-score) the transition from `x_t` at timestep(s) `t`.
 
-        Padded entries (mask == 0) get no noise and do not count in the log-prob.
+        `noise` (standard normal, shaped like x_t) replaces the generator's draw; the sample
+        mean + std·noise then keeps the graph of both (direct noise optimisation differentiates through
+        it). Padded entries (mask == 0) get no noise and do not count in the log-prob.
         """
         self._require_bound()
         x = x_t.float()
@@ -113,11 +120,12 @@ class TransitionKernel(ABC):
         mean, std, x0 = self.mean_std(model_output.float(), tt, x)
         std_full = std.expand_as(mean)
         if prev_sample is None:
-            noise = randn(mean.shape, generator, device=mean.device)
+            if noise is None:
+                noise = randn(mean.shape, generator, device=mean.device)
             m = expand_mask(mask, mean)
             if m is not None:
                 noise = noise * m
-            prev_sample = (mean + std_full * noise).detach()
+            prev_sample = mean + std_full * noise.float()
         log_prob = gaussian_log_prob(prev_sample.float(), mean, std_full, mask, self.reduction)
         return StepOutput(
             prev_sample=prev_sample.float(), log_prob=log_prob, mean=mean, std=std_full, pred_x0=x0
@@ -180,6 +188,16 @@ class _AlphaKernel(TransitionKernel):
         tt = _timestep_tensor(t, x0.shape[0], x0.device)
         a = left_broadcast(self._alpha(tt), x0.shape)
         return a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()
+
+    def shift_pred_x0(self, model_output: Tensor, t: Tensor | float, x_t: Tensor, delta: Tensor) -> Tensor:
+        tt = _timestep_tensor(t, x_t.shape[0], x_t.device)
+        a = left_broadcast(self._alpha(tt), x_t.shape)
+        pt = self.prediction_type
+        if pt == "epsilon":  # x0 = (x − √(1−a) ε)/√a
+            return model_output - (a.sqrt() / (1 - a).sqrt()) * delta
+        if pt == "sample":
+            return model_output + delta
+        return model_output - delta / (1 - a).sqrt()  # v: x0 = √a x − √(1−a) v
 
     def training_sample(self, x0: Tensor, generator: Generator = None) -> tuple[Tensor, Tensor, Tensor]:
         x0 = x0.float()
@@ -336,6 +354,11 @@ class FlowSDEKernel(TransitionKernel):
         noise = randn(x0.shape, generator, device=x0.device)
         t = sigma * self.num_train_timesteps
         return self.add_noise(x0, noise, t), t, noise - x0
+
+    def shift_pred_x0(self, model_output: Tensor, t: Tensor | float, x_t: Tensor, delta: Tensor) -> Tensor:
+        tt = _timestep_tensor(t, x_t.shape[0], x_t.device)
+        sigma = left_broadcast(tt.float() / self.num_train_timesteps, x_t.shape).clamp_min(1e-6)
+        return model_output - delta / sigma  # x0 = x − σ v
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
         tt = _timestep_tensor(t, x0.shape[0], x0.device)

@@ -119,6 +119,7 @@ class DiffusionPolicy(nn.Module):
         hooks: Sequence[RolloutHook] = (),
         x_T: Tensor | None = None,
         mask: Tensor | None = None,
+        noises: Tensor | None = None,
     ) -> Trajectory:
         """Sample one trajectory per condition row.
 
@@ -129,6 +130,8 @@ class DiffusionPolicy(nn.Module):
                 graph at all; `num_steps`: the whole chain). Earlier steps run without grad.
             hooks: per-step `RolloutHook`s.
             x_T: initial noise to start from instead of `backbone.init_noise` (with its `mask`).
+            noises: (B, T, *event) standard-normal noise of each step instead of the generator's draws
+                (direct noise optimisation passes tensors that require grad).
         """
         if x_T is None:
             x_T, mask = self.backbone.init_noise(cond, generator)
@@ -136,10 +139,13 @@ class DiffusionPolicy(nn.Module):
         timesteps = self._timesteps(device)
         k = 0 if grad_steps is None else min(int(grad_steps), self.num_steps)
         x = x_T.float()
+        noises_need_grad = torch.is_grad_enabled() and (
+            x_T.requires_grad or (noises is not None and noises.requires_grad)
+        )
         states, log_probs = [x], []
         for i, t in enumerate(timesteps):
             keep_graph = i >= self.num_steps - k and torch.is_grad_enabled()
-            with nullcontext() if keep_graph else torch.no_grad():
+            with nullcontext() if keep_graph or noises_need_grad else torch.no_grad():
                 tb = t.expand(x.shape[0])
                 if keep_graph and self.gradient_checkpointing:
                     out = checkpoint(self.model_output, x, tb, cond, mask, use_reentrant=False)
@@ -148,11 +154,15 @@ class DiffusionPolicy(nn.Module):
                 state = RolloutState(index=i, t=tb, x_t=x, cond=cond, mask=mask, model_output=out)
                 for h in hooks:
                     h.before_step(self, state)
-                step = self.kernel.step(state.model_output, tb, x, generator=generator, mask=mask)
-                if keep_graph:
-                    # reparameterised sample: gradient flows through the mean (the noise is fixed)
-                    noise_part = (step.prev_sample - step.mean).detach()
-                    step.prev_sample = step.mean + noise_part
+                # the sample is mean + std·noise: with a kept graph, gradient flows through the mean
+                step = self.kernel.step(
+                    state.model_output,
+                    tb,
+                    x,
+                    generator=generator,
+                    mask=mask,
+                    noise=noises[:, i] if noises is not None else None,
+                )
                 state.step, state.prev_sample = step, step.prev_sample
                 for h in hooks:
                     h.after_step(self, state)
