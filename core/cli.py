@@ -24,6 +24,10 @@ OWN_COMMANDS = {"recipes": "list the recipes under recipes/ with their one-line 
 # Subcommands implemented in their own module: name -> ("module:function(argv) -> int", description).
 PLUGIN_COMMANDS = {
     "score": ("diffalign.core.score:main", "score a file of samples with rewards, one output row per input"),
+    "sample": (
+        "diffalign.core.sample:main",
+        "test-time alignment: sample with a method from a sampling recipe",
+    ),
 }
 
 

@@ -1,4 +1,7 @@
-"""Every recipe runs two optimiser steps through the CLI (tiny overrides from tests/overrides/)."""
+"""Every recipe runs through the CLI: two optimiser steps of `fit`, or one sample per prompt of `sample`
+(tiny overrides from tests/overrides/)."""
+
+import json
 
 import pytest
 
@@ -21,6 +24,14 @@ def test_recipe_runs_two_steps(recipe, cleandir):
         namespace: dict = {}
         exec(compile(prepare.read_text(), str(prepare), "exec"), namespace)
         namespace["prepare"](cleandir)
+    if "\nmethod:" in (REPO / recipe).read_text():  # a sampling recipe: `diffalign sample`
+        from diffalign.core.cli import cli_main
+
+        out = cleandir / "samples"
+        args = ["sample", "--config", str(REPO / recipe), *[a for c in extra for a in ("--config", str(c))]]
+        assert cli_main([*args, "--output", str(out), "--seeds_per_prompt", "1", "--progress", "false"]) == 0
+        assert json.loads((out / "results.json").read_text())["samples"] >= 1
+        return
     run = run_fit(
         recipe,
         cleandir / "runs",
