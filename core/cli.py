@@ -28,6 +28,10 @@ PLUGIN_COMMANDS = {
         "diffalign.core.sample:main",
         "test-time alignment: sample with a method from a sampling recipe",
     ),
+    "feedback": (
+        "diffalign.core.feedback:main",
+        "AI feedback: sample, rank with a reward, write preference pairs",
+    ),
 }
 
 
@@ -48,6 +52,21 @@ def recipe_description(path: Path) -> str:
         if s:
             break
     return "(no description: start the file with a '# ...' line)"
+
+
+def recipe_command(path: Path) -> str:
+    """Which subcommand runs a recipe: `sample` (has a test-time `method`), `feedback` (has
+    `samples_per_prompt`), else `fit`."""
+    keys = {
+        line.split(":", 1)[0]
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line and not line[0].isspace() and not line.startswith("#") and ":" in line
+    }
+    if "method" in keys:
+        return "sample"
+    if "samples_per_prompt" in keys:
+        return "feedback"
+    return "fit"
 
 
 def list_recipes(root: Path | None = None) -> list[tuple[str, str]]:
@@ -76,8 +95,10 @@ def _recipes_command(argv: Sequence[str]) -> int:
         print(f"diffalign recipes: {e}", file=sys.stderr)
         return 2
     width = max((len(r) for r, _ in rows), default=0)
+    root = args.root or recipes_root()
     for rel, desc in rows:
-        print(f"{rel:<{width}}  {desc}")
+        command = recipe_command(root / Path(rel).relative_to("recipes"))
+        print(f"{rel:<{width}}  {command:<8}  {desc}")
     return 0
 
 

@@ -137,6 +137,10 @@ class TransitionKernel(ABC):
         """The forward process: x_t for clean `x0`, standard-normal `noise` and timestep(s) `t`."""
 
     @abstractmethod
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
+        """What the model should output for x_t = add_noise(x0, noise, t) (ε, v, x0 or ε − x0)."""
+
+    @abstractmethod
     def training_sample(self, x0: Tensor, generator: Generator = None) -> tuple[Tensor, Tensor, Tensor]:
         """Draw a noisy training input: returns (x_t, t, target) for the denoising loss."""
 
@@ -205,16 +209,17 @@ class _AlphaKernel(TransitionKernel):
         gen = generator if isinstance(generator, torch.Generator) or generator is None else generator[0]
         t = torch.randint(0, self.num_train_timesteps, (b,), generator=gen, device="cpu").to(x0.device)
         noise = randn(x0.shape, generator, device=x0.device)
-        a = left_broadcast(self._alpha(t), x0.shape)
-        x_t = self.add_noise(x0, noise, t)
+        return self.add_noise(x0, noise, t), t, self.target(x0, noise, t)
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
         pt = self.prediction_type
         if pt == "epsilon":
-            target = noise
-        elif pt == "sample":
-            target = x0
-        else:
-            target = a.sqrt() * noise - (1 - a).sqrt() * x0
-        return x_t, t, target
+            return noise.float()
+        if pt == "sample":
+            return x0.float()
+        tt = _timestep_tensor(t, x0.shape[0], x0.device)
+        a = left_broadcast(self._alpha(tt), x0.shape)
+        return a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()
 
 
 class DDIMKernel(_AlphaKernel):
@@ -353,7 +358,10 @@ class FlowSDEKernel(TransitionKernel):
         sigma = torch.rand((x0.shape[0],), generator=gen, device="cpu").to(x0.device)
         noise = randn(x0.shape, generator, device=x0.device)
         t = sigma * self.num_train_timesteps
-        return self.add_noise(x0, noise, t), t, noise - x0
+        return self.add_noise(x0, noise, t), t, self.target(x0, noise, t)
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
+        return noise.float() - x0.float()
 
     def shift_pred_x0(self, model_output: Tensor, t: Tensor | float, x_t: Tensor, delta: Tensor) -> Tensor:
         tt = _timestep_tensor(t, x_t.shape[0], x_t.device)

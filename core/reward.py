@@ -21,6 +21,9 @@ from diffalign.core.types import Cond
 log = logging.getLogger(__name__)
 
 OnInvalid = Literal["raise", "drop"]
+# RewardOutput.info keys that are reward terms (per-sample scores of a composite reward), as opposed to
+# diagnostics; multi-objective methods (D3PO's Pareto comparison) read these.
+TERM_PREFIX = "term/"
 
 
 @dataclass
@@ -62,7 +65,7 @@ class Reward(nn.Module):
 
 
 class WeightedSum(Reward):
-    """Σ wᵢ·rᵢ over several rewards; each term's mean is logged under its name.
+    """Σ wᵢ·rᵢ over several rewards; each term is reported in `info` as "term/<name>" (and logged).
 
     Args:
         rewards: the terms.
@@ -87,7 +90,7 @@ class WeightedSum(Reward):
         names = [r.name for r in self.terms]
         for r, w, n in zip(self.terms, self.weights, names, strict=True):
             out = r(samples, cond)
-            key = n if names.count(n) == 1 else f"{n}_{len(info)}"
+            key = TERM_PREFIX + (n if names.count(n) == 1 else f"{n}_{len(info)}")
             info[key] = out.scores.detach()
             total = w * out.scores if total is None else total + w * out.scores
         return RewardOutput(scores=total, info=info)

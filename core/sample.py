@@ -6,11 +6,12 @@ weights are loaded first. It writes into the output folder:
 
 - results.json: per-sample prompt, seed, reward and NFE, plus the mean reward, NFE per sample, wall time;
 - samples.pt: the model-space samples with their prompts and seeds;
-- the modality's own files when the backbone has `save_samples(samples, folder, prompts)` (PNG grids
-  for images).
+- the modality's own files when the backbone defines
+  `save_samples(samples, folder, prompts, start_index=...)` (e.g. image grids).
 
-Each condition is sampled with its own seed (a generator per batch seeded by the batch's first seed),
-so results do not depend on batch composition as long as `batch_size` is unchanged.
+Randomness: one generator per batch, seeded by the batch's first (prompt, seed) pair; a row's `seed` in
+results.json identifies it, and results are reproducible for the same recipe and `batch_size` (changing
+`batch_size` changes which noise each row gets).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 
-def build_parser() -> Any:
+def build_parser(require_method: bool = True) -> Any:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from diffalign.core.guidance.base import TestTimeMethod
@@ -36,7 +37,8 @@ def build_parser() -> Any:
     parser.add_argument("--config", action=ActionConfigFile, help="sampling recipe (YAML)")
     parser.add_subclass_arguments(DiffusionPolicy, "policy", required=True)
     parser.add_subclass_arguments(Reward, "reward", required=True)
-    parser.add_subclass_arguments(TestTimeMethod, "method", required=True)
+    if require_method:
+        parser.add_subclass_arguments(TestTimeMethod, "method", required=True)
     parser.add_argument("--prompts", type=list[str | int], required=True, help="conditions to sample")
     parser.add_argument("--seeds_per_prompt", type=int, default=4)
     parser.add_argument("--seed", type=int, default=10_000, help="first seed")
@@ -161,8 +163,9 @@ def main(argv: Sequence[str]) -> int:
         output,
         cfg.progress,
     )
+    mean = "n/a (every reward failed)" if summary["reward_mean"] is None else f"{summary['reward_mean']:.4f}"
     print(
-        f"{summary['method']}: mean {summary['reward_name']} {summary['reward_mean']:.4f} over "
+        f"{summary['method']}: mean {summary['reward_name']} {mean} over "
         f"{summary['samples']} samples, {summary['nfe_per_sample']:.1f} NFE per sample, "
         f"{summary['wall_seconds']:.1f} s -> {output / 'results.json'}"
     )

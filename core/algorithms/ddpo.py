@@ -24,7 +24,7 @@ from torch import Tensor
 from diffalign.core.algorithms.base import Algorithm, AlignContext, prompt_keys
 from diffalign.core.functional import gaussian_kl_same_std, repeat_batch
 from diffalign.core.policy import DiffusionPolicy
-from diffalign.core.reward import PerPromptNormalizer, batch_advantages
+from diffalign.core.reward import TERM_PREFIX, PerPromptNormalizer, batch_advantages
 from diffalign.core.types import Trajectory
 
 
@@ -71,9 +71,14 @@ def collect_rollouts(
         "reward_std": traj.rewards.std(unbiased=False).item(),
         "reward_dropped": float(scored.num_dropped),
     }
+    terms = {}
     for name, v in scored.info.items():
         v = torch.as_tensor(v).float()
-        metrics[f"reward/{name}"] = (v[keep.cpu()] if v.dim() and len(v) == b else v).mean().item()
+        per_sample = v.dim() == 1 and len(v) == b
+        metrics[f"reward/{name}"] = (v[keep.cpu()] if per_sample else v).mean().item()
+        if per_sample and name.startswith(TERM_PREFIX):
+            terms[name[len(TERM_PREFIX) :]] = v[keep.cpu()].to(traj.states.device)
+    traj.extras["reward_terms"] = terms  # per-sample terms (e.g. of a WeightedSum), for Pareto comparisons
     return traj, keys, groups, metrics
 
 

@@ -65,6 +65,11 @@ class DirectNoiseOptimization(TestTimeMethod):
         self.history: list[float] = []
 
     def _sample(self, policy, cond, reward, generator):
+        if not reward.differentiable:
+            raise ValueError(
+                f"direct noise optimisation back-propagates through the reward; '{reward.name}' is not "
+                "differentiable (use best-of-N, FK steering or SVDD)"
+            )
         x_T, mask = policy.backbone.init_noise(cond, generator)
         noises = randn((x_T.shape[0], policy.num_steps, *x_T.shape[1:]), generator, device=x_T.device)
         z_T = x_T.detach().clone().requires_grad_(True)

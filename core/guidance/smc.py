@@ -60,7 +60,8 @@ class FKSteeringHook(RolloutHook):
         self.reward, self.k, self.lam, self.potential = reward, num_particles, lam, potential
         self.resample_steps, self.ess_threshold, self.generator = resample_steps, ess_threshold, generator
         self.r_prev: Tensor | None = None  # last r per particle (DIFF), running max (MAX), running sum (ADD)
-        self.log_applied: Tensor | None = None  # log of the product of potentials applied so far
+        self.log_applied: Tensor | None = None  # log of the product of potentials along each particle's path
+        self.log_w: Tensor | None = None  # log-weights accumulated since the particle's group last resampled
         self.resampled = 0
 
     def _log_potential(self, r: Tensor) -> Tensor:
@@ -88,13 +89,14 @@ class FKSteeringHook(RolloutHook):
         log_g = torch.nan_to_num(self._log_potential(r), nan=float("-inf"))
         self._update_prev(r)
         self.log_applied = log_g if self.log_applied is None else self.log_applied + log_g
-        groups = log_g.reshape(-1, self.k)
+        self.log_w = log_g if self.log_w is None else self.log_w + log_g
+        groups = self.log_w.reshape(-1, self.k)
         w = torch.exp(groups - groups.max(dim=1, keepdim=True).values).clamp(0, 1e10)
         do = torch.ones(groups.shape[0], dtype=torch.bool, device=w.device)
         if self.ess_threshold is not None:
             do = effective_sample_size(w) < self.ess_threshold * self.k
         if not do.any():
-            return
+            return  # weights carry over to the next resampling step
         idx = multinomial_resample(w, self.generator)
         keep = torch.arange(self.k, device=w.device).expand_as(idx)
         idx = torch.where(do[:, None], idx, keep)
@@ -105,6 +107,18 @@ class FKSteeringHook(RolloutHook):
         state.mask = pick(state.mask, rows)
         self.r_prev = self.r_prev[rows]
         self.log_applied = self.log_applied[rows]
+        # resampled groups start again from equal weights; the others keep theirs
+        reset = do.repeat_interleave(self.k)
+        self.log_w = torch.where(reset, torch.zeros_like(self.log_w), self.log_w[rows])
+
+    def final_log_weights(self, r: Tensor) -> Tensor:
+        """Log-weights of the final particles given their final rewards: the weights carried since the last
+        resample times the last potential, which completes each path's product to exp(λ·r_final)."""
+        if self.potential == "diff":
+            last = self.lam * (r - (self.r_prev if self.r_prev is not None else torch.zeros_like(r)))
+        else:  # MAX/ADD/RT: divide by the potentials already applied along the path
+            last = self.lam * r - (self.log_applied if self.log_applied is not None else torch.zeros_like(r))
+        return last + (self.log_w if self.log_w is not None else torch.zeros_like(r))
 
 
 class FKSteering(TestTimeMethod):
@@ -166,10 +180,7 @@ class FKSteering(TestTimeMethod):
         if self.final == "best":
             idx = group_argmax(r, k)
         else:
-            log_w = hook._log_potential(r) if self.potential in ("diff",) else self.lam * r
-            if hook.log_applied is not None and self.potential in ("max", "add", "rt"):
-                log_w = log_w - hook.log_applied  # target p_base·exp(λ r): undo the potentials applied
-            groups = log_w.reshape(-1, k)
+            groups = hook.final_log_weights(r).reshape(-1, k)
             w = torch.exp(groups - groups.max(dim=1, keepdim=True).values)
             pick_idx = multinomial_resample(w, generator)[:, 0]
             idx = torch.arange(groups.shape[0], device=w.device) * k + pick_idx

@@ -205,3 +205,25 @@ def test_sample_command_names_a_bad_key(tmp_path, capsys):
     bad.write_text((REPO / "recipes/toy/sample_fk.yaml").read_text().replace("num_particles", "num_particle"))
     assert cli_main(["sample", "--config", str(bad)]) == 2
     assert "num_particle" in capsys.readouterr().err
+
+
+def test_fk_final_sample_targets_the_tilted_distribution_with_adaptive_resampling():
+    """With λ > 0 and final='sample', FK approximates p_base·exp(λ r): its mean reward moves from the base
+    mean toward the tilted mean E[r e^{λr}]/E[e^{λr}], whether or not resampling is adaptive."""
+    policy, reward = toy_policy(8), TargetRegion()
+    n = 1000
+    base = PlainSampling()(policy, cond_for(n), reward, torch.Generator().manual_seed(5)).scores
+    lam = 5.0
+    w = torch.exp(lam * base)
+    tilted = float((base * w).sum() / w.sum())
+    for ess in (None, 0.5):
+        fk = FKSteering(num_particles=8, lam=lam, final="sample", ess_threshold=ess)
+        got = fk(policy, cond_for(n // 4), reward, torch.Generator().manual_seed(6)).scores.mean().item()
+        assert got > base.mean().item() + 0.5 * (tilted - base.mean().item()), (ess, got, tilted)
+
+
+def test_dno_refuses_a_non_differentiable_reward():
+    from diffalign.core.testing import ConstantReward
+
+    with pytest.raises(ValueError, match="not differentiable"):
+        DirectNoiseOptimization(steps=1)(toy_policy(4), cond_for(1), ConstantReward())

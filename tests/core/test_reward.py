@@ -20,7 +20,7 @@ def test_weighted_sum_combines_and_logs_each_term():
     r = WeightedSum([LinearReward(), ConstantReward(2.0)], [0.5, -1.0])
     out = r(x, {})
     assert torch.allclose(out.scores, 0.5 * torch.tensor([3.0, -1.0]) - 2.0)
-    assert set(out.info) == {"linear", "constant"}
+    assert set(out.info) == {"term/linear", "term/constant"}
     assert not r.differentiable
     assert WeightedSum([LinearReward(), LinearReward()]).differentiable
     with pytest.raises(ValueError, match="2 rewards but 1 weights"):

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from diffalign.core.cli import recipe_command
 from tests.helpers import REPO, run_fit, summary
 
 RECIPES = sorted(
@@ -24,13 +25,18 @@ def test_recipe_runs_two_steps(recipe, cleandir):
         namespace: dict = {}
         exec(compile(prepare.read_text(), str(prepare), "exec"), namespace)
         namespace["prepare"](cleandir)
-    if "\nmethod:" in (REPO / recipe).read_text():  # a sampling recipe: `diffalign sample`
+    command = recipe_command(REPO / recipe)
+    if command in ("sample", "feedback"):
         from diffalign.core.cli import cli_main
 
-        out = cleandir / "samples"
-        args = ["sample", "--config", str(REPO / recipe), *[a for c in extra for a in ("--config", str(c))]]
-        assert cli_main([*args, "--output", str(out), "--seeds_per_prompt", "1", "--progress", "false"]) == 0
-        assert json.loads((out / "results.json").read_text())["samples"] >= 1
+        out = cleandir / "out"
+        args = [command, "--config", str(REPO / recipe), *[a for c in extra for a in ("--config", str(c))]]
+        args += ["--output", str(out), "--seeds_per_prompt", "1"]
+        assert cli_main(args + (["--progress", "false"] if command == "sample" else [])) == 0
+        if command == "sample":
+            assert json.loads((out / "results.json").read_text())["samples"] >= 1
+        else:
+            assert (out / "pairs.jsonl").read_text().strip()
         return
     run = run_fit(
         recipe,

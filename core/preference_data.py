@@ -1,0 +1,265 @@
+"""Preference data: pairs (or labelled singles) read from JSONL or Parquet plus sample files.
+
+Two pair layouts are understood:
+
+- Pick-a-Pic: `caption`, `jpg_0`, `jpg_1`, `label_0` (1: sample 0 preferred, 0: sample 1 preferred,
+  0.5: tie; `label_1` = 1 − `label_0` may be present and must agree);
+- simple: `prompt`, `winner`, `loser` (optionally `label`, default 1).
+
+and, for KTO, the unpaired layout `prompt`, `sample`, `label` (1 desirable, 0 undesirable).
+
+Sample fields are file paths relative to the data file (or absolute). Files load by extension:
+.pt (a tensor), .npy / .npz (first array), .json (a list), and images (.png, .jpg, ...) via Pillow as float
+(C, H, W) in [0, 1] — the image modality's layout. A `sample_loader` dotted path replaces this for other
+formats. Every malformed row (missing or unreadable file, bad or missing label, missing key) is reported
+with its file and row number; `on_error: raise` stops at the first, `on_error: skip` drops it, logs the
+reason and counts it in `skipped` — never silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from diffalign.core.data import EpochSeededSampler, EvaluationSetMixin
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+class PreferenceDataError(ValueError):
+    """A malformed row: the message names the file and row."""
+
+
+def load_sample_file(path: Path) -> Any:
+    """Load one sample file by its extension (see the module docstring)."""
+    suffix = path.suffix.lower()
+    if suffix == ".pt":
+        return torch.load(path, map_location="cpu", weights_only=True)
+    if suffix in (".npy", ".npz"):
+        import numpy as np
+
+        arr = np.load(path)
+        if suffix == ".npz":
+            arr = arr[arr.files[0]]
+        return torch.from_numpy(arr)
+    if suffix == ".json":
+        return torch.tensor(json.loads(path.read_text()))
+    if suffix in IMAGE_SUFFIXES:
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    raise ValueError(f"no loader for '{suffix}' files (give sample_loader)")
+
+
+def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """(row number from 1, row dict or None, parse error or None) for a JSONL or Parquet file."""
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        n = 0
+        for batch in pq.ParquetFile(path).iter_batches():
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row, None
+        return
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                yield n, None, f"not UTF-8 ({e.reason})"
+                continue
+            if not text:
+                yield n, None, "empty line"
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield n, None, f"invalid JSON ({e.msg})"
+                continue
+            yield (
+                n,
+                (row if isinstance(row, dict) else None),
+                (None if isinstance(row, dict) else "not an object"),
+            )
+
+
+def _label(value: Any) -> float:
+    lab = float(value)
+    if not 0.0 <= lab <= 1.0 or lab != lab:
+        raise ValueError(f"label must be in [0, 1], got {value!r}")
+    return lab
+
+
+class PreferenceDataset(Dataset):
+    """Validated rows of a preference file, loaded into memory.
+
+    Args:
+        path: JSONL or Parquet file.
+        layout: "auto" (from the keys), "pickapic", "simple" or "unpaired".
+        on_error: "raise" or "skip" malformed rows.
+        drop_ties: drop pairs labelled 0.5 (Diffusion-DPO does).
+        sample_loader: optional dotted path of a function Path -> sample.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        layout: Literal["auto", "pickapic", "simple", "unpaired"] = "auto",
+        on_error: Literal["raise", "skip"] = "raise",
+        drop_ties: bool = True,
+        sample_loader: str | None = None,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"preference file not found: {self.path}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        loader: Callable[[Path], Any] = load_sample_file
+        if sample_loader:
+            from diffalign.core.reward import import_object
+
+            loader = import_object(sample_loader)
+        self.rows: list[dict[str, Any]] = []
+        self.skipped: list[tuple[int, str]] = []
+        self.ties = 0
+        for n, row, err in iter_rows(self.path):
+            try:
+                if err is not None:
+                    raise ValueError(err)
+                item = self._parse(row, layout, loader)
+            except Exception as e:  # noqa: BLE001 - every failure becomes a reported row
+                msg = f"{self.path}:{n}: {e}"
+                if on_error == "raise":
+                    raise PreferenceDataError(msg + " (set on_error: skip to drop such rows)") from None
+                self.skipped.append((n, str(e)))
+                log.warning("skipping %s", msg)
+                continue
+            if item.get("label") == 0.5 and "winner" in item and drop_ties:
+                self.ties += 1
+                continue
+            self.rows.append(item)
+        if self.skipped:
+            log.warning("%s: skipped %d malformed rows", self.path, len(self.skipped))
+        if not self.rows:
+            raise PreferenceDataError(
+                f"{self.path}: no usable row ({len(self.skipped)} malformed, {self.ties} ties)"
+            )
+
+    def _file(self, value: Any, loader: Callable[[Path], Any], key: str) -> Any:
+        if value is None:
+            raise ValueError(f"missing '{key}'")
+        p = Path(str(value))
+        p = p if p.is_absolute() else self.path.parent / p
+        if not p.is_file():
+            raise ValueError(f"'{key}' file not found: {p}")
+        try:
+            return loader(p)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cannot read '{key}' file {p}: {type(e).__name__}: {e}") from None
+
+    def _parse(self, row: dict[str, Any], layout: str, loader: Callable[[Path], Any]) -> dict[str, Any]:
+        if layout == "auto":
+            layout = "pickapic" if "jpg_0" in row else "simple" if "winner" in row else "unpaired"
+        if layout == "pickapic":
+            for k in ("caption", "jpg_0", "jpg_1", "label_0"):
+                if k not in row:
+                    raise ValueError(f"missing '{k}' (Pick-a-Pic layout)")
+            lab = _label(row["label_0"])
+            if "label_1" in row and abs(_label(row["label_1"]) - (1 - lab)) > 1e-6:
+                raise ValueError(f"label_0 {row['label_0']} and label_1 {row['label_1']} do not sum to 1")
+            a, b = self._file(row["jpg_0"], loader, "jpg_0"), self._file(row["jpg_1"], loader, "jpg_1")
+            win, lose, strength = (a, b, lab) if lab >= 0.5 else (b, a, 1 - lab)
+            return {"prompt": row["caption"], "winner": win, "loser": lose, "label": strength}
+        if layout == "simple":
+            for k in ("prompt", "winner", "loser"):
+                if k not in row:
+                    raise ValueError(f"missing '{k}' (simple layout)")
+            return {
+                "prompt": row["prompt"],
+                "winner": self._file(row["winner"], loader, "winner"),
+                "loser": self._file(row["loser"], loader, "loser"),
+                "label": _label(row.get("label", 1.0)),
+            }
+        for k in ("prompt", "sample", "label"):
+            if k not in row:
+                raise ValueError(f"missing '{k}' (unpaired layout)")
+        return {
+            "prompt": row["prompt"],
+            "sample": self._file(row["sample"], loader, "sample"),
+            "label": _label(row["label"]),
+        }
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+def collate_preferences(items: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        if isinstance(values[0], torch.Tensor):
+            out[key] = torch.stack(values)
+        elif key == "label":
+            out[key] = torch.tensor(values, dtype=torch.float32)
+        else:
+            out[key] = values
+    return out
+
+
+class PreferenceDataModule(EvaluationSetMixin, L.LightningDataModule):
+    """Batches of preference pairs (or labelled singles) for DiffusionDPO / DiffusionKTO.
+
+    Args:
+        path: JSONL or Parquet file.
+        layout, on_error, drop_ties, sample_loader: see `PreferenceDataset`.
+        batch_size, batches_per_epoch: batches are drawn with a per-epoch seeded permutation.
+        seed: order seed.
+        eval_prompts: evaluation conditions (default: the file's distinct prompts, at most 16).
+        eval_seeds_per_prompt, eval_seed: the fixed evaluation set.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        layout: Literal["auto", "pickapic", "simple", "unpaired"] = "auto",
+        on_error: Literal["raise", "skip"] = "raise",
+        drop_ties: bool = True,
+        sample_loader: str | None = None,
+        batch_size: int = 16,
+        batches_per_epoch: int | None = None,
+        seed: int = 0,
+        eval_prompts: list[str | int] | None = None,
+        eval_seeds_per_prompt: int = 8,
+        eval_seed: int = 10_000,
+    ) -> None:
+        super().__init__()
+        self.dataset = PreferenceDataset(path, layout, on_error, drop_ties, sample_loader)
+        self.batch_size, self.seed = batch_size, seed
+        self.batches_per_epoch = batches_per_epoch or max(1, len(self.dataset) // batch_size)
+        prompts = list(dict.fromkeys(r["prompt"] for r in self.dataset.rows))
+        self.eval_prompts = list(eval_prompts) if eval_prompts is not None else prompts[:16]
+        self.eval_seeds_per_prompt, self.eval_seed = eval_seeds_per_prompt, eval_seed
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = EpochSeededSampler(
+            len(self.dataset), self.batch_size * self.batches_per_epoch, self.seed, replacement=False
+        )
+        return DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=collate_preferences
+        )
