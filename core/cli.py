@@ -297,12 +297,10 @@ def cli_main(args: Sequence[str] | None = None) -> Any:
 
 
 def _run_cli(cli_cls: type, args: Sequence[str] | None, config_files: list[str]) -> Any:
-    from lightning import LightningDataModule
-
-    from diffalign.core.module import AlignmentModule
+    from lightning import LightningDataModule, LightningModule
 
     return cli_cls(
-        AlignmentModule,
+        LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -6,7 +6,9 @@ Two pair layouts are understood:
   0.5: tie; `label_1` = 1 − `label_0` may be present and must agree);
 - simple: `prompt`, `winner`, `loser` (optionally `label`, default 1).
 
-and, for KTO, the unpaired layout `prompt`, `sample`, `label` (1 desirable, 0 undesirable).
+and, for KTO, the unpaired layout `prompt`, `sample`, `label` (1 desirable, 0 undesirable); for
+Plackett–Luce reward modelling, the ranking layout `prompt`, `ranking` (a list of ≥ 2 sample files,
+best first).
 
 Sample fields are file paths relative to the data file (or absolute). Files load by extension:
 .pt (a tensor), .npy / .npz (first array), .json (a list), and images (.png, .jpg, ...) via Pillow as float
@@ -117,7 +119,7 @@ class PreferenceDataset(Dataset):
     def __init__(
         self,
         path: str | Path,
-        layout: Literal["auto", "pickapic", "simple", "unpaired"] = "auto",
+        layout: Literal["auto", "pickapic", "simple", "unpaired", "ranking"] = "auto",
         on_error: Literal["raise", "skip"] = "raise",
         drop_ties: bool = True,
         sample_loader: str | None = None,
@@ -172,7 +174,23 @@ class PreferenceDataset(Dataset):
 
     def _parse(self, row: dict[str, Any], layout: str, loader: Callable[[Path], Any]) -> dict[str, Any]:
         if layout == "auto":
-            layout = "pickapic" if "jpg_0" in row else "simple" if "winner" in row else "unpaired"
+            layout = (
+                "pickapic"
+                if "jpg_0" in row
+                else "simple"
+                if "winner" in row
+                else "ranking"
+                if "ranking" in row
+                else "unpaired"
+            )
+        if layout == "ranking":
+            if "prompt" not in row or "ranking" not in row:
+                raise ValueError("missing 'prompt' or 'ranking' (ranking layout)")
+            files = row["ranking"]
+            if not isinstance(files, list) or len(files) < 2:
+                raise ValueError("'ranking' must list at least 2 sample files, best first")
+            items = [self._file(f, loader, f"ranking[{i}]") for i, f in enumerate(files)]
+            return {"prompt": row["prompt"], "ranking": torch.stack([torch.as_tensor(x) for x in items])}
         if layout == "pickapic":
             for k in ("caption", "jpg_0", "jpg_1", "label_0"):
                 if k not in row:
@@ -228,6 +246,9 @@ class PreferenceDataModule(EvaluationSetMixin, L.LightningDataModule):
     Args:
         path: JSONL or Parquet file.
         layout, on_error, drop_ties, sample_loader: see `PreferenceDataset`.
+        val_fraction: rows held out (seeded) for `val_dataloader` — the held-out pairs that
+            `RewardModelModule` reports pair accuracy on. With 0, validation uses the fixed
+            evaluation set of conditions (for `diffalign validate` of an aligned model).
         batch_size, batches_per_epoch: batches are drawn with a per-epoch seeded permutation.
         seed: order seed.
         eval_prompts: evaluation conditions (default: the file's distinct prompts, at most 16).
@@ -237,7 +258,7 @@ class PreferenceDataModule(EvaluationSetMixin, L.LightningDataModule):
     def __init__(
         self,
         path: str,
-        layout: Literal["auto", "pickapic", "simple", "unpaired"] = "auto",
+        layout: Literal["auto", "pickapic", "simple", "unpaired", "ranking"] = "auto",
         on_error: Literal["raise", "skip"] = "raise",
         drop_ties: bool = True,
         sample_loader: str | None = None,
@@ -247,9 +268,19 @@ class PreferenceDataModule(EvaluationSetMixin, L.LightningDataModule):
         eval_prompts: list[str | int] | None = None,
         eval_seeds_per_prompt: int = 8,
         eval_seed: int = 10_000,
+        val_fraction: float = 0.0,
     ) -> None:
         super().__init__()
-        self.dataset = PreferenceDataset(path, layout, on_error, drop_ties, sample_loader)
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        full = PreferenceDataset(path, layout, on_error, drop_ties, sample_loader)
+        self.val_rows: list[dict[str, Any]] = []
+        if val_fraction > 0:
+            order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed)).tolist()
+            n_val = max(1, int(round(val_fraction * len(full))))
+            self.val_rows = [full.rows[i] for i in order[:n_val]]
+            full.rows = [full.rows[i] for i in order[n_val:]]
+        self.dataset = full
         self.batch_size, self.seed = batch_size, seed
         self.batches_per_epoch = batches_per_epoch or max(1, len(self.dataset) // batch_size)
         prompts = list(dict.fromkeys(r["prompt"] for r in self.dataset.rows))
@@ -262,4 +293,11 @@ class PreferenceDataModule(EvaluationSetMixin, L.LightningDataModule):
         )
         return DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=collate_preferences
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_rows:
+            return super().val_dataloader()
+        return DataLoader(
+            self.val_rows, batch_size=self.batch_size, shuffle=False, collate_fn=collate_preferences
         )

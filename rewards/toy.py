@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffalign.core.reward import Reward, RewardOutput
 from diffalign.core.types import Cond
@@ -37,3 +37,20 @@ class TargetRegion(Reward):
         return RewardOutput(
             scores=torch.exp(-d2 / (2 * self.radius**2)), info={"distance": d2.sqrt().detach()}
         )
+
+
+class PointScorer(nn.Module):
+    """A small MLP scoring 2-D points: the network of a toy reward model (see RewardModelModule).
+
+    Args:
+        hidden: hidden width.
+    """
+
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, samples: Tensor, prompts: object = None) -> Tensor:
+        return self.net(samples.float()).squeeze(-1)
