@@ -1,26 +1,41 @@
-"""diffalign's modality-agnostic core: trajectories, kernels, policy, rewards, algorithms, Lightning."""
+"""diffalign's modality-agnostic core: trajectories, kernels, policy, rewards, algorithms, Lightning.
 
-from diffalign.core.backbone import Backbone
-from diffalign.core.kernels import DDIMKernel, DDPMKernel, FlowSDEKernel, StepOutput, TransitionKernel
-from diffalign.core.policy import DiffusionPolicy, RolloutHook, RolloutState
-from diffalign.core.reward import FunctionReward, GuardedReward, Reward, RewardOutput, WeightedSum
-from diffalign.core.types import PreferencePair, Trajectory
+Names are imported lazily on first use, so `diffalign recipes` or `diffalign score` do not pay for torch,
+diffusers and lightning until they need them.
+"""
 
-__all__ = [
-    "Backbone",
-    "DDIMKernel",
-    "DDPMKernel",
-    "DiffusionPolicy",
-    "FlowSDEKernel",
-    "FunctionReward",
-    "GuardedReward",
-    "PreferencePair",
-    "Reward",
-    "RewardOutput",
-    "RolloutHook",
-    "RolloutState",
-    "StepOutput",
-    "Trajectory",
-    "TransitionKernel",
-    "WeightedSum",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Backbone": "diffalign.core.backbone",
+    "DDIMKernel": "diffalign.core.kernels",
+    "DDPMKernel": "diffalign.core.kernels",
+    "FlowSDEKernel": "diffalign.core.kernels",
+    "StepOutput": "diffalign.core.kernels",
+    "TransitionKernel": "diffalign.core.kernels",
+    "DiffusionPolicy": "diffalign.core.policy",
+    "RolloutHook": "diffalign.core.policy",
+    "RolloutState": "diffalign.core.policy",
+    "FunctionReward": "diffalign.core.reward",
+    "GuardedReward": "diffalign.core.reward",
+    "Reward": "diffalign.core.reward",
+    "RewardOutput": "diffalign.core.reward",
+    "WeightedSum": "diffalign.core.reward",
+    "PreferencePair": "diffalign.core.types",
+    "Trajectory": "diffalign.core.types",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'diffalign.core' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

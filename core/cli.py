@@ -273,9 +273,10 @@ def cli_main(args: Sequence[str] | None = None) -> Any:
         if argv[0] in OWN_COMMANDS:
             code = _recipes_command(argv[1:])
         else:
-            from diffalign.core.reward import import_object
+            import importlib
 
-            code = import_object(PLUGIN_COMMANDS[argv[0]][0])(argv[1:])
+            module, _, func = PLUGIN_COMMANDS[argv[0]][0].partition(":")
+            code = getattr(importlib.import_module(module), func)(argv[1:])
         if args is None:
             raise SystemExit(code)
         return code

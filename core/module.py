@@ -238,6 +238,8 @@ class AlignmentModule(L.LightningModule):
             if name not in self.ema:
                 self.ema[name] = p.detach().clone()
             else:
+                if self.ema[name].device != p.device:  # restored on CPU before the model moved to its device
+                    self.ema[name] = self.ema[name].to(p.device)
                 self.ema[name].lerp_(p.detach(), 1.0 - self.ema_decay)
 
     @contextmanager
@@ -250,7 +252,7 @@ class AlignmentModule(L.LightningModule):
         saved = {n: params[n].detach().clone() for n in self.ema}
         with torch.no_grad():
             for n, v in self.ema.items():
-                params[n].copy_(v)
+                params[n].copy_(v.to(params[n].device))
         try:
             yield
         finally:

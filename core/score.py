@@ -598,6 +598,8 @@ def write_rows(
         return _write_csv(rows, output)
     if str(output) == "-":
         n = _write_csv(rows, sys.stdout)
+        if n == 0 and columns:
+            csv.writer(sys.stdout, lineterminator="\n").writerow(list(columns))
         sys.stdout.flush()
         return n
     out = Path(output)
@@ -729,8 +731,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             column=args.column,
             id_column=args.id_column,
         )
+        chosen = plugin_for(args.input, args.plugin)
+        columns = ["record", "id", getattr(chosen, "source_column", "source") or "source"]
+        columns += [*resolve_rewards(chosen, args.rewards), "error"]
         counted = _Counting(rows)
-        write_rows(counted, output)
+        write_rows(counted, output, columns=columns)  # columns: the header of an empty input's output
     except (ReadError, ScoreError) as e:
         print(f"diffalign score: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,9 @@ class AlignProp(DRaFT):
     """
 
     def __init__(self, k_min: int = 1, k_max: int | None = None, reward_scale: float = 1.0) -> None:
-        super().__init__(k=max(1, k_min), lv_samples=0, reward_scale=reward_scale)
+        if k_min < 1:
+            raise ValueError(f"k_min must be >= 1 (K = 0 would keep no graph to back-propagate), got {k_min}")
+        super().__init__(k=k_min, lv_samples=0, reward_scale=reward_scale)
         if k_max is not None and k_max < k_min:
             raise ValueError(f"k_max ({k_max}) must be >= k_min ({k_min})")
         self.k_min, self.k_max = k_min, k_max

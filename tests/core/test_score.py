@@ -228,9 +228,15 @@ def test_engine_error_semantics_and_worker_crash():
         list(score_records([], ["nope"], TOY))
 
 
-def test_write_rows_with_no_rows_writes_the_header(tmp_path):
+def test_empty_input_writes_just_the_header(tmp_path):
     assert write_rows(iter(()), tmp_path / "e.csv", columns=["record", "id", "error"]) == 0
     assert (tmp_path / "e.csv").read_text() == "record,id,error\n"
+    empty = tmp_path / "empty.smi"
+    empty.write_bytes(b"")
+    out = tmp_path / "empty.parquet"
+    assert cli_main(["score", str(empty), "-r", "qed", "-o", str(out)]) == 0
+    assert pq.read_schema(out).names == ["record", "id", "smiles", "qed", "error"]
+    assert pq.read_table(out).num_rows == 0
 
 
 # --- fuzzing: the readers and the score path never crash and keep one row per record -------------------
