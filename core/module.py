@@ -43,8 +43,9 @@ class AlignmentModule(L.LightningModule):
         checkpoint_frozen_weights: False leaves parameters with requires_grad=False out of checkpoints
             (set it for LoRA runs on large models; the frozen weights are rebuilt from the recipe).
         ema_decay: keep an exponential moving average of the trainable parameters (e.g. 0.99), updated
-            after every optimiser step; the final evaluation, validate/test/predict and the weight
-            export use it (`ema_weights()`); rollouts for training use the live weights.
+            after every optimiser step with decay min(ema_decay, (1 + n)/(10 + n)) at update n; the
+            final evaluation, validate/test/predict and the weight export use it (`ema_weights()`);
+            rollouts for training use the live weights.
     """
 
     def __init__(
@@ -86,6 +87,7 @@ class AlignmentModule(L.LightningModule):
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
         self.ema_decay = ema_decay
         self.ema: dict[str, torch.Tensor] = {}
+        self.ema_updates = 0
         if algorithm.needs_reference:
             # taken now, before any checkpoint is restored: the reference is the initial model
             policy.backbone.freeze_reference()
@@ -234,13 +236,16 @@ class AlignmentModule(L.LightningModule):
     def _update_ema(self) -> None:
         if self.ema_decay is None:
             return
+        self.ema_updates += 1
+        # warm-up as diffusers' EMAModel: early on the average must not hold on to the initial weights
+        decay = min(self.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
         for name, p in self._trainable().items():
             if name not in self.ema:
                 self.ema[name] = p.detach().clone()
             else:
                 if self.ema[name].device != p.device:  # restored on CPU before the model moved to its device
                     self.ema[name] = self.ema[name].to(p.device)
-                self.ema[name].lerp_(p.detach(), 1.0 - self.ema_decay)
+                self.ema[name].lerp_(p.detach(), 1.0 - decay)
 
     @contextmanager
     def ema_weights(self) -> Iterator[None]:
@@ -272,6 +277,7 @@ class AlignmentModule(L.LightningModule):
             "reward_queries": self.reward_queries,
             "reward_dropped": self.guarded_reward.dropped if self.guarded_reward else 0,
             "ema": {k: v.detach().cpu() for k, v in self.ema.items()},
+            "ema_updates": self.ema_updates,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -280,6 +286,7 @@ class AlignmentModule(L.LightningModule):
             return
         self.generator.set_state(state["generator"])
         self.ema = {k: v.to(self.device) for k, v in state.get("ema", {}).items()}
+        self.ema_updates = int(state.get("ema_updates", 0))
         if self.guarded_reward is not None:
             self.guarded_reward.queries = int(state.get("reward_queries", 0))
             self.guarded_reward.dropped = int(state.get("reward_dropped", 0))
