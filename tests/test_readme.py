@@ -37,7 +37,7 @@ def test_make_demo_runs_an_existing_recipe():
 @pytest.mark.slow
 def test_quick_start_commands_run(cleandir, capsys):
     cmds = [c for c in _commands("bash") if c.startswith("diffalign")]
-    assert len(cmds) >= 3
+    assert len(cmds) >= 6
     runs = cleandir / "runs"
     for cmd in cmds:
         args = shlex.split(cmd)[1:]
@@ -45,6 +45,19 @@ def test_quick_start_commands_run(cleandir, capsys):
         if args[0] == "recipes":
             assert cli_main(args) == 0
             assert "ddpo_mode.yaml" in capsys.readouterr().out
+            continue
+        if args[0] in ("sample", "feedback"):
+            extra = ["--seeds_per_prompt", "2"] + (["--progress", "false"] if args[0] == "sample" else [])
+            assert cli_main([*args, "--output", str(cleandir / args[0]), *extra]) == 0
+            continue
+        if args[0] == "score":
+            (cleandir / args[1]).write_text("CCO\nc1ccccc1\nnot-a-smiles\n")
+            assert (
+                cli_main([*args[:2], *[str(cleandir / a) if a.endswith(".csv") else a for a in args[2:]]])
+                == 0
+            )
+            rows = (cleandir / "scores.csv").read_text().splitlines()
+            assert len(rows) == 4 and "error" in rows[0]
             continue
         if "--ckpt_path" in args:  # resume the run made by the first fit command
             i = args.index("--ckpt_path")
