@@ -1,0 +1,119 @@
+"""Pictures of a run: the same prompts and seeds sampled before training and at the end."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from diffalign.core.callbacks import run_dir
+from diffalign.modalities.image.conditioning import DIGIT_PROMPTS
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def sample_images(module: Any, prompts: list[str], seeds: list[int]) -> Tensor:
+    """Decoded samples (N, 3, H, W) in [0, 1] of `module.policy`, one per (prompt, seed)."""
+    policy = module.policy
+    was_training = policy.training
+    policy.eval()
+    try:
+        cond = policy.backbone.encode_condition({"prompt": prompts})
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        traj = policy.rollout(cond, generator=gens)
+        return policy.backbone.decode(traj.x0, traj.mask).detach().float().cpu().clamp(0, 1)
+    finally:
+        policy.train(was_training)
+
+
+def image_grid(
+    images: Tensor,
+    columns: int,
+    row_labels: list[str] | None = None,
+    scale: int = 4,
+    title: str | None = None,
+) -> Any:
+    """A PIL image: `images` (N, 3, H, W) in [0, 1] in rows of `columns`, upscaled `scale`× (nearest),
+    each row labelled on the left, an optional title on top."""
+    from PIL import Image, ImageDraw
+
+    n, _, h, w = images.shape
+    rows = -(-n // columns)
+    cell_h, cell_w, pad = h * scale, w * scale, 2
+    label_w = 0 if not row_labels else 8 + 7 * max(len(s) for s in row_labels)
+    top = 16 if title else 0
+    size = (label_w + columns * (cell_w + pad) + pad, top + rows * (cell_h + pad) + pad)
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 2), title, fill="black")
+    arr = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+    for i in range(n):
+        r, c = divmod(i, columns)
+        tile = Image.fromarray(arr[i]).resize((cell_w, cell_h), Image.NEAREST)
+        canvas.paste(tile, (label_w + pad + c * (cell_w + pad), top + pad + r * (cell_h + pad)))
+    for r, text in enumerate(row_labels or []):
+        draw.text((4, top + pad + r * (cell_h + pad) + cell_h // 2 - 5), text, fill="black")
+    return canvas
+
+
+class SampleGrid(Callback):
+    """Writes `samples_before.png` (at fit start) and `samples_after.png` (at fit end) into the run folder.
+
+    Both grids sample the same prompts (one row each) with the same seeds (one column each), so they
+    compare directly. They are also logged to TensorBoard (`samples/before`, `samples/after`) when a
+    TensorBoard logger is attached. A resumed run keeps the first run's `samples_before.png`.
+
+    Args:
+        prompts: one grid row per prompt (default: the 10 digit prompts).
+        seeds_per_prompt: columns.
+        seed: first seed (column j uses seed + j).
+        scale: pixel upscaling of each tile.
+    """
+
+    def __init__(
+        self, prompts: list[str] | None = None, seeds_per_prompt: int = 8, seed: int = 20_000, scale: int = 4
+    ) -> None:
+        self.prompts = list(prompts) if prompts else list(DIGIT_PROMPTS)
+        self.seeds_per_prompt, self.seed, self.scale = seeds_per_prompt, seed, scale
+
+    def _write(self, trainer: L.Trainer, pl_module: Any, tag: str) -> Path | None:
+        if not trainer.is_global_zero:
+            return None
+        path = run_dir(trainer) / f"samples_{tag}.png"
+        if tag == "before" and path.exists():
+            return path
+        prompts = [p for p in self.prompts for _ in range(self.seeds_per_prompt)]
+        seeds = [self.seed + j for _ in self.prompts for j in range(self.seeds_per_prompt)]
+        ema = getattr(pl_module, "ema_weights", None) if tag == "after" else None
+        if ema is not None:
+            with ema():
+                images = sample_images(pl_module, prompts, seeds)
+        else:
+            images = sample_images(pl_module, prompts, seeds)
+        title = f"{tag} training (step {trainer.global_step})"
+        grid = image_grid(images, self.seeds_per_prompt, self.prompts, self.scale, title)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        for lg in trainer.loggers:
+            experiment = getattr(lg, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                import numpy as np
+
+                experiment.add_image(
+                    f"samples/{tag}", np.asarray(grid).transpose(2, 0, 1), global_step=trainer.global_step
+                )
+        log.info("wrote %s", path)
+        return path
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._write(trainer, pl_module, "before")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._write(trainer, pl_module, "after")

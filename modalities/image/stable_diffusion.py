@@ -1,0 +1,631 @@
+"""Stable Diffusion (latent diffusion with a CLIP text encoder) as a diffalign `Backbone`.
+
+Loads the five parts of a diffusers Stable Diffusion folder from a LOCAL path, never from the Hub:
+
+```
+<pretrained_path>/
+├── unet/            config.json + diffusion_pytorch_model[.<variant>].safetensors (or .bin)
+├── vae/             config.json + diffusion_pytorch_model[.<variant>].safetensors (or .bin)
+├── text_encoder/    config.json + model[.<variant>].safetensors (or .bin)
+├── tokenizer/       vocab.json + merges.txt (+ tokenizer_config.json), or tokenizer.json
+└── scheduler/       scheduler_config.json
+```
+
+Model space is the VAE latent space, (B, C, H/f, W/f) with f = 2^(len(vae block_out_channels) − 1)
+(8 for SD 1.x/2.x). `decode` returns the image modality's documented layout: float (B, 3, H, W) in
+[0, 1]. Conditioning (`encode_condition`) is a dict of tensors:
+
+- `"encoder_hidden_states"`: (B, L, D) last hidden state of the frozen CLIP text encoder;
+- `"prompt_bytes"`: (B, PROMPT_BYTES) uint8, the UTF-8 prompt zero-padded (see `encode_prompts`).
+  The core concatenates every conditioning entry with `torch.cat` for classifier-free guidance, so the
+  prompt text travels as a tensor; text-image rewards (`diffalign.rewards.image_models`) read it back
+  with `decode_prompts`.
+
+`make_tiny_sd_pipeline(path)` writes a tiny random-weight folder of the same layout (tests, recipe
+smoke runs on a CPU).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from diffalign.core.backbone import Backbone
+from diffalign.core.functional import Generator, randn
+from diffalign.core.types import Cond
+
+DType = Literal["float32", "bfloat16", "float16"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+PROMPT_BYTES = 512
+"""Width of the `prompt_bytes` conditioning entry: longer UTF-8 prompts are cut at a character boundary
+(CLIP reads 77 tokens, roughly 300 characters, so nothing a text encoder sees is lost)."""
+
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+"""The attention projections diffusers' LoRA training scripts adapt (and ddpo-pytorch does too)."""
+
+# the files that must be present in each part's folder: (what, any of these names)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts as tensors
+# ---------------------------------------------------------------------------------------------------
+def encode_prompts(prompts: Sequence[str], width: int = PROMPT_BYTES) -> Tensor:
+    """UTF-8 bytes of each prompt, zero-padded to `width`: a (B, width) uint8 tensor.
+
+    Prompts longer than `width` bytes are cut at the last whole character that fits.
+    """
+    out = torch.zeros((len(prompts), width), dtype=torch.uint8)
+    for i, p in enumerate(prompts):
+        data = str(p).encode("utf-8")[:width]
+        data = data.decode("utf-8", errors="ignore").encode("utf-8")  # drop a cut multi-byte character
+        if data:
+            out[i, : len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return out
+
+
+def decode_prompts(prompt_bytes: Tensor) -> list[str]:
+    """Inverse of `encode_prompts`: (B, width) uint8 → list of B strings."""
+    rows = prompt_bytes.detach().to("cpu", torch.uint8)
+    return [bytes(r.tolist()).rstrip(b"\x00").decode("utf-8", errors="replace") for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Local loading helpers (no download, clear errors)
+# ---------------------------------------------------------------------------------------------------
+def require_folder(root: str | Path, part: str, needs: Sequence[Sequence[str]], what: str = "") -> Path:
+    """Return `root/part` after checking that it holds, for each group in `needs`, one of its files.
+
+    A group is a list of alternatives: a file name, or a suffix starting with "." (any file ending so).
+    Raises FileNotFoundError naming the part, the folder and the missing file; nothing is downloaded.
+    """
+    root = Path(root).expanduser()
+    folder = root / part if part else root
+    label = what or f"'{part}'"
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{label}: folder {root} does not exist (give a local path; nothing is downloaded)"
+        )
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{label} is missing: no folder {folder}")
+    names = {p.name for p in folder.iterdir() if p.is_file()}
+    for group in needs:
+        ok = any(
+            (alt.startswith(".") and any(n.endswith(alt) for n in names)) or alt in names for alt in group
+        )
+        if not ok:
+            raise FileNotFoundError(f"{label} is incomplete: {folder} has none of {list(group)}")
+    return folder
+
+
+def load_clip_tokenizer(folder: str | Path) -> Any:
+    """A CLIP tokenizer from a local folder (vocab.json + merges.txt, or tokenizer.json).
+
+    transformers 5 can return an empty 2-token tokenizer without raising when files are not found, so
+    the size is checked against vocab.json (or must exceed 2 tokens) and a ValueError names the folder.
+    """
+    from transformers import CLIPTokenizer
+
+    folder = require_folder(folder, "", [["vocab.json", "tokenizer.json"]], what=f"CLIP tokenizer {folder}")
+    tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    vocab_file = folder / "vocab.json"
+    expected = len(json.loads(vocab_file.read_text(encoding="utf-8"))) if vocab_file.is_file() else 3
+    if len(tok) < expected:
+        raise ValueError(
+            f"the CLIP tokenizer in {folder} loaded with {len(tok)} tokens (expected >= {expected}): "
+            "its vocab.json / merges.txt / tokenizer.json are not usable"
+        )
+    return tok
+
+
+def _weights_group(variant: str | None) -> list[str]:
+    return list(_WEIGHT_SUFFIXES) if variant is None else [f".{variant}{s}" for s in _WEIGHT_SUFFIXES]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The backbone
+# ---------------------------------------------------------------------------------------------------
+class StableDiffusionBackbone(Backbone):
+    """Stable Diffusion 1.x / 2.x (UNet2DConditionModel + AutoencoderKL + CLIP text encoder), local weights.
+
+    Args:
+        pretrained_path: a LOCAL diffusers folder with unet/, vae/, text_encoder/, tokenizer/ and
+            scheduler/ (the layout of `StableDiffusionPipeline.save_pretrained`). A missing part raises
+            FileNotFoundError naming it; nothing is ever downloaded.
+        resolution: image side in pixels (512 for SD 1.5, 768 for SD 2.x-v); the latent side is
+            resolution / f, f = the VAE's down-sampling factor (8 for SD).
+        dtype: dtype of the frozen parts: VAE, text encoder and, when LoRA is on, the UNet's base
+            weights ("bfloat16" halves their memory on a GPU). LoRA weights, and the whole UNet when it
+            is trained in full, stay float32; `denoise` returns float32.
+        lora_rank: rank r of the LoRA adapters added to the UNet through peft (None or 0: train the
+            whole UNet instead, and `freeze_reference()` keeps a frozen copy of it).
+        lora_alpha: LoRA alpha (scale alpha / r); None means alpha = r (scale 1).
+        lora_target_modules: UNet module names to adapt (default: the attention projections
+            to_q, to_k, to_v, to_out.0).
+        lora_dropout: dropout inside the adapters (keep 0 for policy-gradient methods: dropout makes
+            re-scored log-probs differ from the sampled ones).
+        gradient_checkpointing: recompute UNet activations in the backward pass (less memory, one more
+            forward pass per backward); useful for reward backpropagation at 512 px.
+        prediction_type: override the scheduler config's prediction_type ("epsilon" for SD 1.x/2.x-base,
+            "v_prediction" for SD 2.x-v); None reads it from scheduler/scheduler_config.json.
+        encode_mode: what `encode(images)` returns: "mean" (the VAE posterior mean, deterministic; the
+            default) or "sample" (a draw from the posterior, as when training SD; uses torch's global RNG).
+        variant: weight-file variant to load, e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors.
+        lora_path: a LOCAL folder (or .safetensors file) of LoRA weights written by `save_lora` (or by
+            diffusers' `StableDiffusionPipeline.save_lora_weights`) to load into the adapters; they must
+            have the shapes of this `lora_rank` / `lora_target_modules`.
+
+    Parts are loaded with `from_pretrained(<pretrained_path>/<part>, local_files_only=True)`. The VAE and
+    the text encoder are frozen and always in eval mode; `train()` only reaches the UNet.
+    """
+
+    def __init__(
+        self,
+        pretrained_path: str,
+        resolution: int = 512,
+        dtype: DType = "float32",
+        lora_rank: int | None = 4,
+        lora_alpha: float | None = None,
+        lora_target_modules: list[str] | None = None,
+        lora_dropout: float = 0.0,
+        gradient_checkpointing: bool = False,
+        prediction_type: Literal["epsilon", "v_prediction"] | None = None,
+        encode_mode: Literal["mean", "sample"] = "mean",
+        variant: str | None = None,
+        lora_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if lora_rank is not None and lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 1 (or 0/None for full fine-tuning), got {lora_rank}")
+        if encode_mode not in ("mean", "sample"):
+            raise ValueError(f"encode_mode must be 'mean' or 'sample', got {encode_mode!r}")
+        root = Path(pretrained_path).expanduser()
+        weights = _weights_group(variant)
+        unet_dir = require_folder(root, "unet", [["config.json"], weights])
+        vae_dir = require_folder(root, "vae", [["config.json"], weights])
+        text_dir = require_folder(root, "text_encoder", [["config.json"], weights])
+        tok_dir = require_folder(root, "tokenizer", [["vocab.json", "tokenizer.json"]])
+        sched_dir = require_folder(root, "scheduler", [["scheduler_config.json"]])
+
+        self.pretrained_path = str(root)
+        self.frozen_dtype = _DTYPES[dtype]
+        self.encode_mode = encode_mode
+        self.use_lora = bool(lora_rank)
+        kw: dict[str, Any] = {"local_files_only": True}
+        if variant is not None:
+            kw["variant"] = variant
+        unet_dtype = self.frozen_dtype if self.use_lora else torch.float32  # a trained UNet stays float32
+        self.unet = UNet2DConditionModel.from_pretrained(str(unet_dir), torch_dtype=unet_dtype, **kw)
+        self.vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=self.frozen_dtype, **kw)
+        # transformers 5 names it `dtype` (diffusers still `torch_dtype`)
+        self.text_encoder = CLIPTextModel.from_pretrained(str(text_dir), dtype=self.frozen_dtype, **kw)
+        self.tokenizer = load_clip_tokenizer(tok_dir)
+        self.vae.requires_grad_(False).eval()
+        self.text_encoder.requires_grad_(False).eval()
+
+        self.scheduler_config = self._read_scheduler_config(sched_dir, prediction_type)
+        self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(
+                f"{sched_dir / 'scheduler_config.json'}: prediction_type {self.prediction_type!r} is not "
+                "supported (epsilon or v_prediction)"
+            )
+
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if resolution % self.vae_scale_factor:
+            raise ValueError(
+                f"resolution {resolution} is not a multiple of the VAE factor {self.vae_scale_factor}"
+            )
+        self.resolution = resolution
+        self.latent_size = resolution // self.vae_scale_factor
+        self.latent_channels = int(self.unet.config.in_channels)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        shift = getattr(self.vae.config, "shift_factor", None)
+        self.shift_factor = float(shift) if shift is not None else 0.0
+
+        if self.use_lora:
+            self.unet.requires_grad_(False)
+            self._add_lora(int(lora_rank), lora_alpha, lora_target_modules, lora_dropout)
+        if lora_path is not None:
+            if not self.use_lora:
+                raise ValueError("lora_path needs LoRA adapters: set lora_rank")
+            self.load_lora(lora_path)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self._unet_dtype = unet_dtype
+        self._reference_unet: list[nn.Module] = []  # full fine-tuning only; a list hides it from nn.Module
+        self._use_reference_unet = False
+        self._null_cache: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    # -- construction helpers ------------------------------------------------------------------------
+    @staticmethod
+    def _read_scheduler_config(folder: Path, prediction_type: str | None) -> dict[str, Any]:
+        path = folder / "scheduler_config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if "_class_name" not in config:
+            raise ValueError(f"{path} has no _class_name: not a diffusers scheduler config")
+        if prediction_type is not None:
+            config["prediction_type"] = prediction_type
+        return config
+
+    def _add_lora(
+        self, rank: int, alpha: float | None, targets: Sequence[str] | None, dropout: float
+    ) -> None:
+        from peft import LoraConfig
+
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha if alpha is not None else rank,
+            lora_dropout=dropout,
+            init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0: the adapted model starts equal to the base
+            target_modules=list(targets or DEFAULT_LORA_TARGETS),
+        )
+        self.unet.add_adapter(config)
+        for name, p in self.unet.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()  # adapters train in float32 even over a bfloat16 base
+                p.requires_grad_(True)
+
+    # -- LoRA weights in diffusers' format ------------------------------------------------------------
+    LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+    def save_lora(self, folder: str | Path) -> Path:
+        """Write the adapters as `<folder>/pytorch_lora_weights.safetensors` in diffusers' LoRA format.
+
+        A stock diffusers pipeline loads it: `StableDiffusionPipeline.from_pretrained(sd_path)
+        .load_lora_weights(folder)`; so does `StableDiffusionBackbone(..., lora_path=folder)`. The LoRA
+        config (rank, alpha, targets) is stored in the file's metadata. Returns the file path.
+        """
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        if not self.use_lora:
+            raise ValueError("save_lora: this backbone has no LoRA adapters (lora_rank is 0/None)")
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+        meta = self.unet.peft_config["default"].to_dict()
+        StableDiffusionPipeline.save_lora_weights(
+            str(folder), unet_lora_layers=state, safe_serialization=True, unet_lora_adapter_metadata=meta
+        )
+        return Path(folder) / self.LORA_WEIGHT_NAME
+
+    def load_lora(self, path: str | Path) -> None:
+        """Load LoRA weights saved by `save_lora` (a folder or the .safetensors file) into the adapters.
+
+        Raises FileNotFoundError naming the path, ValueError when keys or shapes do not fit.
+        """
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        p = Path(path).expanduser()
+        file = p / self.LORA_WEIGHT_NAME if p.is_dir() else p
+        if not file.is_file():
+            raise FileNotFoundError(f"LoRA weights not found: {file}")
+        state = {
+            k.removeprefix("unet."): v for k, v in load_file(str(file)).items() if not k.startswith("text_")
+        }
+        state = convert_unet_state_dict_to_peft(state)
+        expected = {n.replace(".default", "") for n, _ in self.unet.named_parameters() if "lora_" in n}
+        if set(state) != expected:
+            extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
+            raise ValueError(
+                f"LoRA weights in {file} do not fit: unexpected {extra[:3]}, missing {missing[:3]}"
+            )
+        try:
+            set_peft_model_state_dict(self.unet, state, adapter_name="default")
+        except RuntimeError as e:
+            raise ValueError(f"LoRA weights in {file} do not fit this lora_rank: {e}") from e
+        for n, prm in self.unet.named_parameters():
+            if "lora_" in n:
+                prm.data = prm.data.float()
+
+    # -- the Backbone interface ----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def make_scheduler(self) -> Any:
+        """A fresh scheduler of the class and config saved in scheduler/scheduler_config.json."""
+        import diffusers
+
+        config = dict(self.scheduler_config)
+        cls = getattr(diffusers, config["_class_name"], None)
+        if cls is None:
+            raise ValueError(f"unknown scheduler class {config['_class_name']!r} in {self.pretrained_path}")
+        return cls.from_config(config)
+
+    @torch.no_grad()
+    def _embed(self, prompts: Sequence[str]) -> Tensor:
+        tok = self.tokenizer(
+            [str(p) for p in prompts],
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        ids = tok.input_ids.to(self.text_encoder.device)
+        return self.text_encoder(ids)[0].float()
+
+    def encode_condition(self, batch: Mapping[str, Any]) -> Cond:
+        """{"prompt": [str, ...]} → {"encoder_hidden_states", "prompt_bytes"}.
+
+        encoder_hidden_states: (B, L, D) float32, the last hidden state of the frozen text encoder (run
+        without gradient); prompt_bytes: (B, PROMPT_BYTES) uint8, the UTF-8 prompts (`encode_prompts`).
+        """
+        prompts = batch.get("prompt")
+        if prompts is None:
+            raise KeyError(
+                f"StableDiffusionBackbone needs text prompts under 'prompt'; got keys {sorted(batch)}"
+            )
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = [str(p) for p in prompts]
+        return {
+            "encoder_hidden_states": self._embed(prompts),
+            "prompt_bytes": encode_prompts(prompts).to(self.device),
+        }
+
+    def null_condition(self, cond: Cond) -> Cond:
+        """The empty-prompt embedding repeated to the batch size, and empty prompt bytes."""
+        hs = cond["encoder_hidden_states"]
+        key = (str(hs.device), hs.dtype)
+        if key not in self._null_cache:
+            self._null_cache = {key: self._embed([""]).to(device=hs.device, dtype=hs.dtype)}
+        out: Cond = {"encoder_hidden_states": self._null_cache[key].expand(hs.shape[0], -1, -1)}
+        if "prompt_bytes" in cond:
+            out["prompt_bytes"] = torch.zeros_like(cond["prompt_bytes"])
+        return out
+
+    def init_noise(self, cond: Cond, generator: Generator = None) -> tuple[Tensor, Tensor | None]:
+        """Standard-normal latents (B, C, resolution/f, resolution/f), float32."""
+        b = cond["encoder_hidden_states"].shape[0]
+        shape = (b, self.latent_channels, self.latent_size, self.latent_size)
+        return randn(shape, generator, device=self.device), None
+
+    def _active_unet(self) -> nn.Module:
+        return self._reference_unet[0] if self._use_reference_unet else self.unet
+
+    def denoise(self, x_t: Tensor, t: Tensor, cond: Cond, mask: Tensor | None = None) -> Tensor:
+        """unet(x_t, t, encoder_hidden_states).sample as float32 (ε or v, per `prediction_type`)."""
+        t = torch.as_tensor(t, device=x_t.device)
+        t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
+        hs = cond["encoder_hidden_states"].to(self._unet_dtype)
+        out = self._active_unet()(x_t.to(self._unet_dtype), t, encoder_hidden_states=hs).sample
+        return out.float()
+
+    def decode(self, x0: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Latents → images float32 (B, 3, H, W) in [0, 1]: vae.decode(z / scaling + shift), then x/2 + ½.
+
+        Differentiable with respect to the latents (the VAE is frozen, not detached).
+        """
+        z = x0.to(self.frozen_dtype) / self.scaling_factor + self.shift_factor
+        images = self.vae.decode(z).sample.float()
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    def encode(self, samples: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] → latents ((posterior mean or sample) − shift) × scaling, float32.
+
+        `encode_mode="mean"` (default) is deterministic: decode(encode(x)) is the VAE reconstruction.
+        `encode_mode="sample"` draws from the posterior with torch's global RNG (what SD training does).
+        """
+        x = samples.to(self.device, self.frozen_dtype) * 2 - 1
+        dist = self.vae.encode(x).latent_dist
+        z = dist.mean if self.encode_mode == "mean" else dist.sample()
+        return ((z.float() - self.shift_factor) * self.scaling_factor).float()
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The LoRA adapter weights (LoRA on), else every UNet parameter. Never the VAE or text encoder."""
+        if self.use_lora:
+            return (p for n, p in self.unet.named_parameters() if "lora_" in n and p.requires_grad)
+        return (p for p in self.unet.parameters() if p.requires_grad)
+
+    def freeze_reference(self) -> None:
+        """LoRA on: nothing to do (the reference is the base UNet with adapters off). Full fine-tuning:
+        keep a frozen copy of the UNet only (the VAE and text encoder are frozen already)."""
+        if self.use_lora:
+            return
+        import copy
+
+        ref = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        self._reference_unet = [ref]
+
+    @contextmanager
+    def reference(self) -> Iterator[StableDiffusionBackbone]:
+        """Yields this backbone computing the frozen base model, under torch.no_grad().
+
+        LoRA on: the adapters are disabled for the duration (no second copy of the weights) and
+        re-enabled after, with their requires_grad flags restored. Full fine-tuning: the UNet copy of
+        `freeze_reference()` is used.
+        """
+        if self.use_lora:
+            flags = {n: p.requires_grad for n, p in self.unet.named_parameters() if "lora_" in n}
+            self.unet.disable_adapters()
+            try:
+                with torch.no_grad():
+                    yield self
+            finally:
+                self.unet.enable_adapters()
+                for n, p in self.unet.named_parameters():
+                    if n in flags:
+                        p.requires_grad_(flags[n])
+            return
+        if not self._reference_unet:
+            raise RuntimeError(
+                "StableDiffusionBackbone has no reference UNet: call freeze_reference() first "
+                "(AlignmentModule does this for algorithms with needs_reference = True)"
+            )
+        self._reference_unet[0].to(self.device)
+        self._use_reference_unet = True
+        try:
+            with torch.no_grad():
+                yield self
+        finally:
+            self._use_reference_unet = False
+
+    def train(self, mode: bool = True) -> StableDiffusionBackbone:
+        """Only the UNet changes mode; the frozen VAE and text encoder stay in eval mode."""
+        super().train(mode)
+        self.vae.eval()
+        self.text_encoder.eval()
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------
+# A tiny random-weight pipeline folder (tests, CPU smoke runs)
+# ---------------------------------------------------------------------------------------------------
+_TINY_WORDS = (  # noqa: SIM905 - a word list reads best as text
+    "a photo of an the cat dog horse bird fish car tree house red blue green small large painting "
+    "cute happy old man woman child in on with beach forest city"
+).split()
+
+
+def tiny_clip_vocab(model_max_length: int = 77) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A small CLIP-BPE vocabulary (special tokens, letters, a few words with their merges)."""
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in _TINY_WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            vocab.setdefault(pieces[0], len(vocab))
+    return vocab, list(dict.fromkeys(merges))
+
+
+def make_tiny_clip_tokenizer(folder: str | Path, model_max_length: int = 77) -> Any:
+    """Build a tiny CLIPTokenizer in code, assert its size, save it to `folder` (also vocab.json/merges.txt).
+
+    Built as CLIPTokenizer(vocab=dict, merges=list): transformers 5 silently ignores vocab_file/merges_file.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tiny_clip_vocab()
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    assert len(tok) == len(vocab), f"tiny CLIP tokenizer has {len(tok)} tokens, expected {len(vocab)}"
+    ids = tok("a photo of a cat").input_ids
+    assert ids[0] == vocab["<|startoftext|>"] and vocab["cat</w>"] in ids, f"tiny tokenizer is broken: {ids}"
+    folder = Path(folder)
+    tok.save_pretrained(str(folder))
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
+    return tok
+
+
+def make_tiny_sd_pipeline(
+    path: str | Path,
+    seed: int = 0,
+    vae_blocks: int = 2,
+    scheduler: Literal["pndm", "ddim"] = "pndm",
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
+) -> Path:
+    """Write a tiny random-weight Stable Diffusion folder (same layout and classes as SD 1.5) to `path`.
+
+    UNet2DConditionModel with block_out_channels (8, 16), AutoencoderKL with `vae_blocks` blocks of 8
+    channels (latent factor 2^(vae_blocks−1)), a 2-layer CLIPTextModel of width 16, a tiny in-code
+    CLIP tokenizer, and SD 1.5's scheduler config (PNDM, or DDIM). A few MB; builds in about a second.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tok = make_tiny_clip_tokenizer(path / "tokenizer")
+    hidden = 16
+    text_config = CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=tok.model_max_length,
+        projection_dim=hidden,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    CLIPTextModel(text_config).save_pretrained(str(path / "text_encoder"))
+    UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=hidden,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    ).save_pretrained(str(path / "unet"))
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+        up_block_types=("UpDecoderBlock2D",) * vae_blocks,
+        block_out_channels=(8,) * vae_blocks,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=0.18215,
+    ).save_pretrained(str(path / "vae"))
+    common = dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    if scheduler == "pndm":
+        PNDMScheduler(skip_prk_steps=True, **common).save_pretrained(str(path / "scheduler"))
+    else:
+        DDIMScheduler(clip_sample=False, **common).save_pretrained(str(path / "scheduler"))
+    (path / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler"}[scheduler]],
+            },
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
+    return path
+
+
+__all__ = [
+    "DEFAULT_LORA_TARGETS",
+    "PROMPT_BYTES",
+    "StableDiffusionBackbone",
+    "decode_prompts",
+    "encode_prompts",
+    "load_clip_tokenizer",
+    "make_tiny_clip_tokenizer",
+    "make_tiny_sd_pipeline",
+    "require_folder",
+]

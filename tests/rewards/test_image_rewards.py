@@ -1,0 +1,74 @@
+"""Image rewards on known inputs: JPEG size, digit fidelity, brightness."""
+
+import pytest
+import torch
+
+from diffalign.modalities.image import digit_prompt, load_digit_images
+from diffalign.modalities.image.conditioning import PromptConditioner
+from diffalign.rewards.image import Brightness, DigitFidelity, JpegCompressibility, JpegIncompressibility
+
+
+def _rgb(x):
+    return x.repeat(1, 3, 1, 1)
+
+
+def test_jpeg_flat_image_is_smaller_than_noise():
+    g = torch.Generator().manual_seed(0)
+    images = torch.cat([torch.full((1, 3, 32, 32), 0.5), torch.rand((1, 3, 32, 32), generator=g)])
+    comp = JpegCompressibility()(images, {})
+    incomp = JpegIncompressibility()(images, {})
+    assert comp.scores[0] > comp.scores[1]  # flat compresses better
+    assert torch.equal(incomp.scores, -comp.scores)
+    assert (comp.info["jpeg_kb"] > 0).all()
+    assert not JpegCompressibility.differentiable
+    with pytest.raises(ValueError, match="quality"):
+        JpegCompressibility(quality=0)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        JpegCompressibility()(torch.rand(2, 16, 16), {})
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    x, y = load_digit_images(16, "test")
+    return _rgb(x), y
+
+
+def test_digit_fidelity_scores_real_digits(heldout):
+    x, y = heldout
+    reward = DigitFidelity()
+    enc = PromptConditioner().encode
+    right = reward(x, enc([digit_prompt(int(d)) for d in y])).scores
+    wrong = reward(x, enc([digit_prompt(int(d + 1) % 10) for d in y])).scores
+    assert right.mean() > 0.9 and wrong.mean() < 0.05
+    assert (right > wrong).float().mean() > 0.97
+
+
+def test_digit_fidelity_is_differentiable_and_validates(heldout):
+    x, y = heldout
+    reward = DigitFidelity()
+    assert reward.differentiable
+    images = x[:4].clone().requires_grad_()
+    out = reward(images, {"digit": y[:4]})
+    out.scores.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert "digit_accuracy" in out.info
+    with pytest.raises(KeyError, match="digit"):
+        reward(x[:2], {})
+    with pytest.raises(ValueError, match="name a digit"):
+        reward(x[:2], PromptConditioner().encode(["a cat", "a handwritten 1"]))
+    logp = DigitFidelity(log_prob=True)(x[:4], {"digit": y[:4]}).scores
+    assert torch.allclose(logp.exp(), out.scores.detach(), atol=1e-5)
+
+
+def test_brightness_target_and_gradient():
+    white, black = torch.ones(1, 3, 8, 8), torch.zeros(1, 3, 8, 8)
+    r = Brightness(target=1.0)
+    assert r(white, {}).scores.item() == 0.0 and r(black, {}).scores.item() == -1.0
+    red = torch.zeros(1, 3, 8, 8)
+    red[:, 0] = 1
+    assert Brightness(target=[1.0, 0.0, 0.0])(red, {}).scores.item() == 0.0
+    x = torch.full((2, 3, 8, 8), 0.5, requires_grad=True)
+    r(x, {}).scores.sum().backward()
+    assert (x.grad > 0).all()  # brighter is better
+    with pytest.raises(ValueError, match="one per RGB"):
+        Brightness(target=[0.1, 0.2])
