@@ -22,3 +22,24 @@ def run_fit(config: str | Path, run_root: Path, *overrides: str, extra_configs: 
 
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def write_toy_feedback(cwd: Path, layout: str = "pairs") -> Path:
+    """The AI-feedback data the toy preference recipes read (16 prompts × 4 samples, TargetRegion)."""
+    from diffalign.core.feedback import make_preference_dataset
+    from diffalign.core.policy import DiffusionPolicy
+    from diffalign.modalities.toy import MixtureBackbone
+    from diffalign.rewards.toy import TargetRegion
+
+    folder = cwd / "feedback" / ("feedback_target_unpaired" if layout == "unpaired" else "feedback_target")
+    policy = DiffusionPolicy(MixtureBackbone(), num_steps=5)
+    make_preference_dataset(
+        policy,
+        TargetRegion(),
+        list(range(4)) * 4,
+        folder,
+        samples_per_prompt=4,
+        pairs_per_prompt=1,
+        layout=layout,
+    )
+    return folder

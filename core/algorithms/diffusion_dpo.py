@@ -74,6 +74,17 @@ def noised_pairs(
     return NoisedPairBatch(x_t, t2, target, cond2, mask2, lab)
 
 
+def denoising_errors(
+    policy: DiffusionPolicy, x_t: Tensor, t: Tensor, cond: Cond, target: Tensor, mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Per-sample denoising errors of the policy (with grad) and of the frozen reference (without)."""
+    backbone = policy.backbone
+    err = masked_mse(backbone.denoise(x_t, t, cond, mask), target, mask)
+    with backbone.reference() as ref:
+        ref_err = masked_mse(ref.denoise(x_t, t, cond, mask), target, mask)
+    return err, ref_err
+
+
 def preference_loss(inside: Tensor, label: Tensor) -> Tensor:
     """−[y log σ(inside) + (1−y) log σ(−inside)] per pair."""
     return -(label * F.logsigmoid(inside) + (1 - label) * F.logsigmoid(-inside))
@@ -112,14 +123,7 @@ class DiffusionDPO(Algorithm):
         return noised_pairs(ctx.policy, x0_w, x0_l, cond, ctx.generator, mask, label), {}
 
     def forward(self, policy: DiffusionPolicy, micro: NoisedPairBatch) -> dict[str, Tensor]:
-        backbone = policy.backbone
-        err = masked_mse(
-            backbone.denoise(micro.x_t, micro.t, micro.cond, micro.mask), micro.target, micro.mask
-        )
-        with backbone.reference() as ref:
-            ref_err = masked_mse(
-                ref.denoise(micro.x_t, micro.t, micro.cond, micro.mask), micro.target, micro.mask
-            )
+        err, ref_err = denoising_errors(policy, micro.x_t, micro.t, micro.cond, micro.target, micro.mask)
         err_w, err_l = err.chunk(2)
         ref_w, ref_l = ref_err.chunk(2)
         inside = -0.5 * self.beta * ((err_w - ref_w) - (err_l - ref_l))

@@ -24,8 +24,7 @@ import torch
 from torch import Tensor
 
 from diffalign.core.algorithms.base import Algorithm, AlignContext
-from diffalign.core.algorithms.diffusion_dpo import _encode
-from diffalign.core.functional import masked_mse
+from diffalign.core.algorithms.diffusion_dpo import _encode, denoising_errors
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.types import Cond
 
@@ -82,14 +81,7 @@ class DiffusionKTO(Algorithm):
         return LabelledBatch(x_t, t, target, backbone.encode_condition(batch), mask, label), metrics
 
     def forward(self, policy: DiffusionPolicy, micro: LabelledBatch) -> dict[str, Tensor]:
-        backbone = policy.backbone
-        err = masked_mse(
-            backbone.denoise(micro.x_t, micro.t, micro.cond, micro.mask), micro.target, micro.mask
-        )
-        with backbone.reference() as ref:
-            ref_err = masked_mse(
-                ref.denoise(micro.x_t, micro.t, micro.cond, micro.mask), micro.target, micro.mask
-            )
+        err, ref_err = denoising_errors(policy, micro.x_t, micro.t, micro.cond, micro.target, micro.mask)
         r = -self.beta * (err - ref_err)
         loss, z = kto_loss(r, micro.label, self.desirable_weight, self.undesirable_weight)
         good = micro.label > 0.5
