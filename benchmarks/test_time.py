@@ -1,17 +1,21 @@
 """Test-time alignment at equal compute: mean reward vs NFE budget for every method.
 
     python benchmarks/test_time.py --config recipes/toy/sample_plain.yaml
-    python benchmarks/test_time.py --config recipes/image/sample_plain.yaml --budgets 1 2 4   # digits
+    python benchmarks/test_time.py --config recipes/image/sample_plain.yaml --budgets 1 2 4 8   # digits
+    python benchmarks/test_time.py --config recipes/image/sample_plain.yaml --device cuda
 
-The config is a sampling recipe (policy, reward, prompts); its `method` is ignored. For each budget m
+The config is a sampling recipe (policy, reward, prompts, seeds); its `method` is ignored. For each budget m
 (in multiples of one plain sample's NFE), each method is sized to spend about m× the NFE of the plain
 sampler:
 - best-of-N: N = m;  FK steering (DIFF potential, λ = --fk-lambda): K = m particles;
 - SVDD: c candidates per step with T + (T−1)·c ≈ m·T;
-- reward guidance (full window): 2× by construction (one extra guided call per step), run at m = 2;
+- reward guidance: 2× by construction with the full window (one extra guided call per step), run at
+  m = 2 with the settings of the `sample_guidance.yaml` recipe beside the config (scale 0.5, full window
+  if there is none; `--guidance-scale` overrides the scale);
 - DNO: s optimisation steps with (2s + 1)·T ≈ m·T (checkpointed backward ≈ one more forward), m ≥ 3.
 Each (method, budget) samples the same prompts × seeds. The reported NFE is the measured one. Prints a
-markdown table, writes benchmarks/results/test_time_<name>.json and .png.
+markdown table, writes benchmarks/results/test_time_<name>.json and .png (name: `--name`, else the
+config's folder, `digits` for recipes/image/).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+#: results name per recipe folder, where the folder name says too little
+FOLDER_NAMES = {"image": "digits"}  # recipes/image/sample_*.yaml sample the 16x16 digit model
 
 
 def load_recipe(path: str) -> tuple[object, object, list, int, int]:
@@ -37,7 +43,25 @@ def load_recipe(path: str) -> tuple[object, object, list, int, int]:
     return init.policy, init.reward, list(cfg.prompts), cfg.seeds_per_prompt, cfg.seed
 
 
-def methods_for_budget(m: int, num_steps: int, fk_lambda: float, dno_lr: float) -> dict[str, object]:
+def guidance_settings(config: str, scale: float | None = None) -> dict:
+    """`RewardGuidance` arguments: those of `sample_guidance.yaml` beside `config` if it exists (else
+    scale 0.5 over the full window), with `scale` overriding."""
+    import yaml
+
+    sibling = Path(config).with_name("sample_guidance.yaml")
+    settings: dict = {"scale": 0.5}
+    if sibling.is_file():
+        method = (yaml.safe_load(sibling.read_text()) or {}).get("method") or {}
+        if str(method.get("class_path", "")).endswith("RewardGuidance"):
+            settings = dict(method.get("init_args") or {})
+    if scale is not None:
+        settings["scale"] = scale
+    return settings
+
+
+def methods_for_budget(
+    m: int, num_steps: int, fk_lambda: float, dno_lr: float, guidance: dict | None = None
+) -> dict[str, object]:
     from diffalign.core.guidance import SVDD, BestOfN, DirectNoiseOptimization, FKSteering, RewardGuidance
 
     out: dict[str, object] = {
@@ -48,7 +72,7 @@ def methods_for_budget(m: int, num_steps: int, fk_lambda: float, dno_lr: float) 
         c = max(2, round((m - 1) * num_steps / max(1, num_steps - 1)))
         out["svdd"] = SVDD(candidates=c)
     if m == 2:
-        out["reward_guidance"] = RewardGuidance(scale=0.5)
+        out["reward_guidance"] = RewardGuidance(**(guidance if guidance is not None else {"scale": 0.5}))
     steps = (m - 1) // 2
     if steps >= 1:
         out["dno"] = DirectNoiseOptimization(steps=steps, lr=dno_lr, reg_weight=1.0)
@@ -63,21 +87,30 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--fk-lambda", type=float, default=50.0)
     ap.add_argument("--dno-lr", type=float, default=0.2)
+    ap.add_argument(
+        "--guidance-scale", type=float, default=None, help="override the sample_guidance.yaml scale"
+    )
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--name", default=None, help="results name (default: the config's folder)")
+    ap.add_argument("--device", default="cpu", help="torch device of policy and reward (cpu, cuda, cuda:1)")
+    ap.add_argument(
+        "--name", default=None, help="results name (default: the config's folder; digits for recipes/image)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     policy, reward, prompts, seeds_per_prompt, seed = load_recipe(args.config)
     seeds_per_prompt = args.seeds_per_prompt or seeds_per_prompt
-    policy.eval()
+    device = torch.device(args.device)
+    policy.to(device).eval()
+    reward.to(device)
     reward.freeze()
+    guidance = guidance_settings(args.config, args.guidance_scale)
     pairs = [(p, seed + 1000 * i + j) for i, p in enumerate(prompts) for j in range(seeds_per_prompt)]
     from diffalign.core.guidance import PlainSampling
 
     rows = []
     for m in args.budgets:
         methods = {"plain": PlainSampling()} if m == 1 else {}
-        methods.update(methods_for_budget(m, policy.num_steps, args.fk_lambda, args.dno_lr))
+        methods.update(methods_for_budget(m, policy.num_steps, args.fk_lambda, args.dno_lr, guidance))
         for name, method in methods.items():
             scores, nfe, start = [], 0.0, time.perf_counter()
             for b in range(0, len(pairs), args.batch_size):
@@ -103,7 +136,8 @@ def main() -> int:
                 f"± {rows[-1]['reward_stderr']:.4f}  NFE {rows[-1]['nfe_per_sample']:.1f}",
                 file=sys.stderr,
             )
-    name = args.name or Path(args.config).parent.name
+    folder = Path(args.config).resolve().parent.name
+    name = args.name or FOLDER_NAMES.get(folder, folder)
     lines = [
         "| method | budget | NFE / sample | mean reward ± s.e. | samples | wall s |",
         "|---|---:|---:|---:|---:|---:|",
@@ -124,8 +158,11 @@ def main() -> int:
         "prompts": len(prompts),
         "seeds_per_prompt": seeds_per_prompt,
         "fk_lambda": args.fk_lambda,
+        "dno_lr": args.dno_lr,
+        "guidance": guidance,
         "torch": torch.__version__,
         "threads": args.threads,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
     }
     (out_dir / f"test_time_{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     import matplotlib

@@ -6,14 +6,19 @@
   (differentiable). The digit comes from `cond["digit"]`, which `ImageBackbone.encode_condition` fills
   from prompts like "a handwritten 7".
 - `Brightness`: −(mean intensity − target)², a differentiable test reward.
+- `DigitScorer`: a small CNN scoring an image *for the digit its prompt asks for*, the network of a
+  digit reward model learned from preferences (`RewardModelModule`); `LearnedDigitReward` loads its
+  exported weights as a reward (it hands the network `cond["digit"]`, which `LearnedReward` cannot).
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffalign.core.reward import Reward, RewardOutput
 from diffalign.core.types import Cond
@@ -132,3 +137,102 @@ class Brightness(Reward):
         mean = x.mean(dim=(2, 3))  # (B, C)
         err = (mean - self.target.to(x.device)) ** 2
         return RewardOutput(scores=-err.mean(-1), info={"mean_intensity": mean.mean(-1).detach()})
+
+
+def prompted_digits(prompts: Any, batch_size: int, device: torch.device | None = None) -> Tensor:
+    """The digit (B,) long each row asks for, from prompt strings ("a handwritten 7"), digit ids (ints or
+    a tensor), or a condition dict with `digit` (what `ImageBackbone.encode_condition` returns)."""
+    if prompts is None:
+        raise ValueError(
+            "DigitScorer needs the prompts (or digit ids) of the images it scores; as a reward use "
+            "diffalign.rewards.image.LearnedDigitReward, which passes cond['digit']"
+        )
+    if isinstance(prompts, Mapping):
+        if "digit" not in prompts:
+            raise KeyError(f"a condition dict needs 'digit'; it has keys {sorted(prompts)}")
+        prompts = prompts["digit"]
+    if isinstance(prompts, Tensor):
+        digit = prompts.reshape(-1).long()
+    elif isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of prompts or digit ids, got {type(prompts).__name__}")
+    else:
+        from diffalign.modalities.image.conditioning import prompt_digit
+
+        digit = torch.tensor(
+            [int(p) if isinstance(p, int) else prompt_digit(str(p)) for p in prompts], dtype=torch.long
+        )
+    if digit.numel() != batch_size:
+        raise ValueError(f"got {digit.numel()} prompts for {batch_size} images")
+    if (digit < 0).any() or (digit > 9).any():
+        raise ValueError(f"every prompt must name a digit 0-9; got digit ids {digit.tolist()}")
+    return digit.to(device) if device is not None else digit
+
+
+class DigitScorer(nn.Module):
+    """A small CNN (about 19 k parameters) scoring images given the digit their prompt asks for.
+
+    A conv trunk (16 → 32 → 32 channels, two stride-2 steps, 4×4 average pool) ends in 10 logits, one
+    per digit; the score of an image is the logit of its prompted digit. It knows nothing about digits
+    until trained on preferences (`RewardModelModule`, e.g. recipes/image/reward_model_digits.yaml).
+
+    `forward(samples, prompts)`: samples float (B, 3, H, W) or (B, 1, H, W) in [0, 1] (RGB is averaged
+    to gray); prompts a list of prompt strings or digit ids, a (B,) digit tensor, or a condition dict
+    with `digit`. Returns scores (B,).
+
+    Args:
+        width: channels of the first conv (the others use 2× width).
+    """
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+        )  # fmt: skip
+        self.head = nn.Linear(2 * width * 16, 10)
+
+    def logits(self, samples: Tensor) -> Tensor:
+        """Per-digit scores (B, 10)."""
+        x = _check_images(samples, "DigitScorer").float().mean(1, keepdim=True)
+        return self.head(self.trunk(x * 2 - 1))
+
+    def forward(self, samples: Tensor, prompts: Any = None) -> Tensor:
+        digit = prompted_digits(prompts, samples.shape[0], samples.device)
+        return self.logits(samples).gather(1, digit[:, None])[:, 0]
+
+
+class LearnedDigitReward(Reward):
+    """A preference-trained `DigitScorer` (or any network taking digit ids) as a reward (frozen).
+
+    Like `diffalign.core.reward_model.LearnedReward`, except that the network gets the requested digit
+    `cond["digit"]`: image conditions carry no `prompt` for `LearnedReward` to pass. Differentiable.
+
+    Args:
+        weights: the exported safetensors (`RewardModelModule`'s `export_path`).
+        network: the trained architecture (default `DigitScorer()`).
+        name: reward name for logs.
+    """
+
+    differentiable = True
+
+    def __init__(
+        self, weights: str, network: nn.Module | None = None, name: str = "learned_digit_reward"
+    ) -> None:
+        super().__init__(name)
+        from diffalign.core.io import load_state_dict
+
+        self.network = network if network is not None else DigitScorer()
+        load_state_dict(self.network, weights)
+        self.freeze()
+
+    def forward(self, samples: Tensor, cond: Cond) -> RewardOutput:
+        _check_images(samples, self.name)
+        if "digit" not in cond:
+            raise KeyError(
+                f"{self.name} needs the requested digit under cond['digit'] (ImageBackbone.encode_condition "
+                f"sets it from prompts like 'a handwritten 7'); cond has keys {sorted(cond)}"
+            )
+        out = self.network(samples, cond["digit"].to(samples.device))
+        return RewardOutput(scores=out.reshape(samples.shape[0]).float())

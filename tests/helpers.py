@@ -43,3 +43,27 @@ def write_toy_feedback(cwd: Path, layout: str = "pairs") -> Path:
         layout=layout,
     )
     return folder
+
+
+def write_digit_feedback(cwd: Path, layout: str = "pairs", groups_per_prompt: int = 2) -> Path:
+    """The AI-feedback data the digit preference recipes read, made small: the shipped base model with
+    2 sampling steps, the 10 digit prompts × `groups_per_prompt` × 4 samples, ranked by DigitFidelity
+    (pairs: one per group; unpaired: every sample labelled)."""
+    from diffalign.core.feedback import make_preference_dataset
+    from diffalign.core.policy import DiffusionPolicy
+    from diffalign.modalities.image import DIGIT_PROMPTS, ImageBackbone
+    from diffalign.rewards.image import DigitFidelity
+
+    name = "feedback_digit_fidelity_unpaired" if layout == "unpaired" else "feedback_digit_fidelity"
+    folder = cwd / "feedback" / name
+    policy = DiffusionPolicy(ImageBackbone(), num_steps=2)
+    make_preference_dataset(
+        policy,
+        DigitFidelity(),
+        list(DIGIT_PROMPTS) * groups_per_prompt,
+        folder,
+        samples_per_prompt=4,
+        pairs_per_prompt=1,
+        layout=layout,
+    )
+    return folder

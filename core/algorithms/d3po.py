@@ -17,6 +17,7 @@ with the log-probs of the stored transitions under the current and the frozen re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -133,7 +134,7 @@ class D3PO(Algorithm):
         with policy.backbone.reference() as ref:
             ref_w = policy.log_prob(micro.winner, micro.step, backbone=ref).log_prob
             ref_l = policy.log_prob(micro.loser, micro.step, backbone=ref).log_prob
-        lo, hi = torch.log(torch.tensor(1 - self.clip_eps)), torch.log(torch.tensor(1 + self.clip_eps))
+        lo, hi = math.log(1 - self.clip_eps), math.log(1 + self.clip_eps)  # floats: any device
         log_rw = (lp_w - ref_w).clamp(lo, hi)
         log_rl = (lp_l - ref_l).clamp(lo, hi)
         inside = self.beta * (log_rw - log_rl)

@@ -9,6 +9,7 @@ recipes at full size from a local diffusers folder (LoRA through peft).
 from diffalign.modalities.image.backbone import (
     BASE_WEIGHTS,
     DIGITS_CONFIG,
+    FLOW_BASE_WEIGHTS,
     ImageBackbone,
     digits_backbone,
     from_sample_layout,
@@ -35,6 +36,7 @@ def __getattr__(name: str):  # noqa: ANN202
 
 __all__ = [
     "BASE_WEIGHTS",
+    "FLOW_BASE_WEIGHTS",
     "DIGITS_CONFIG",
     "DIGIT_PROMPTS",
     "VOCABULARY",

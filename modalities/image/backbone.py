@@ -9,6 +9,7 @@ Single-channel models (the digits) are repeated to 3 channels. `encode` takes th
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -20,6 +21,8 @@ from diffalign.core.types import Cond
 from diffalign.modalities.image.conditioning import PromptConditioner
 
 BASE_WEIGHTS = "pkg://diffalign.modalities.image/digits_base.safetensors"
+#: the flow-matching digit model (prediction_type "flow"), trained by recipes/image/pretrain_digits_flow.yaml
+FLOW_BASE_WEIGHTS = "pkg://diffalign.modalities.image/digits_flow_base.safetensors"
 
 #: the shipped digit model's architecture (what `recipes/image/pretrain_digits.yaml` trains)
 DIGITS_CONFIG: dict[str, Any] = {
@@ -72,10 +75,16 @@ class ImageBackbone(Backbone):
         down_block_types / up_block_types: diffusers block names (default: a plain block at full
             resolution, cross-attention blocks below it; the mid block always cross-attends).
         cross_attention_dim: width of the prompt embeddings.
+        pooled_conditioning: also add the prompt embedding, mean-pooled over tokens, to the time
+            embedding of every ResNet block (diffusers' "projection" class embedding, like SDXL's pooled
+            text embedding). Cross-attention alone runs at 8×8 and below and learns the prompt slowly; the
+            pooled path lets a small model follow it after a few hundred steps.
         attention_head_dim: channels per attention head.
         norm_num_groups: GroupNorm groups (must divide every block width).
-        prediction_type: "epsilon", "v_prediction" or "sample".
-        num_train_timesteps, beta_schedule: the DDPM noise schedule.
+        prediction_type: "epsilon", "v_prediction" or "sample" (a DDPM schedule; DDIM/DDPM kernels), or
+            "flow" (rectified flow, the model predicts v = ε − x0 on a `FlowMatchEulerDiscreteScheduler`;
+            `FlowSDEKernel`). `FLOW_BASE_WEIGHTS` is the shipped flow-matching digit model.
+        num_train_timesteps, beta_schedule: the DDPM noise schedule (beta_schedule unused for "flow").
         clip_sample: clip the predicted x0 to [−1, 1] while sampling (pixel mode only).
         conditioner: the prompt encoder module (default `PromptConditioner(cross_attention_dim)`).
         weights: safetensors weights (path or pkg:// spec) of the UNet and conditioner; the default
@@ -93,9 +102,10 @@ class ImageBackbone(Backbone):
         down_block_types: Sequence[str] | None = None,
         up_block_types: Sequence[str] | None = None,
         cross_attention_dim: int = 32,
+        pooled_conditioning: bool = True,
         attention_head_dim: int = 8,
         norm_num_groups: int = 8,
-        prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon",
+        prediction_type: Literal["epsilon", "v_prediction", "sample", "flow"] = "epsilon",
         num_train_timesteps: int = 1000,
         beta_schedule: str = "squaredcos_cap_v2",
         clip_sample: bool = True,
@@ -107,9 +117,9 @@ class ImageBackbone(Backbone):
         super().__init__()
         from diffusers import UNet2DConditionModel
 
-        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        if prediction_type not in ("epsilon", "v_prediction", "sample", "flow"):
             raise ValueError(
-                f"prediction_type must be epsilon, v_prediction or sample, got {prediction_type!r}"
+                f"prediction_type must be epsilon, v_prediction, sample or flow, got {prediction_type!r}"
             )
         n = len(block_out_channels)
         down = tuple(down_block_types or ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1))
@@ -130,7 +140,10 @@ class ImageBackbone(Backbone):
             cross_attention_dim=cross_attention_dim,
             attention_head_dim=attention_head_dim,
             norm_num_groups=norm_num_groups,
+            class_embed_type="projection" if pooled_conditioning else None,
+            projection_class_embeddings_input_dim=cross_attention_dim if pooled_conditioning else None,
         )
+        self.pooled_conditioning = pooled_conditioning
         self.conditioner = conditioner if conditioner is not None else PromptConditioner(cross_attention_dim)
         width = getattr(self.conditioner, "embed_dim", cross_attention_dim)
         if width != cross_attention_dim:
@@ -163,6 +176,10 @@ class ImageBackbone(Backbone):
         return self.unet.conv_in.weight.device
 
     def make_scheduler(self) -> Any:
+        if self.prediction_type == "flow":
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=1.0)
         from diffusers import DDPMScheduler
 
         return DDPMScheduler(
@@ -194,7 +211,8 @@ class ImageBackbone(Backbone):
         t = torch.as_tensor(t, device=x_t.device)
         t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
         hidden = self.conditioner(cond["tokens"])
-        return self.unet(x_t, t, encoder_hidden_states=hidden).sample
+        pooled = hidden.mean(dim=1) if self.pooled_conditioning else None
+        return self.unet(x_t, t, encoder_hidden_states=hidden, class_labels=pooled).sample
 
     # -- sample layout -------------------------------------------------------------------------------
     def decode(self, x0: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -216,6 +234,18 @@ class ImageBackbone(Backbone):
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
+
+    def save_samples(
+        self, samples: Tensor, folder: str | Path, prompts: Sequence[Any], start_index: int = 0
+    ) -> Path:
+        """Write the decoded `samples` (B, 3, H, W) in [0, 1] of `diffalign sample` as a labelled grid,
+        `folder/samples.png`, rewritten after every batch with all samples so far: one row per prompt,
+        one column per seed, small images upscaled (16×16 → 64×64; `grids.PromptGridWriter`)."""
+        from diffalign.modalities.image.grids import PromptGridWriter
+
+        if getattr(self, "_grid_writer", None) is None:
+            self._grid_writer = PromptGridWriter()
+        return self._grid_writer(samples, folder, prompts, start_index=start_index)
 
 
 def digits_backbone(weights: str | None = BASE_WEIGHTS, **overrides: Any) -> ImageBackbone:

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from diffalign.core.callbacks import run_dir
 from diffalign.modalities.image.conditioning import DIGIT_PROMPTS
+from diffalign.modalities.image.grids import image_grid
 
 log = logging.getLogger(__name__)
 
@@ -30,37 +31,6 @@ def sample_images(module: Any, prompts: list[str], seeds: list[int]) -> Tensor:
         return policy.backbone.decode(traj.x0, traj.mask).detach().float().cpu().clamp(0, 1)
     finally:
         policy.train(was_training)
-
-
-def image_grid(
-    images: Tensor,
-    columns: int,
-    row_labels: list[str] | None = None,
-    scale: int = 4,
-    title: str | None = None,
-) -> Any:
-    """A PIL image: `images` (N, 3, H, W) in [0, 1] in rows of `columns`, upscaled `scale`× (nearest),
-    each row labelled on the left, an optional title on top."""
-    from PIL import Image, ImageDraw
-
-    n, _, h, w = images.shape
-    rows = -(-n // columns)
-    cell_h, cell_w, pad = h * scale, w * scale, 2
-    label_w = 0 if not row_labels else 8 + 7 * max(len(s) for s in row_labels)
-    top = 16 if title else 0
-    size = (label_w + columns * (cell_w + pad) + pad, top + rows * (cell_h + pad) + pad)
-    canvas = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((4, 2), title, fill="black")
-    arr = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
-    for i in range(n):
-        r, c = divmod(i, columns)
-        tile = Image.fromarray(arr[i]).resize((cell_w, cell_h), Image.NEAREST)
-        canvas.paste(tile, (label_w + pad + c * (cell_w + pad), top + pad + r * (cell_h + pad)))
-    for r, text in enumerate(row_labels or []):
-        draw.text((4, top + pad + r * (cell_h + pad) + cell_h // 2 - 5), text, fill="black")
-    return canvas
 
 
 class SampleGrid(Callback):

@@ -51,8 +51,22 @@ def load_digit_images(
     return x[idx].clone(), y[idx].clone()
 
 
+def noisy_captions(labels: Tensor, fraction: float, seed: int = 0) -> Tensor:
+    """Caption labels where a seeded `fraction` of the rows name a uniformly random digit instead.
+
+    Web captions are often wrong; a model trained on such pairs follows prompts only in part, which is
+    the room alignment has to improve. A replaced caption can name the true digit by chance (1 in 10).
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"caption_noise must be in [0, 1], got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    replace = torch.rand(len(labels), generator=g) < fraction
+    random_digits = torch.randint(0, 10, (len(labels),), generator=g)
+    return torch.where(replace, random_digits, labels)
+
+
 class DigitDataset(Dataset):
-    """(image (1, H, W) in [0, 1], prompt) pairs."""
+    """(image (1, H, W) in [0, 1], digit named by its caption) pairs."""
 
     def __init__(self, images: Tensor, labels: Tensor) -> None:
         self.images, self.labels = images, labels
@@ -81,7 +95,9 @@ class DigitsDataModule(EvaluationSetMixin, L.LightningDataModule):
         batch_size: images per batch.
         batches_per_epoch: batches per epoch (a per-epoch seeded permutation of the training split).
         holdout_fraction, split_seed: the held-out split (never trained on).
-        seed: order seed.
+        caption_noise: share of training images whose prompt names a random digit (a fixed, seeded
+            choice per image, `noisy_captions`); 0 keeps every caption true.
+        seed: order seed (and the caption-noise seed).
         eval_seeds_per_prompt, eval_seed: the fixed evaluation set.
     """
 
@@ -92,6 +108,7 @@ class DigitsDataModule(EvaluationSetMixin, L.LightningDataModule):
         batches_per_epoch: int = 22,
         holdout_fraction: float = 0.2,
         split_seed: int = 0,
+        caption_noise: float = 0.0,
         seed: int = 0,
         eval_seeds_per_prompt: int = 16,
         eval_seed: int = 10_000,
@@ -100,7 +117,8 @@ class DigitsDataModule(EvaluationSetMixin, L.LightningDataModule):
         self.image_size, self.batch_size, self.batches_per_epoch = image_size, batch_size, batches_per_epoch
         self.seed = seed
         images, labels = load_digit_images(image_size, "train", holdout_fraction, split_seed)
-        self.dataset = DigitDataset(images, labels)
+        self.caption_noise = caption_noise
+        self.dataset = DigitDataset(images, noisy_captions(labels, caption_noise, seed))
         self.eval_prompts = list(DIGIT_PROMPTS)
         self.eval_seeds_per_prompt, self.eval_seed = eval_seeds_per_prompt, eval_seed
 
