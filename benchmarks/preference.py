@@ -1,5 +1,7 @@
-"""Preference alignment of the digit model: win rate of each aligned model against the base, judged by
-DigitFidelity over fixed (prompt, seed) pairs, plus a Bradley–Terry reward model's held-out accuracy.
+"""Preference alignment of the digit model: each aligned model's win rate against the base (DigitFidelity).
+
+Win rates are judged by DigitFidelity over fixed (prompt, seed) pairs; a Bradley–Terry reward model's
+held-out pair accuracy is reported too.
 
     python benchmarks/preference.py                                  # everything, CPU
     python benchmarks/preference.py --device cuda
@@ -365,6 +367,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--device cuda: no CUDA device available")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # in-process fit, on purpose
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     seeds = args.eval_seeds_per_prompt or (2 if args.quick else 26)

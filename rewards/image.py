@@ -234,5 +234,6 @@ class LearnedDigitReward(Reward):
                 f"{self.name} needs the requested digit under cond['digit'] (ImageBackbone.encode_condition "
                 f"sets it from prompts like 'a handwritten 7'); cond has keys {sorted(cond)}"
             )
+        self.network.to(samples.device)  # held outside the module's state: follows the samples
         out = self.network(samples, cond["digit"].to(samples.device))
         return RewardOutput(scores=out.reshape(samples.shape[0]).float())
