@@ -18,8 +18,10 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# The quick start: DDPO teaches the 16x16 flow-matching digit model to draw the digit its prompt asks for
+# (about 4 minutes on 2 CPU cores); prints the reward before/after and where the sample grids are.
 demo: $(BIN)/.installed
-	$(BIN)/diffalign fit --config recipes/toy/ddpo_mode.yaml
+	$(BIN)/diffalign fit --config recipes/image/ddpo_digit_fidelity.yaml
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -86,4 +86,6 @@ class SampleGrid(Callback):
         self._write(trainer, pl_module, "before")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self._write(trainer, pl_module, "after")
+        after = self._write(trainer, pl_module, "after")
+        if after is not None:
+            print(f"sample grids (same prompts and seeds): {after.with_name('samples_before.png')}  {after}")
