@@ -21,6 +21,12 @@ from typing import Any
 import torch
 
 
+def _detached(sample: Any) -> Any:
+    """A CPU copy of one decoded sample to save: tensors are detached; other objects (e.g. molecules)
+    are saved as they are."""
+    return sample.detach().cpu().clone() if isinstance(sample, torch.Tensor) else sample
+
+
 def make_preference_dataset(
     policy: Any,
     reward: Any,
@@ -63,7 +69,7 @@ def make_preference_dataset(
                         skipped += 1
                         continue
                     rel = Path("samples") / f"{b + i:06d}_{j}.pt"
-                    torch.save(samples[i * n + j].detach().cpu().clone(), output / rel)
+                    torch.save(_detached(samples[i * n + j]), output / rel)
                     lines.append(
                         json.dumps(
                             {
@@ -85,7 +91,7 @@ def make_preference_dataset(
                 paths = []
                 for j in (w, l):
                     rel = Path("samples") / f"{b + i:06d}_{j}.pt"
-                    torch.save(samples[i * n + j].detach().cpu().clone(), output / rel)
+                    torch.save(_detached(samples[i * n + j]), output / rel)
                     paths.append(str(rel))
                 lines.append(
                     json.dumps(

@@ -50,6 +50,19 @@ def _encode(backbone: Any, samples: Any, device: torch.device) -> tuple[Tensor, 
     return x0.to(device).float(), mask
 
 
+def _pad_pair(x_w: Tensor, x_l: Tensor, m_w: Tensor, m_l: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Zero-pad two masked batches (B, N, ...) / masks (B, N) along N to the larger N."""
+    n = max(x_w.shape[1], x_l.shape[1])
+
+    def pad(x: Tensor) -> Tensor:
+        if x.shape[1] == n:
+            return x
+        extra = torch.zeros((x.shape[0], n - x.shape[1], *x.shape[2:]), dtype=x.dtype, device=x.device)
+        return torch.cat([x, extra], dim=1)
+
+    return pad(x_w), pad(x_l), pad(m_w), pad(m_l)
+
+
 def noised_pairs(
     policy: DiffusionPolicy,
     x0_w: Tensor,
@@ -58,10 +71,19 @@ def noised_pairs(
     generator: torch.Generator,
     mask: Tensor | None = None,
     label: Tensor | None = None,
+    mask_l: Tensor | None = None,
 ) -> NoisedPairBatch:
-    """Noise winners and losers with one shared (t, ε) per pair."""
+    """Noise winners and losers with one shared (t, ε) per pair.
+
+    `mask` is the winners' mask and `mask_l` the losers' (default: the winners'). Masked samples of
+    different padded sizes (molecules with more atoms on one side) are zero-padded to one size, with
+    the padding masked out.
+    """
     kernel = policy.kernel
     b = x0_w.shape[0]
+    if mask is not None:
+        mask_l = mask if mask_l is None else mask_l
+        x0_w, x0_l, mask, mask_l = _pad_pair(x0_w, x0_l, mask, mask_l)
     _, t, _ = kernel.training_sample(x0_w, generator)  # draws t of the right kind (int or sigma·N)
     noise = randn(x0_w.shape, generator, device=x0_w.device)
     x0 = torch.cat([x0_w, x0_l])
@@ -69,7 +91,7 @@ def noised_pairs(
     x_t = kernel.add_noise(x0, noise2, t2)
     target = kernel.target(x0, noise2, t2)
     cond2 = {k: torch.cat([v, v]) for k, v in cond.items()}
-    mask2 = torch.cat([mask, mask]) if mask is not None else None
+    mask2 = torch.cat([mask, mask_l]) if mask is not None else None
     lab = torch.ones(b, device=x0_w.device) if label is None else label.to(x0_w.device).float()
     return NoisedPairBatch(x_t, t2, target, cond2, mask2, lab)
 
@@ -117,10 +139,11 @@ class DiffusionDPO(Algorithm):
                 )
         backbone = ctx.policy.backbone
         x0_w, mask = _encode(backbone, batch["winner"], ctx.device)
-        x0_l, _ = _encode(backbone, batch["loser"], ctx.device)
+        x0_l, mask_l = _encode(backbone, batch["loser"], ctx.device)
         cond = backbone.encode_condition(batch)
         label = torch.as_tensor(batch["label"], dtype=torch.float32) if "label" in batch else None
-        return noised_pairs(ctx.policy, x0_w, x0_l, cond, ctx.generator, mask, label), {}
+        pairs = noised_pairs(ctx.policy, x0_w, x0_l, cond, ctx.generator, mask, label, mask_l=mask_l)
+        return pairs, {}
 
     def forward(self, policy: DiffusionPolicy, micro: NoisedPairBatch) -> dict[str, Tensor]:
         err, ref_err = denoising_errors(policy, micro.x_t, micro.t, micro.cond, micro.target, micro.mask)

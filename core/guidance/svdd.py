@@ -30,9 +30,12 @@ class SVDDHook(RolloutHook):
     def after_step(self, policy: DiffusionPolicy, state: RolloutState) -> None:
         n, m = state.prev_sample.shape[0], self.m
         step = state.step
-        extra = step.mean.unsqueeze(1) + step.std.unsqueeze(1) * randn(
-            (n, m - 1, *step.mean.shape[1:]), self.generator, device=step.mean.device
-        )
+        noise = randn((n, m - 1, *step.mean.shape[1:]), self.generator, device=step.mean.device)
+        if state.mask is not None:  # no noise in padded rows (e.g. absent atoms)
+            noise = noise * state.mask.reshape(
+                n, 1, *state.mask.shape[1:], *[1] * (noise.dim() - state.mask.dim() - 1)
+            )
+        extra = step.mean.unsqueeze(1) + step.std.unsqueeze(1) * noise
         cands = torch.cat([state.prev_sample.unsqueeze(1), extra], dim=1).reshape(n * m, *step.mean.shape[1:])
         cond_m = repeat_cond(state.cond, m)
         mask_m = state.mask.repeat_interleave(m, dim=0) if state.mask is not None else None

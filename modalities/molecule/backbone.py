@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -190,14 +191,16 @@ class MoleculeBackbone(Backbone):
 
     # -- sample layout -------------------------------------------------------------------------------
     def split(self, x0: Tensor, mask: Tensor | None = None) -> list[tuple[np.ndarray, list[str]]]:
-        """(positions Å centred, element symbols) of each row of model-space samples."""
+        """(positions Å centred, element symbols) of each row of model-space samples.
+
+        Without a mask, all-zero rows are padding: the kernels give padded rows no noise and `denoise`
+        returns 0 there, so padded rows of sampled `x0` stay exactly 0 and the `x0` of `diffalign
+        sample`'s samples.pt (saved without masks) decodes as it was sampled. (Not after SVDD, whose
+        extra candidates currently get noise in padded rows too.)
+        """
         x0 = x0.detach().float().cpu()
         b = x0.shape[0]
-        m = (
-            torch.ones(x0.shape[:2], dtype=torch.bool)
-            if mask is None
-            else mask.detach().cpu().reshape(b, -1) > 0.5
-        )
+        m = x0.abs().sum(-1) > 0 if mask is None else mask.detach().cpu().reshape(b, -1) > 0.5
         out = []
         for i in range(b):
             rows = x0[i][m[i]]
@@ -258,6 +261,54 @@ class MoleculeBackbone(Backbone):
         mask = (data[..., 3:].abs().sum(-1, keepdim=True) > 0).float()
         x = masked_center(data[..., :3], mask)
         return torch.cat([x, data[..., 3:] * self.feature_scale * mask], dim=-1), mask
+
+    # -- output files of `diffalign sample` -----------------------------------------------------------
+    def save_samples(
+        self,
+        samples: Sequence[MoleculeSample],
+        folder: str | os.PathLike[str],
+        prompts: Sequence[Any],
+        start_index: int = 0,
+    ) -> Path:
+        """Write the decoded molecules of one `diffalign sample` batch into `folder`:
+
+        - `molecules.csv`: every sample — `index` (its row in results.json), `prompt`, `num_atoms`,
+          `valid`, `smiles` (empty when invalid), `error` (the failure reason);
+        - `molecules.sdf`: the valid ones with their 3-D heavy-atom geometry (Å; hydrogens implicit) and
+          the properties `index`, `prompt`, `smiles` (readable by `encode` and RDKit's SDMolSupplier).
+
+        `start_index` 0 starts both files afresh; later batches append. Returns the CSV's path.
+        """
+        import csv
+        import io
+
+        from rdkit import Chem
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        mode = "w" if start_index == 0 else "a"
+        table, sdf = out / "molecules.csv", out / "molecules.sdf"
+        with open(table, mode, newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            if mode == "w":
+                w.writerow(["index", "prompt", "num_atoms", "valid", "smiles", "error"])
+            for i, (s, p) in enumerate(zip(samples, prompts, strict=True)):
+                w.writerow([start_index + i, p, s.num_atoms, int(s.valid), s.smiles or "", s.error or ""])
+        buf = io.StringIO()
+        writer = Chem.SDWriter(buf)
+        for i, (s, p) in enumerate(zip(samples, prompts, strict=True)):
+            if s.mol is None:
+                continue
+            mol = Chem.Mol(s.mol)
+            mol.SetProp("_Name", f"sample {start_index + i}")
+            mol.SetIntProp("index", start_index + i)
+            mol.SetProp("prompt", str(p))
+            mol.SetProp("smiles", s.smiles or "")
+            writer.write(mol)
+        writer.close()
+        with open(sdf, mode, encoding="utf-8") as f:
+            f.write(buf.getvalue())
+        return table
 
 
 def molecules_from(samples: Any, seed: int = 0) -> list[tuple[np.ndarray, list[str]]]:

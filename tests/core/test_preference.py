@@ -66,6 +66,18 @@ def test_dpo_winner_and_loser_share_timestep_and_noise():
     assert torch.equal(xw, xl) and torch.equal(*data.t.chunk(2)) and torch.equal(*data.target.chunk(2))
 
 
+def test_dpo_pairs_keep_each_sides_mask_and_pad_to_one_size():
+    policy = policy_with_reference()
+    x_w, x_l = torch.randn(2, 3, 2), torch.randn(2, 5, 2)  # padded sets of 3 and 5 "atoms"
+    m_w = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    m_l = torch.tensor([[1, 1, 1, 1, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    cond = {"label": torch.zeros(2, dtype=torch.long)}
+    data = noised_pairs(policy, x_w, x_l, cond, torch.Generator(), m_w, mask_l=m_l)
+    assert data.x_t.shape == (4, 5, 2) and data.mask.shape == (4, 5)
+    assert torch.equal(data.mask[2:], m_l)
+    assert torch.equal(data.mask[:2, :3], m_w) and not data.mask[:2, 3:].any()
+
+
 def test_swapping_winner_and_loser_flips_the_gradient():
     grads = []
     for swap in (False, True):

@@ -92,7 +92,7 @@ def test_weights_round_trip_and_mismatch_names_file(tmp_path):
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="prediction_type"):
-        ImageBackbone(prediction_type="flow", weights=None)
+        ImageBackbone(prediction_type="x0", weights=None)
     with pytest.raises(ValueError, match="block types"):
         ImageBackbone(block_out_channels=(8, 16), down_block_types=("DownBlock2D",), weights=None)
     with pytest.raises(KeyError, match="prompt"):
