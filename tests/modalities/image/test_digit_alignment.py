@@ -22,8 +22,8 @@ def _gain_and_se(s: dict) -> tuple[float, float]:
 @pytest.mark.parametrize(
     "recipe,overrides",
     [
-        ("draft_digit_fidelity", ["--data.init_args.batch_size=32"]),  # 8 updates of 32 samples
-        ("raft_digit_fidelity", ["--model.init_args.algorithm.init_args.samples_per_condition=4"]),
+        ("refl_digit_fidelity", ["--data.init_args.batch_size=32"]),  # 8 updates of 32 samples
+        ("raft_digit_fidelity", ["--trainer.max_epochs=3"]),  # 12 rounds of best-of-8 for 8 prompts
     ],
 )
 def test_alignment_raises_digit_fidelity(recipe, overrides, cleandir):
