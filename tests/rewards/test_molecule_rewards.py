@@ -241,3 +241,17 @@ def test_fuzz_rewards_never_raise_on_random_strings(samples):
         assert (out.scores[bad] == -1.0).all() and set(reward.last_invalid_reasons) == set(
             bad.nonzero().flatten().tolist()
         )
+
+
+def test_logp_reuses_qed_descriptors_only_for_the_same_molecule():
+    from rdkit import Chem
+    from rdkit.Chem import Crippen
+
+    from diffalign.rewards.molecule import logp, qed
+
+    a, b = Chem.MolFromSmiles("c1ccccc1O"), Chem.MolFromSmiles("CCCCCCCCCC")
+    qed(a)
+    assert logp(a) == Crippen.MolLogP(a)
+    assert logp(b) == Crippen.MolLogP(b)  # not the cached value of `a`
+    qed(Chem.AddHs(b))
+    assert logp(b) == Crippen.MolLogP(b)
