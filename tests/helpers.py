@@ -20,6 +20,21 @@ def run_fit(config: str | Path, run_root: Path, *overrides: str, extra_configs: 
     return Path(cli.trainer.log_dir)
 
 
+def quiet_trainer(**kwargs):
+    """A CPU `lightning.Trainer` with no logger, checkpoints, progress bar or model summary (kwargs add
+    or override)."""
+    import lightning as L
+
+    options = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**options, **kwargs})
+
+
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 

@@ -1,6 +1,5 @@
 """Callbacks: the ratio consistency check catches a sampler/trainer mismatch."""
 
-import lightning as L
 import pytest
 from torch import nn
 
@@ -10,6 +9,7 @@ from diffalign.core.data import PromptDataModule
 from diffalign.core.module import AlignmentModule
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.testing import LinearReward, ToyBackbone
+from tests.helpers import quiet_trainer
 
 
 class DropoutToy(ToyBackbone):
@@ -22,13 +22,8 @@ class DropoutToy(ToyBackbone):
 
 def _fit(backbone, check):
     module = AlignmentModule(DiffusionPolicy(backbone, num_steps=3), DDPO(advantages="batch"), LinearReward())
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[check],
     )
     trainer.fit(module, PromptDataModule(prompts=[0, 1, 2, 3], batch_size=8, batches_per_epoch=1))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffalign.rewards.image import DigitScorer, LearnedDigitReward, prompted_digits
-from tests.helpers import REPO, run_fit, write_digit_feedback
+from tests.helpers import REPO, quiet_trainer, run_fit, write_digit_feedback
 
 
 def test_digit_scorer_shapes_and_prompt_dependence():
@@ -95,13 +95,8 @@ def test_bradley_terry_digit_scorer_beats_chance_on_held_out_pairs(tmp_path):
     module = RewardModelModule(
         DigitScorer(), optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), export_path=str(export)
     )
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_epochs=12,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(module, datamodule=dm)
     # held-out pair accuracy (the pairs' other direction may be in training: only the prompt decides)

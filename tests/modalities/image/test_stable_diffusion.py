@@ -16,6 +16,7 @@ from diffalign.modalities.image.stable_diffusion import (
     encode_prompts,
     make_tiny_sd_pipeline,
 )
+from tests.helpers import quiet_trainer
 
 RES = 16  # tiny VAE factor 2 -> 8x8 latents
 PROMPTS = ["a photo of a cat", "a red car"]
@@ -204,7 +205,6 @@ def test_options_bf16_checkpointing_and_v_prediction(sd_path, tmp_path):
 
 @pytest.mark.slow
 def test_two_step_ddpo_checkpoint_holds_only_lora(sd_path, tmp_path):
-    import lightning as L
 
     from diffalign.core.algorithms import DDPO
     from diffalign.core.data import PromptDataModule
@@ -224,13 +224,8 @@ def test_two_step_ddpo_checkpoint_holds_only_lora(sd_path, tmp_path):
 
     module = build()
     start = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=tmp_path,
     )
     data = PromptDataModule(prompts=PROMPTS, batch_size=2, batches_per_epoch=2, eval_seeds_per_prompt=1)
