@@ -133,6 +133,9 @@ def main(argv: Sequence[str]) -> int:
         print(explain_config_error(str(e), _config_names(argv)), file=sys.stderr)
         return 2
     init = parser.instantiate_classes(cfg)
+    device = torch.device(cfg.device)
+    init.policy.to(device)
+    init.reward.to(device)
     prompts = [p for p in cfg.prompts for _ in range(cfg.seeds_per_prompt)]
     names = _config_names(argv)
     output = Path(cfg.output) if cfg.output else Path("feedback") / (Path(names[-1]).stem if names else "run")
