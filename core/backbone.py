@@ -21,6 +21,30 @@ from diffalign.core.types import Cond
 PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
 
 
+def standard_scheduler(
+    prediction_type: str,
+    num_train_timesteps: int = 1000,
+    beta_schedule: str = "squaredcos_cap_v2",
+    clip_sample: bool = False,
+) -> Any:
+    """The schedule most backbones describe in `make_scheduler`: a `FlowMatchEulerDiscreteScheduler`
+    (shift 1) for "flow", else a `DDPMScheduler` with this prediction type and beta schedule
+    (`clip_sample` clips the predicted x0 to [−1, 1] while sampling)."""
+    if prediction_type == "flow":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=1.0)
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
+        clip_sample=clip_sample,
+        clip_sample_range=1.0,
+    )
+
+
 class Backbone(nn.Module, ABC):
     """A conditional denoiser plus the few facts the core needs about its modality.
 

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from diffalign.core.backbone import Backbone
+from diffalign.core.backbone import Backbone, standard_scheduler
 from diffalign.core.functional import Generator, randn
 from diffalign.core.reward import Reward, RewardOutput
 from diffalign.core.types import Cond, Trajectory
@@ -78,18 +78,7 @@ class ToyBackbone(Backbone):
             load_state_dict(self, weights)
 
     def make_scheduler(self) -> Any:
-        if self.prediction_type == "flow":
-            from diffusers import FlowMatchEulerDiscreteScheduler
-
-            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=1.0)
-        from diffusers import DDPMScheduler
-
-        return DDPMScheduler(
-            num_train_timesteps=self.num_train_timesteps,
-            beta_schedule=self.beta_schedule,
-            prediction_type=self.prediction_type,
-            clip_sample=False,
-        )
+        return standard_scheduler(self.prediction_type, self.num_train_timesteps, self.beta_schedule)
 
     def encode_condition(self, batch: Mapping[str, Any]) -> Cond:
         labels = batch.get("label", batch.get("prompt"))

@@ -82,3 +82,45 @@ def write_digit_feedback(cwd: Path, layout: str = "pairs", groups_per_prompt: in
         layout=layout,
     )
     return folder
+
+
+def make_tiny_clip_folder(
+    folder: Path, seed: int = 0, image_size: int = 32, projection_dim: int = 12, layers: int = 2
+) -> Path:
+    """A tiny random CLIPModel folder with tokenizer and preprocessor config (like openai/clip-*)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from diffalign.modalities.image.stable_diffusion import make_tiny_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tok = make_tiny_clip_tokenizer(folder)
+    cfg = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            max_position_embeddings=tok.model_max_length,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=8,
+        ),
+        projection_dim=projection_dim,
+    )
+    CLIPModel(cfg).save_pretrained(str(folder))
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(
+            {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+        )
+    )
+    return folder

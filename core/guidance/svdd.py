@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from diffalign.core.functional import randn
+from diffalign.core.functional import expand_mask, randn
 from diffalign.core.guidance.base import TestTimeMethod, pick, repeat_cond, score
 from diffalign.core.policy import DiffusionPolicy, RolloutHook, RolloutState
 from diffalign.core.reward import Reward
@@ -32,9 +32,7 @@ class SVDDHook(RolloutHook):
         step = state.step
         noise = randn((n, m - 1, *step.mean.shape[1:]), self.generator, device=step.mean.device)
         if state.mask is not None:  # no noise in padded rows (e.g. absent atoms)
-            noise = noise * state.mask.reshape(
-                n, 1, *state.mask.shape[1:], *[1] * (noise.dim() - state.mask.dim() - 1)
-            )
+            noise = noise * expand_mask(state.mask, step.mean).unsqueeze(1)
         extra = step.mean.unsqueeze(1) + step.std.unsqueeze(1) * noise
         cands = torch.cat([state.prev_sample.unsqueeze(1), extra], dim=1).reshape(n * m, *step.mean.shape[1:])
         cond_m = repeat_cond(state.cond, m)

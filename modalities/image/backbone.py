@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from diffalign.core.backbone import Backbone
+from diffalign.core.backbone import Backbone, standard_scheduler
 from diffalign.core.functional import Generator, randn
 from diffalign.core.types import Cond
 from diffalign.modalities.image.conditioning import PromptConditioner
@@ -176,18 +176,8 @@ class ImageBackbone(Backbone):
         return self.unet.conv_in.weight.device
 
     def make_scheduler(self) -> Any:
-        if self.prediction_type == "flow":
-            from diffusers import FlowMatchEulerDiscreteScheduler
-
-            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=1.0)
-        from diffusers import DDPMScheduler
-
-        return DDPMScheduler(
-            num_train_timesteps=self.num_train_timesteps,
-            beta_schedule=self.beta_schedule,
-            prediction_type=self.prediction_type,
-            clip_sample=self.clip_sample,
-            clip_sample_range=1.0,
+        return standard_scheduler(
+            self.prediction_type, self.num_train_timesteps, self.beta_schedule, self.clip_sample
         )
 
     def encode_condition(self, batch: Mapping[str, Any]) -> Cond:

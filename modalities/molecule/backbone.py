@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffalign.core.backbone import Backbone
+from diffalign.core.backbone import Backbone, standard_scheduler
 from diffalign.core.functional import Generator, randn
 from diffalign.core.types import Cond
 from diffalign.modalities.molecule.egnn import EGNN, masked_center
@@ -115,14 +115,7 @@ class MoleculeBackbone(Backbone):
 
     # -- core interface ------------------------------------------------------------------------------
     def make_scheduler(self) -> Any:
-        from diffusers import DDPMScheduler
-
-        return DDPMScheduler(
-            num_train_timesteps=self.num_train_timesteps,
-            beta_schedule=self.beta_schedule,
-            prediction_type="epsilon",
-            clip_sample=False,
-        )
+        return standard_scheduler("epsilon", self.num_train_timesteps, self.beta_schedule)
 
     def encode_condition(self, batch: Mapping[str, Any]) -> Cond:
         values = batch.get("num_atoms", batch.get("prompt"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -24,46 +23,14 @@ from diffalign.rewards.image_models import (
     PickScore,
     open_clip_to_hf_clip,
 )
+from tests.helpers import make_tiny_clip_folder
 
 PROMPTS = ["a photo of a cat", "a red car", "a small house"]
 IMAGE_SIZE, PROJ = 32, 12
 
 
 def make_tiny_clip(folder: Path, seed: int = 0) -> Path:
-    """A tiny random CLIPModel folder with tokenizer and preprocessor config (like openai/clip-*)."""
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(seed)
-    tok = make_tiny_clip_tokenizer(folder)
-    cfg = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=tok.model_max_length,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=IMAGE_SIZE,
-            patch_size=8,
-        ),
-        projection_dim=PROJ,
-    )
-    CLIPModel(cfg).save_pretrained(str(folder))
-    (folder / "preprocessor_config.json").write_text(
-        json.dumps(
-            {"size": {"shortest_edge": IMAGE_SIZE}, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}
-        )
-    )
-    return folder
+    return make_tiny_clip_folder(folder, seed, image_size=IMAGE_SIZE, projection_dim=PROJ)
 
 
 @pytest.fixture(scope="module")
