@@ -48,7 +48,7 @@ def side_metrics(module, pairs: list[tuple[str, int]], batch_size: int = 64) -> 
     agree, prob, kb = [], [], []
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s : s + batch_size]
-        cond = policy.backbone.encode_condition({"prompt": [p for p, _ in chunk]})
+        cond = policy.backbone.condition({"prompt": [p for p, _ in chunk]})
         traj = policy.rollout(cond, generator=[torch.Generator().manual_seed(int(seed)) for _, seed in chunk])
         images = policy.backbone.decode(traj.x0)
         out = fidelity(images, cond)

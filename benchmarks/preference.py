@@ -153,7 +153,7 @@ def sample_and_judge(policy: Any, pairs: list[tuple[str, int]], device: str, bat
     try:
         for s in range(0, len(pairs), batch_size):
             chunk = pairs[s : s + batch_size]
-            cond = policy.backbone.encode_condition({"prompt": [p for p, _ in chunk]})
+            cond = policy.backbone.condition({"prompt": [p for p, _ in chunk]})
             gens = [torch.Generator().manual_seed(int(seed)) for _, seed in chunk]
             traj = policy.rollout(cond, generator=gens)
             x = policy.backbone.decode(traj.x0, traj.mask)

@@ -115,7 +115,7 @@ def main() -> int:
             scores, nfe, start = [], 0.0, time.perf_counter()
             for b in range(0, len(pairs), args.batch_size):
                 chunk = pairs[b : b + args.batch_size]
-                cond = policy.backbone.encode_condition({"prompt": [p for p, _ in chunk]})
+                cond = policy.backbone.condition({"prompt": [p for p, _ in chunk]})
                 res = method(policy, cond, reward, torch.Generator().manual_seed(int(chunk[0][1])))
                 scores += res.scores.tolist()
                 nfe += res.nfe_per_sample * len(chunk)

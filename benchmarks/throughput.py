@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         if opts.precision == "bf16"
         else contextlib.nullcontext()
     )
-    cond = policy.backbone.encode_condition(batch)
+    cond = policy.backbone.condition(batch)
     n = next(iter(cond.values())).shape[0]
 
     def sync() -> None:

@@ -2,6 +2,12 @@
 
 A backbone never exposes its internals (no `unet`, `vae`, `tokenizer` in the interface): the core only
 needs to draw noise, call the denoiser, and decode final samples into the modality's documented layout.
+
+Variable sizes (atoms of a molecule, points of a cloud, the length of a clip) go through one mask:
+`init_noise` and `encode` return `(x, mask | None)`; the mask is 1 on real entries, shaped
+(B, *event[: k]) or (B, *event), and broadcasts against x after appending trailing singleton dims. A
+backbone whose samples vary in size names the varying event axis in `variable_axis`; the core pads pairs
+along it and collates ragged samples into lists that `encode` pads (`functional.pad_stack`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from diffalign.core.functional import Generator
-from diffalign.core.types import Cond
+from diffalign.core.types import Cond, as_cond
 
 PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
 
@@ -53,9 +59,18 @@ class Backbone(nn.Module, ABC):
     Attributes:
         prediction_type: what `denoise` predicts: "epsilon", "v_prediction", "sample" (x0) or
             "flow" (velocity ε − x0 of rectified flow).
+        variable_axis: the event axis (0-based, after the batch dim) whose length varies between
+            samples, or None when every sample has one shape.
+        decode_chunk_size: rows `decode` runs at once in `SampleView` (None: the whole batch); bounds the
+            memory of decoding large batches.
+        frozen_modules: names of submodules that never train (a VAE, a text encoder): the reference
+            model shares them instead of copying them.
     """
 
     prediction_type: PredictionType = "epsilon"
+    variable_axis: int | None = None
+    decode_chunk_size: int | None = None
+    frozen_modules: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -66,12 +81,33 @@ class Backbone(nn.Module, ABC):
         """A fresh diffusers scheduler describing this model's noise schedule."""
 
     @abstractmethod
-    def encode_condition(self, batch: Mapping[str, Any]) -> Cond:
-        """Turn a data batch (e.g. {"prompt": [...]}) into a dict of batched tensors."""
+    def encode_condition(self, batch: Mapping[str, Any]) -> Cond | Mapping[str, Any]:
+        """The backbone's own conditioning entries for a data batch (e.g. {"prompt": [...]} → tokens).
+
+        Read the conditions from `batch["prompt"]` (strings, ints or dicts, per the modality's docs). Use
+        `condition(batch)`, which adds the prompts as metadata, rather than calling this directly.
+        """
 
     @abstractmethod
-    def null_condition(self, cond: Cond) -> Cond:
-        """The unconditional counterpart of `cond` (same batch size) for classifier-free guidance."""
+    def null_condition(self, cond: Cond) -> Cond | Mapping[str, Any]:
+        """The unconditional counterpart of `cond` (same batch size) for classifier-free guidance.
+
+        Return the entries the denoiser reads (e.g. empty-prompt tokens); entries left out (metadata)
+        are taken from `cond`.
+        """
+
+    def condition(self, batch: Mapping[str, Any]) -> Cond:
+        """The `Cond` of a data batch: `encode_condition(batch)` plus the batch's conditions as
+        per-sample metadata under "prompt" (what rewards read: prompt text, target values, ids)."""
+        entries = encode = self.encode_condition(batch)
+        prompts = batch.get("prompt") if isinstance(batch, Mapping) else None
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if prompts is not None and "prompt" not in encode:
+            if isinstance(prompts, torch.Tensor):
+                prompts = prompts.reshape(-1).tolist()
+            entries = {**dict(encode), "prompt": list(prompts)}
+        return as_cond(entries)
 
     @abstractmethod
     def init_noise(self, cond: Cond, generator: Generator = None) -> tuple[Tensor, Tensor | None]:
@@ -81,26 +117,59 @@ class Backbone(nn.Module, ABC):
     def denoise(self, x_t: Tensor, t: Tensor, cond: Cond, mask: Tensor | None = None) -> Tensor:
         """The model output at timestep(s) `t` (a scalar or a (B,) tensor)."""
 
-    def decode(self, x0: Tensor, mask: Tensor | None = None) -> Any:
-        """Final model-space samples to the modality's documented sample layout (identity here)."""
+    def decode(self, x0: Tensor, mask: Tensor | None = None, **request: Any) -> Any:
+        """Final model-space samples to the modality's documented sample layout (identity here).
+
+        `request` holds what a reward asks for (`Reward.request`: some frames of a video, a window of
+        audio, views of a shape); a backbone honours the keys it documents and refuses others. A layout
+        of padded samples makes the padding explicit (e.g. a mask beside the values).
+        """
+        if request:
+            raise ValueError(
+                f"{type(self).__name__}.decode takes no decode options, got {sorted(request)} "
+                "(a reward asked for something this modality does not provide)"
+            )
         return x0
 
-    def encode(self, samples: Any) -> Tensor:
-        """Samples in the documented layout to model space (identity here), for offline data."""
-        return samples
+    def encode(self, samples: Any) -> tuple[Tensor, Tensor | None]:
+        """Samples in the documented layout to model space, for offline data: `(x0, mask | None)`
+        (identity and no mask here)."""
+        return torch.as_tensor(samples), None
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters an optimiser should update (LoRA adapters where they apply)."""
         return (p for p in self.parameters() if p.requires_grad)
 
-    def freeze_reference(self) -> None:
-        """Keep a frozen copy of the current weights as the reference model (KL, DPO).
+    def lora_target(self) -> nn.Module:
+        """The module LoRA adapters go into (`core.lora.LoRABackbone`): the denoising network, not the
+        frozen parts (default: the whole backbone)."""
+        return self
 
+    def _frozen(self) -> list[nn.Module]:
+        out = []
+        for name in self.frozen_modules:
+            m = getattr(self, name, None)
+            if isinstance(m, (list, tuple)):  # modules kept in a list to hide them from state_dict
+                out.extend(x for x in m if isinstance(x, nn.Module))
+            elif isinstance(m, nn.Module):
+                out.append(m)
+        return out
+
+    def freeze_reference(self) -> None:
+        """Keep a frozen copy of the current trainable network as the reference model (KL, DPO).
+
+        The modules named in `frozen_modules` are shared with the copy, not copied (they never change).
         Backbones with adapters override `reference()` instead and keep no copy.
         """
-        ref = copy.deepcopy(self)
+        frozen = self._frozen()
+        memo: dict[int, Any] = {id(m): m for m in frozen}
+        keep = {id(p) for m in frozen for p in m.parameters()}
+        ref = copy.deepcopy(self, memo)
         ref._reference_copy = []
-        ref.requires_grad_(False).eval()
+        for p in ref.parameters():
+            if id(p) not in keep:
+                p.requires_grad_(False)
+        ref.eval()
         self._reference_copy = [ref]
 
     @contextmanager

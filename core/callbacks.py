@@ -27,24 +27,15 @@ def run_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
-def _score_or_nan(reward: Any, samples: Any, cond: Any, n: int) -> torch.Tensor:
-    """Scores for an evaluation batch; rows whose reward fails become NaN (counted as failed)."""
-    from diffalign.core.reward import GuardedReward, RewardError
-
-    try:
-        scored = GuardedReward(reward, on_invalid="drop")(samples, cond, n)
-    except RewardError as e:
-        log.warning("evaluation: %s", e)
-        return torch.full((n,), float("nan"))
-    return scored.scores.detach().float().cpu().reshape(-1)
-
-
 @torch.no_grad()
 def evaluate_reward(module: Any, pairs: list[tuple[Any, int]], batch_size: int = 64) -> dict[str, Any]:
-    """Mean reward of the policy over fixed (prompt, seed) pairs; each sample uses its own seed.
+    """Mean reward of the policy over fixed (prompt, seed) pairs, through the one sampling path
+    (`core.sampling`: each sample from its own seed, so results do not depend on `batch_size`).
 
     Returns mean, std, count of finite scores, number of failed scores, and per-prompt means.
     """
+    from diffalign.core.sampling import sample_pairs
+
     policy, reward = module.policy, module.reward
     was_training = policy.training
     policy.eval()
@@ -52,15 +43,8 @@ def evaluate_reward(module: Any, pairs: list[tuple[Any, int]], batch_size: int =
     per_prompt: dict[str, list[float]] = {}
     failed = 0
     try:
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            prompts = [p for p, _ in chunk]
-            gens = [torch.Generator().manual_seed(int(s)) for _, s in chunk]
-            cond = policy.backbone.encode_condition({"prompt": prompts})
-            traj = policy.rollout(cond, generator=gens)
-            samples = policy.backbone.decode(traj.x0, traj.mask)
-            out = _score_or_nan(reward, samples, cond, len(chunk))
-            for p, s in zip(prompts, out.tolist(), strict=True):
+        for batch in sample_pairs(policy, pairs, batch_size, reward=reward):
+            for p, s in zip(batch.cond.prompts or [None] * len(batch), batch.scores.tolist(), strict=True):
                 if math.isfinite(s):
                     scores.append(s)
                     per_prompt.setdefault(str(p), []).append(s)
@@ -119,16 +103,14 @@ class RewardEvaluation(Callback):
         self._t0 = time.perf_counter()
 
     def _pairs(self, trainer: L.Trainer) -> list[tuple[Any, int]]:
+        from diffalign.core.sampling import seed_pairs
+
         dm = trainer.datamodule
         if dm is not None and hasattr(dm, "evaluation_set"):
             return dm.evaluation_set()
         if not self.prompts:
             raise ValueError("RewardEvaluation needs `prompts` when the data module has no evaluation_set()")
-        return [
-            (p, self.seed + 1000 * i + j)
-            for i, p in enumerate(self.prompts)
-            for j in range(self.seeds_per_prompt)
-        ]
+        return seed_pairs(self.prompts, self.seeds_per_prompt, self.seed)
 
     def _elapsed(self) -> float:
         return self.wall_offset + time.perf_counter() - self._t0

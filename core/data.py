@@ -91,19 +91,18 @@ class EvaluationSetMixin:
         return self._evaluation_loader()
 
     def evaluation_set(self) -> list[tuple[Any, int]]:
-        """Fixed (prompt, seed) pairs; the same before and after training."""
-        return [
-            (p, self.eval_seed + 1000 * i + j)
-            for i, p in enumerate(self.eval_prompts)
-            for j in range(self.eval_seeds_per_prompt)
-        ]
+        """Fixed (prompt, seed) pairs (`core.sampling.seed_pairs`); the same before and after training."""
+        from diffalign.core.sampling import seed_pairs
+
+        return seed_pairs(self.eval_prompts, self.eval_seeds_per_prompt, self.eval_seed)
 
 
 class PromptDataModule(EvaluationSetMixin, L.LightningDataModule):
     """Conditions for online alignment, drawn at random from a list or a text file (one per line).
 
     Args:
-        prompts: the conditions (strings for text-conditioned models, ints for class-conditioned).
+        prompts: the conditions (strings for text-conditioned models, ints for class-conditioned, or a
+            dict per prompt of structured metadata such as `{digit: 3, direction: left}`).
         prompt_file: a text file with one prompt per line (used when `prompts` is not given).
         batch_size: conditions per rollout batch.
         batches_per_epoch: rollout batches per epoch.
@@ -115,12 +114,12 @@ class PromptDataModule(EvaluationSetMixin, L.LightningDataModule):
 
     def __init__(
         self,
-        prompts: list[str | int] | None = None,
+        prompts: list[str | int | dict[str, Any]] | None = None,
         prompt_file: str | None = None,
         batch_size: int = 16,
         batches_per_epoch: int = 1,
         seed: int = 0,
-        eval_prompts: list[str | int] | None = None,
+        eval_prompts: list[str | int | dict[str, Any]] | None = None,
         eval_seeds_per_prompt: int = 8,
         eval_seed: int = 10_000,
     ) -> None:

@@ -7,6 +7,8 @@ decoded samples saved as .pt files beside it — ready for `PreferenceDataModule
 Pairs per prompt: the best vs the worst candidate, then the second best vs the second worst, and so on
 (`pairs_per_prompt` of them); pairs whose scores tie or are not finite are skipped and counted.
 The recipe format is the sampling recipe's (policy, reward, prompts, seed) plus these two keys.
+Candidate j of the i-th prompt is sampled from seed `seed + 1000·i + j` (`core.sampling.seed_pairs`), so
+its sample is the one `diffalign sample` and evaluation draw for that (prompt, seed).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def make_preference_dataset(
         raise ValueError(f"layout must be 'pairs' or 'unpaired', got {layout!r}")
     if samples_per_prompt < 2 or not 1 <= pairs_per_prompt <= samples_per_prompt // 2:
         raise ValueError("need samples_per_prompt >= 2 and 1 <= pairs_per_prompt <= samples_per_prompt // 2")
+    from diffalign.core.sampling import sample_pairs, seed_pairs
+
     output.mkdir(parents=True, exist_ok=True)
     (output / "samples").mkdir(exist_ok=True)
     policy.eval()
@@ -52,14 +56,13 @@ def make_preference_dataset(
     written = skipped = 0
     lines: list[str] = []
     per_batch = max(1, batch_size // n)
-    for b in range(0, len(prompts), per_batch):
+    # candidate j of prompt i is the (prompt, seed + 1000·i + j) pair of the seeding rule
+    pairs = seed_pairs(list(prompts), n, seed)
+    for k, batch in enumerate(sample_pairs(policy, pairs, per_batch * n, reward)):
+        b = k * per_batch
         chunk = list(prompts[b : b + per_batch])
-        rows = [p for p in chunk for _ in range(n)]
-        cond = policy.backbone.encode_condition({"prompt": rows})
-        with torch.no_grad():
-            traj = policy.rollout(cond, torch.Generator().manual_seed(seed + b))
-            samples = policy.backbone.decode(traj.x0, traj.mask)
-            scores = reward(samples, cond).scores.detach().float().cpu()
+        samples = batch.samples()
+        scores = batch.scores.cpu()
         for i, prompt in enumerate(chunk):
             s = scores[i * n : (i + 1) * n]
             order = torch.argsort(torch.nan_to_num(s, nan=float("-inf")), descending=True).tolist()

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from einops import repeat
 from torch import Tensor
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
@@ -40,6 +41,23 @@ def randn(
     rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in gens]
     out = torch.cat(rows, dim=0)
     return out.to(device) if device is not None else out
+
+
+def masked_noise(
+    shape: Sequence[int],
+    generator: Generator = None,
+    mask: Tensor | None = None,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Standard normal noise (as `randn`) that is exactly 0 where `mask` is 0.
+
+    The one way the core draws noise for padded samples: kernels, training noise, pair noising,
+    candidate states and test-time methods all call it, so padded entries never get noise.
+    """
+    noise = randn(shape, generator, device=device, dtype=dtype)
+    m = expand_mask(mask, noise)
+    return noise if m is None else noise * m
 
 
 def expand_mask(mask: Tensor | None, like: Tensor) -> Tensor | None:
@@ -98,14 +116,53 @@ def gaussian_kl_same_std(
     return reduce_event(kl, mask, reduction)
 
 
+def repeat_rows(x: Tensor, n: int) -> Tensor:
+    """Every row of a batch-first tensor repeated n times in place (row i → rows i·n … i·n+n−1)."""
+    return x if n == 1 else repeat(x, "b ... -> (b n) ...", n=n)
+
+
 def repeat_batch(batch: dict, n: int) -> dict:
     """Repeat every row of a data batch n times in place order (row i → rows i·n … i·n+n−1)."""
     out = {}
     for k, v in batch.items():
-        if isinstance(v, Tensor):
-            out[k] = v.repeat_interleave(n, dim=0)
+        if isinstance(v, Tensor) and v.dim() > 0:
+            out[k] = repeat_rows(v, n)
         elif isinstance(v, (list, tuple)):
             out[k] = [item for item in v for _ in range(n)]
         else:
             out[k] = v
     return out
+
+
+def pad_along(x: Tensor, size: int, dim: int, value: float = 0.0) -> Tensor:
+    """`x` padded with `value` at the end of dimension `dim` to length `size` (unchanged if already)."""
+    extra = size - x.shape[dim]
+    if extra < 0:
+        raise ValueError(f"cannot pad dim {dim} of length {x.shape[dim]} down to {size}")
+    if extra == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra
+    return torch.cat([x, torch.full(shape, value, dtype=x.dtype, device=x.device)], dim=dim)
+
+
+def pad_stack(items: Sequence[Tensor], axis: int) -> tuple[Tensor, Tensor]:
+    """Stack samples whose event axis `axis` differs in length: zero-pad to the longest and return
+    (batch (B, *event), mask) with the mask (B, *event[: axis + 1]) 1 on real entries (other dims 1)."""
+    if not items:
+        raise ValueError("pad_stack needs at least one sample")
+    ref = items[0]
+    for i, x in enumerate(items):
+        if x.dim() != ref.dim() or any(
+            a != b for d, (a, b) in enumerate(zip(x.shape, ref.shape, strict=True)) if d != axis
+        ):
+            raise ValueError(
+                f"sample {i} has shape {tuple(x.shape)}; samples may differ only along axis {axis} "
+                f"(sample 0: {tuple(ref.shape)})"
+            )
+    size = max(x.shape[axis] for x in items)
+    batch = torch.stack([pad_along(x, size, axis) for x in items])
+    lengths = torch.tensor([x.shape[axis] for x in items], device=batch.device)
+    valid = (torch.arange(size, device=batch.device)[None, :] < lengths[:, None]).float()
+    mask = valid.reshape(len(items), *([1] * axis), size)
+    return batch, mask

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from diffalign.core.functional import Generator, expand_mask, gaussian_log_prob, left_broadcast, randn
+from diffalign.core.functional import Generator, expand_mask, gaussian_log_prob, left_broadcast, masked_noise
 
 Reduction = Literal["mean", "sum"]
 
@@ -112,7 +112,8 @@ class TransitionKernel(ABC):
 
         `noise` (standard normal, shaped like x_t) replaces the generator's draw; the sample
         mean + std·noise then keeps the graph of both (direct noise optimisation differentiates through
-        it). Padded entries (mask == 0) get no noise and do not count in the log-prob.
+        it). Padded entries (mask == 0) never change: they keep their value in x_t, get no noise and do
+        not count in the log-prob.
         """
         self._require_bound()
         x = x_t.float()
@@ -121,11 +122,11 @@ class TransitionKernel(ABC):
         std_full = std.expand_as(mean)
         if prev_sample is None:
             if noise is None:
-                noise = randn(mean.shape, generator, device=mean.device)
+                noise = masked_noise(mean.shape, generator, mask, device=mean.device)
+            prev_sample = mean + std_full * noise.float()
             m = expand_mask(mask, mean)
             if m is not None:
-                noise = noise * m
-            prev_sample = mean + std_full * noise.float()
+                prev_sample = torch.where(m > 0, prev_sample, x)
         log_prob = gaussian_log_prob(prev_sample.float(), mean, std_full, mask, self.reduction)
         return StepOutput(
             prev_sample=prev_sample.float(), log_prob=log_prob, mean=mean, std=std_full, pred_x0=x0
@@ -141,8 +142,20 @@ class TransitionKernel(ABC):
         """What the model should output for x_t = add_noise(x0, noise, t) (ε, v, x0 or ε − x0)."""
 
     @abstractmethod
-    def training_sample(self, x0: Tensor, generator: Generator = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Draw a noisy training input: returns (x_t, t, target) for the denoising loss."""
+    def draw_timesteps(self, batch: int, generator: Generator = None, device=None) -> Tensor:
+        """Training timesteps (B,) drawn uniformly over the schedule (ints, or σ·N for flow matching)."""
+
+    def training_sample(
+        self, x0: Tensor, generator: Generator = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Draw a noisy training input: returns (x_t, t, target) for the denoising loss.
+
+        One timestep per row, then masked standard-normal noise (padded entries get none).
+        """
+        x0 = x0.float()
+        t = self.draw_timesteps(x0.shape[0], generator, x0.device)
+        noise = masked_noise(x0.shape, generator, mask, device=x0.device)
+        return self.add_noise(x0, noise, t), t, self.target(x0, noise, t)
 
 
 class _AlphaKernel(TransitionKernel):
@@ -203,13 +216,9 @@ class _AlphaKernel(TransitionKernel):
             return model_output + delta
         return model_output - delta / (1 - a).sqrt()  # v: x0 = √a x − √(1−a) v
 
-    def training_sample(self, x0: Tensor, generator: Generator = None) -> tuple[Tensor, Tensor, Tensor]:
-        x0 = x0.float()
-        b = x0.shape[0]
+    def draw_timesteps(self, batch: int, generator: Generator = None, device=None) -> Tensor:
         gen = generator if isinstance(generator, torch.Generator) or generator is None else generator[0]
-        t = torch.randint(0, self.num_train_timesteps, (b,), generator=gen, device="cpu").to(x0.device)
-        noise = randn(x0.shape, generator, device=x0.device)
-        return self.add_noise(x0, noise, t), t, self.target(x0, noise, t)
+        return torch.randint(0, self.num_train_timesteps, (batch,), generator=gen, device="cpu").to(device)
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
         pt = self.prediction_type
@@ -352,13 +361,10 @@ class FlowSDEKernel(TransitionKernel):
         std = gb * (-dtb).clamp_min(0).sqrt()
         return mean, std, x - s * v
 
-    def training_sample(self, x0: Tensor, generator: Generator = None) -> tuple[Tensor, Tensor, Tensor]:
-        x0 = x0.float()
+    def draw_timesteps(self, batch: int, generator: Generator = None, device=None) -> Tensor:
         gen = generator if isinstance(generator, torch.Generator) or generator is None else generator[0]
-        sigma = torch.rand((x0.shape[0],), generator=gen, device="cpu").to(x0.device)
-        noise = randn(x0.shape, generator, device=x0.device)
-        t = sigma * self.num_train_timesteps
-        return self.add_noise(x0, noise, t), t, self.target(x0, noise, t)
+        sigma = torch.rand((batch,), generator=gen, device="cpu").to(device)
+        return sigma * self.num_train_timesteps
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
         return noise.float() - x0.float()

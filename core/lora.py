@@ -4,7 +4,9 @@
 transformer inside an image/video/audio backbone, an EGNN, a toy MLP): it injects peft LoRA layers into
 the modules whose names match `target_modules`, freezes every other weight, and trains only the adapters.
 The reference model that KL penalties and DPO-style losses need is the same network with the adapters
-switched off — no second copy of the weights is kept.
+switched off — no second copy of the weights is kept. Adapters go into `backbone.lora_target()` (the
+denoising network: a Stable Diffusion backbone names its UNet, so the VAE and text encoder stay as
+they are).
 
 In a recipe:
 
@@ -77,6 +79,8 @@ class LoRABackbone(Backbone):
         if not target_modules:
             raise ValueError("target_modules is empty: name at least one module to adapt")
         self.inner = backbone
+        self.variable_axis = backbone.variable_axis
+        self.decode_chunk_size = backbone.decode_chunk_size
         self.rank, self.alpha = rank, alpha if alpha is not None else float(rank)
         self.target_modules = list(target_modules)
         self.prediction_type = backbone.prediction_type
@@ -88,15 +92,16 @@ class LoRABackbone(Backbone):
             target_modules=self.target_modules,
             init_lora_weights=True,  # B = 0: the adapted model starts equal to the base
         )
+        target = backbone.lora_target()
         try:
-            inject_adapter_in_model(config, backbone)
+            inject_adapter_in_model(config, target)
         except ValueError as e:
-            names = sorted({n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if n})
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in target.named_modules() if n})
             raise ValueError(
                 f"LoRA target_modules {self.target_modules} match no module of {type(backbone).__name__} "
                 f"(module names include {names[:20]}): {e}"
             ) from e
-        self._layers = _tuner_layers(backbone)
+        self._layers = _tuner_layers(target)
         for n, p in backbone.named_parameters():
             if "lora_" in n:
                 p.requires_grad_(True)
@@ -175,11 +180,14 @@ class LoRABackbone(Backbone):
     def denoise(self, x_t: Tensor, t: Tensor, cond: Cond, mask: Tensor | None = None) -> Tensor:
         return self.inner.denoise(x_t, t, cond, mask)
 
-    def decode(self, x0: Tensor, mask: Tensor | None = None) -> Any:
-        return self.inner.decode(x0, mask)
+    def decode(self, x0: Tensor, mask: Tensor | None = None, **request: Any) -> Any:
+        return self.inner.decode(x0, mask, **request)
 
-    def encode(self, samples: Any) -> Tensor:
+    def encode(self, samples: Any) -> tuple[Tensor, Tensor | None]:
         return self.inner.encode(samples)
+
+    def condition(self, batch: Mapping[str, Any]) -> Cond:
+        return self.inner.condition(batch)
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -16,9 +16,10 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from diffalign.core.algorithms.base import Algorithm, AlignContext
+from diffalign.core.algorithms.base import Algorithm
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.reward import GuardedReward, OnInvalid, Reward
+from diffalign.core.rollouts import AlignContext
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,14 +39,23 @@ class AlignmentModule(L.LightningModule):
         max_grad_norm: gradient-norm clip (None: no clipping).
         on_invalid_reward: "raise" stops on a NaN/inf or raising reward naming the sample;
             "drop" drops such samples, counts them and logs `train/reward_dropped`.
-        seed: seed of the run's own generator (rollout noise, shuffling, dropout of conditions). Its
-            state is saved in checkpoints, so a resumed run continues the same random stream.
+        seed: seed of the run's own generator (rollout seeds, shuffling, dropout of conditions). Its
+            state is saved in checkpoints, so a resumed run continues the same random stream. Each
+            process of a multi-process run seeds its generator from (seed, global rank), so ranks draw
+            different noise (rank 0 uses `seed` itself).
         checkpoint_frozen_weights: False leaves parameters with requires_grad=False out of checkpoints
             (set it for LoRA runs on large models; the frozen weights are rebuilt from the recipe).
-        ema_decay: keep an exponential moving average of the trainable parameters (e.g. 0.99), updated
-            after every optimiser step with decay min(ema_decay, (1 + n)/(10 + n)) at update n; the
-            final evaluation, validate/test/predict and the weight export use it (`ema_weights()`);
-            rollouts for training use the live weights.
+        ema_decay: keep an exponential moving average of the trainable parameters (e.g. 0.99) with
+            diffusers' `EMAModel`, stepped after every optimiser step: update n (from 1) uses decay
+            min(ema_decay, n/(9 + n)), so the first update copies the weights. The final evaluation,
+            validate/test/predict and the weight export use it (`ema_weights()`); rollouts for training
+            use the live weights. (Lightning's weight-averaging callback is not used: it averages a deep
+            copy of the whole LightningModule, frozen base models included, and hooks automatic
+            optimisation's step; the EMA here holds only the trainable parameters.)
+
+    The module knows no algorithm: it logs every named term an algorithm's `forward` returns, reduced
+    over the micro-batches of a batch as the algorithm declares (`Algorithm.metric_reduction`), plus
+    the metrics of `prepare`.
     """
 
     def __init__(
@@ -86,8 +96,8 @@ class AlignmentModule(L.LightningModule):
         if ema_decay is not None and not 0 < ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
         self.ema_decay = ema_decay
-        self.ema: dict[str, torch.Tensor] = {}
-        self.ema_updates = 0
+        self.ema: Any = None  # diffusers EMAModel over the trainable parameters, made at the first update
+        self._ema_state: dict[str, Any] | None = None  # restored from a checkpoint before `ema` exists
         if algorithm.needs_reference:
             # taken now, before any checkpoint is restored: the reference is the initial model
             policy.backbone.freeze_reference()
@@ -107,6 +117,9 @@ class AlignmentModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.reward is not None:
             self.reward.to(self.device)
+        rank = int(getattr(self.trainer, "global_rank", 0) or 0) if self._trainer is not None else 0
+        if rank:  # a distinct random stream per process; rank 0 keeps the run's seed
+            self.generator.manual_seed(rank_seed(self.seed, rank))
 
     def on_fit_start(self) -> None:
         if self.reward is not None:
@@ -118,10 +131,8 @@ class AlignmentModule(L.LightningModule):
         data, metrics = self.algorithm.prepare(ctx, batch)
         opt = self.optimizers()
         sched = self.lr_schedulers()
-        sums: dict[str, float] = defaultdict(float)
-        counts: dict[str, int] = defaultdict(int)
+        terms = MetricAggregator(self.algorithm.metric_reduction)
         updates = 0
-        first_dev = 0.0  # largest |ratio − 1| before the first update of this batch: must be ~0
         for micro_batches in self.algorithm.minibatches(data, self.generator):
             for micro in micro_batches:
                 out = self.algorithm(self.policy, micro)
@@ -132,13 +143,7 @@ class AlignmentModule(L.LightningModule):
                         f"{self.global_step} (batch {batch_idx}); stopping instead of training on it"
                     )
                 self.manual_backward(loss / len(micro_batches))
-                for k, v in out.items():
-                    if k == "ratio_max_dev":
-                        if updates == 0:
-                            first_dev = max(first_dev, float(v))
-                        continue
-                    sums[k] += float(v.detach())
-                    counts[k] += 1
+                terms.add(out, first_update=updates == 0)
             if self.max_grad_norm is not None:
                 self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
             opt.step()
@@ -147,11 +152,9 @@ class AlignmentModule(L.LightningModule):
             if sched is not None:
                 sched.step()
             updates += 1
-        logged = {k: sums[k] / counts[k] for k in sums}
+        logged = terms.result()
         logged.update(metrics)
         logged["updates"] = float(updates)
-        if "ratio_mean" in logged:
-            logged["first_update_ratio_dev"] = first_dev
         if self.guarded_reward is not None:
             logged["reward_queries"] = float(self.guarded_reward.queries)
             logged["reward_dropped_total"] = float(self.guarded_reward.dropped)
@@ -159,22 +162,23 @@ class AlignmentModule(L.LightningModule):
         self.log_dict(
             {f"train/{k}": v for k, v in logged.items()}, on_step=True, on_epoch=False, batch_size=1
         )
-        if "reward_mean" in logged:
-            self.log("reward", logged["reward_mean"], prog_bar=True, on_step=True, batch_size=1)
-        elif "loss" in logged:
-            self.log("loss", logged["loss"], prog_bar=True, on_step=True, batch_size=1)
+        shown = self.algorithm.progress_metric if self.algorithm.progress_metric in logged else "loss"
+        if shown in logged:
+            name = "reward" if shown == "reward_mean" else shown
+            self.log(name, logged[shown], prog_bar=True, on_step=True, batch_size=1)
 
     # -- evaluation: validate / test / predict over the data module's fixed evaluation set --------------
     @torch.no_grad()
     def _sample_and_score(self, batch: dict[str, Any]) -> dict[str, Any]:
-        backbone = self.policy.backbone
-        cond = backbone.encode_condition(batch)
-        gens = [torch.Generator().manual_seed(int(s)) for s in batch["seed"]]
-        traj = self.policy.rollout(cond, generator=gens)
-        samples = backbone.decode(traj.x0, traj.mask)
-        out = {"prompt": batch["prompt"], "seed": batch["seed"], "samples": samples}
+        """Samples (decoded) and rewards of an evaluation batch, through the one sampling path."""
+        from diffalign.core.sampling import sample_batch, score_batch
+
+        cond = self.policy.backbone.condition(batch)
+        sampled = sample_batch(self.policy, cond, [int(s) for s in batch["seed"]])
+        out = {"prompt": list(batch["prompt"]), "seed": list(batch["seed"]), "samples": sampled.samples()}
         if self.reward is not None:
-            out["rewards"] = self.reward(samples, cond).scores.detach().float()
+            score_batch(sampled, self.reward)
+            out["rewards"] = sampled.scores.cpu()
         return out
 
     def _log_eval(self, prefix: str, batch: dict[str, Any]) -> None:
@@ -229,41 +233,55 @@ class AlignmentModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": self.lr_scheduler_factory(opt)}
 
     # -- EMA -----------------------------------------------------------------------------------------
-    def _trainable(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def _ensure_ema(self) -> Any:
+        """The EMAModel (made on first use, loading the checkpointed state if there is one), or None."""
+        if self.ema is None and self.ema_decay is not None:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self._trainable(), decay=self.ema_decay)
+            if self._ema_state is not None:
+                self.ema.load_state_dict(self._ema_state)
+                self._ema_state = None
+        if self.ema is not None:
+            self.ema.to(self._trainable()[0].device)  # restored on CPU before the model moved
+        return self.ema
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        if self.ema_decay is None:
-            return
-        self.ema_updates += 1
-        # warm-up as diffusers' EMAModel: early on the average must not hold on to the initial weights
-        decay = min(self.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
-        for name, p in self._trainable().items():
-            if name not in self.ema:
-                self.ema[name] = p.detach().clone()
-            else:
-                if self.ema[name].device != p.device:  # restored on CPU before the model moved to its device
-                    self.ema[name] = self.ema[name].to(p.device)
-                self.ema[name].lerp_(p.detach(), 1.0 - decay)
+        if self.ema_decay is not None:
+            self._ensure_ema().step(self._trainable())
+
+    def ema_parameters(self) -> dict[str, torch.Tensor]:
+        """The averaged value of each trainable parameter, by name (empty before the first update)."""
+        ema = self._ensure_ema() if self.ema_updates else None
+        if ema is None:
+            return {}
+        names = [n for n, p in self.policy.named_parameters() if p.requires_grad]
+        return dict(zip(names, ema.shadow_params, strict=True))
+
+    @property
+    def ema_updates(self) -> int:
+        """Optimiser steps the EMA has seen (0 without EMA)."""
+        if self.ema is not None:
+            return int(self.ema.optimization_step)
+        return int((self._ema_state or {}).get("optimization_step", 0))
 
     @contextmanager
     def ema_weights(self) -> Iterator[None]:
-        """Temporarily load the EMA weights into the policy (a no-op without EMA)."""
-        if not self.ema:
+        """Temporarily load the EMA weights into the policy (a no-op without EMA or before an update)."""
+        if self.ema_updates == 0 or self._ensure_ema() is None:
             yield
             return
         params = self._trainable()
-        saved = {n: params[n].detach().clone() for n in self.ema}
-        with torch.no_grad():
-            for n, v in self.ema.items():
-                params[n].copy_(v.to(params[n].device))
+        self.ema.store(params)
+        self.ema.copy_to(params)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for n, v in saved.items():
-                    params[n].copy_(v)
+            self.ema.restore(params)
 
     # -- checkpoint state ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -276,17 +294,66 @@ class AlignmentModule(L.LightningModule):
             "generator": self.generator.get_state(),
             "reward_queries": self.reward_queries,
             "reward_dropped": self.guarded_reward.dropped if self.guarded_reward else 0,
-            "ema": {k: v.detach().cpu() for k, v in self.ema.items()},
-            "ema_updates": self.ema_updates,
+            "ema": self._ema_checkpoint(),
         }
+
+    def _ema_checkpoint(self) -> dict[str, Any] | None:
+        if self.ema is None:
+            return self._ema_state
+        state = self.ema.state_dict()
+        state["shadow_params"] = [p.detach().cpu() for p in state["shadow_params"]]
+        return state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("diffalign")
         if not state:
             return
         self.generator.set_state(state["generator"])
-        self.ema = {k: v.to(self.device) for k, v in state.get("ema", {}).items()}
-        self.ema_updates = int(state.get("ema_updates", 0))
+        ema = state.get("ema")
+        self.ema, self._ema_state = None, ema if isinstance(ema, dict) and "shadow_params" in ema else None
         if self.guarded_reward is not None:
             self.guarded_reward.queries = int(state.get("reward_queries", 0))
             self.guarded_reward.dropped = int(state.get("reward_dropped", 0))
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The generator seed of process `rank` of a run seeded `seed` (rank 0: `seed`)."""
+    if rank == 0:
+        return seed
+    return int(
+        torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed * 1_000_003 + rank))
+    )
+
+
+class MetricAggregator:
+    """Aggregates the named terms of an algorithm's micro-batches into one value per name.
+
+    `reduction` maps a name to "mean" (default), "max", "sum", "last" or "first_max" (the max over the
+    micro-batches of the first optimiser step only).
+    """
+
+    def __init__(self, reduction: dict[str, str]) -> None:
+        self.reduction = dict(reduction)
+        self.values: dict[str, list[float]] = defaultdict(list)
+
+    def add(self, out: dict[str, Any], first_update: bool) -> None:
+        for k, v in out.items():
+            if self.reduction.get(k) == "first_max" and not first_update:
+                continue
+            self.values[k].append(float(v.detach() if isinstance(v, torch.Tensor) else v))
+
+    def result(self) -> dict[str, float]:
+        out = {}
+        for k, vs in self.values.items():
+            how = self.reduction.get(k, "mean")
+            if how in ("max", "first_max"):
+                out[k] = max(vs)
+            elif how == "sum":
+                out[k] = sum(vs)
+            elif how == "last":
+                out[k] = vs[-1]
+            elif how == "mean":
+                out[k] = sum(vs) / len(vs)
+            else:
+                raise ValueError(f"unknown metric reduction {how!r} for {k!r}")
+        return out

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from einops import rearrange, repeat
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from diffalign.core.backbone import Backbone
 from diffalign.core.functional import Generator
 from diffalign.core.kernels import DDIMKernel, StepOutput, TransitionKernel
-from diffalign.core.types import Cond, Trajectory
+from diffalign.core.types import Cond, Trajectory, as_cond
 
 
 @dataclass
@@ -96,15 +97,24 @@ class DiffusionPolicy(nn.Module):
         mask: Tensor | None = None,
         backbone: Backbone | None = None,
     ) -> Tensor:
-        """The (guided) denoiser output; `backbone` overrides the policy's (e.g. the reference)."""
+        """The (guided) denoiser output; `backbone` overrides the policy's (e.g. the reference).
+
+        With guidance the conditional and unconditional passes run as one batched call.
+        """
         net = backbone if backbone is not None else self.backbone
         if self.guidance_scale == 1.0:
             return net.denoise(x_t, t, cond, mask)
-        null = net.null_condition(cond)
-        both = {k: torch.cat([cond[k], null[k]]) for k in cond}
-        t2 = torch.cat([t, t]) if t.dim() > 0 else t
-        m2 = torch.cat([mask, mask]) if mask is not None else None
-        out_c, out_u = net.denoise(torch.cat([x_t, x_t]), t2, both, m2).chunk(2)
+        cond = as_cond(cond, x_t.shape[0])
+        null = cond.replace(**dict(net.null_condition(cond)))  # metadata the null form leaves out is kept
+        both = Cond.cat([cond, null])
+
+        def twice(v: Tensor) -> Tensor:
+            return repeat(v, "b ... -> (two b) ...", two=2)
+
+        t2 = twice(t) if t.dim() > 0 else t
+        m2 = twice(mask) if mask is not None else None
+        out = net.denoise(twice(x_t), t2, both, m2)
+        out_c, out_u = rearrange(out, "(two b) ... -> two b ...", two=2)
         return out_u + self.guidance_scale * (out_c - out_u)
 
     def _timesteps(self, device: torch.device) -> Tensor:
@@ -124,7 +134,7 @@ class DiffusionPolicy(nn.Module):
         """Sample one trajectory per condition row.
 
         Args:
-            cond: batched conditioning from `backbone.encode_condition`.
+            cond: batched conditioning from `backbone.condition(batch)`.
             generator: a torch.Generator or one per sample (then each row depends on its own seed only).
             grad_steps: keep the autograd graph through the last K denoiser calls (None or 0: no
                 graph at all; `num_steps`: the whole chain). Earlier steps run without grad.
@@ -133,6 +143,7 @@ class DiffusionPolicy(nn.Module):
             noises: (B, T, *event) standard-normal noise of each step instead of the generator's draws
                 (direct noise optimisation passes tensors that require grad).
         """
+        cond = as_cond(cond)
         if x_T is None:
             x_T, mask = self.backbone.init_noise(cond, generator)
         device = x_T.device

@@ -228,11 +228,15 @@ class PreferenceDataset(Dataset):
 
 
 def collate_preferences(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch preference rows: samples of one shape are stacked, ragged ones (point sets or clips of
+    different sizes) stay a list for the backbone's `encode` to pad along its variable axis; labels
+    become a float tensor; everything else a list."""
     out: dict[str, Any] = {}
     for key in items[0]:
         values = [it[key] for it in items]
         if isinstance(values[0], torch.Tensor):
-            out[key] = torch.stack(values)
+            same = all(isinstance(v, torch.Tensor) and v.shape == values[0].shape for v in values)
+            out[key] = torch.stack(values) if same else values
         elif key == "label":
             out[key] = torch.tensor(values, dtype=torch.float32)
         else:

@@ -1,8 +1,18 @@
 """Rewards: the scalar a sample is aligned toward, and the guard that keeps bad scores out of training.
 
 A `Reward` is an `nn.Module` mapping decoded samples (the modality's documented layout) and their
-conditioning to one score per sample. Reward models freeze themselves and stay out of checkpoints
-(`AlignmentModule` holds them outside its state dict).
+conditioning (`Cond`: prompt text and metadata under "prompt", plus the backbone's tensors) to one
+score per sample. It declares what it needs decoded (`request`, keyword arguments for
+`Backbone.decode`: some frames of a video, a window of audio, views of a shape), and it may score per
+element (e.g. per frame, (B, F)) with a declared `reduction` to (B,); the per-element scores are kept
+in `RewardOutput.elements` and logged.
+
+`SampleView` is how the core hands model-space samples to rewards: it decodes on demand, once per
+distinct request, in chunks of `backbone.decode_chunk_size` rows. `Reward.evaluate(view, cond)` is the
+one place a reward meets model-space samples; `WeightedSum` evaluates each term on its own request.
+
+Reward models freeze themselves and stay out of checkpoints (`AlignmentModule` holds them outside its
+state dict).
 """
 
 from __future__ import annotations
@@ -16,47 +26,127 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from diffalign.core.types import Cond
+from diffalign.core.functional import expand_mask
+from diffalign.core.types import Cond, _cat, as_cond
 
 log = logging.getLogger(__name__)
 
 OnInvalid = Literal["raise", "drop"]
+Reduction = Literal["mean", "min", "max", "sum"]
 # RewardOutput.info keys that are reward terms (per-sample scores of a composite reward), as opposed to
 # diagnostics; multi-objective methods (D3PO's Pareto comparison) read these.
 TERM_PREFIX = "term/"
 
 
+class RewardError(RuntimeError):
+    """A reward produced NaN/inf, raised, or returned scores of the wrong shape, and the configuration
+    says to stop."""
+
+
+class RewardShapeError(RewardError):
+    """A reward returned something other than one score per sample (or declared per-element scores)."""
+
+
 @dataclass
 class RewardOutput:
-    """Scores (B,) plus named per-sample terms or diagnostics to log (`info`)."""
+    """Scores (B,), named per-sample terms or diagnostics to log (`info`), and, for a reward that
+    scores per element, the per-element scores (B, E) before its reduction."""
 
     scores: Tensor
     info: dict[str, Tensor] = field(default_factory=dict)
+    elements: Tensor | None = None
+
+
+def _reduce(elements: Tensor, how: str) -> Tensor:
+    if how == "mean":
+        return elements.mean(dim=1)
+    if how == "sum":
+        return elements.sum(dim=1)
+    if how == "min":
+        return elements.min(dim=1).values
+    if how == "max":
+        return elements.max(dim=1).values
+    raise ValueError(f"unknown reduction {how!r} (mean, min, max or sum)")
+
+
+def check_scores(reward: Reward, out: RewardOutput, batch_size: int) -> RewardOutput:
+    """`out` with scores exactly (B,): per-element (B, E) scores are reduced by the reward's declared
+    `reduction`; any other shape raises `RewardShapeError` naming the reward and the shapes."""
+    scores = out.scores
+    if scores.dim() == 1 and scores.shape[0] == batch_size:
+        return out
+    if scores.dim() == 2 and scores.shape[0] == batch_size and reward.reduction is not None:
+        reduced = _reduce(scores.float(), reward.reduction)
+        return RewardOutput(scores=reduced, info=out.info, elements=scores)
+    allowed = f"({batch_size},)" + (
+        f" or ({batch_size}, E) reduced by '{reward.reduction}'" if reward.reduction else ""
+    )
+    hint = "" if reward.reduction else " (declare `reduction` to return per-element scores (B, E))"
+    raise RewardShapeError(
+        f"reward '{reward.name}' returned scores of shape {tuple(scores.shape)} for {batch_size} samples; "
+        f"expected {allowed}{hint}"
+    )
+
+
+def _as_output(out: Any) -> RewardOutput:
+    if isinstance(out, RewardOutput):
+        scores = out.scores
+        if not isinstance(scores, Tensor):
+            scores = torch.as_tensor(scores)
+        return RewardOutput(scores=scores.float(), info=out.info, elements=out.elements)
+    if isinstance(out, Tensor):
+        return RewardOutput(scores=out.float())
+    try:
+        import numpy as np
+
+        if isinstance(out, np.ndarray):
+            return RewardOutput(scores=torch.as_tensor(out).float())
+    except ImportError:  # pragma: no cover - numpy ships with torch
+        pass
+    values = [float("nan") if v is None else float(v) for v in out]
+    return RewardOutput(scores=torch.tensor(values, dtype=torch.float32))
 
 
 class Reward(nn.Module):
     """Base class for rewards.
 
-    Subclasses implement `forward(samples, cond) -> RewardOutput` (or return a (B,) tensor, which
-    `__call__` wraps). `differentiable = True` promises gradients w.r.t. tensor samples (reward
-    backprop and guidance check it).
+    Subclasses implement `forward(samples, cond) -> RewardOutput` (or return a (B,) tensor, an array or
+    a list, which `__call__` wraps). `cond` is the batch's `Cond`: `cond["prompt"]` holds the conditions
+    the samples were asked for (strings or dicts) when there are any.
+
+    Attributes:
+        differentiable: promises gradients w.r.t. tensor samples (reward backprop and guidance check it).
+        request: keyword arguments for `Backbone.decode` — what this reward needs decoded (default:
+            the whole sample).
+        reduction: for a reward that returns per-element scores (B, E): how they reduce to (B,)
+            ("mean", "min", "max", "sum"); None means scores must be (B,).
     """
 
     differentiable: bool = False
+    reduction: Reduction | None = None
 
-    def __init__(self, name: str | None = None) -> None:
+    def __init__(self, name: str | None = None, request: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self._name = name
+        self.request: dict[str, Any] = dict(request or {})
 
     @property
     def name(self) -> str:
         return self._name or type(self).__name__
 
-    def __call__(self, samples: Any, cond: Cond | None = None) -> RewardOutput:  # type: ignore[override]
-        out = super().__call__(samples, cond if cond is not None else {})
-        if isinstance(out, RewardOutput):
-            return out
-        return RewardOutput(scores=torch.as_tensor(out, dtype=torch.float32))
+    def __call__(self, samples: Any, cond: Cond | Mapping[str, Any] | None = None) -> RewardOutput:  # type: ignore[override]
+        """`forward` with its output as a `RewardOutput` (per-element scores reduced by `reduction`)."""
+        if not isinstance(cond, Cond):
+            cond = as_cond(cond, None) if cond else Cond.empty(_num_samples(samples) or 0)
+        out = _as_output(super().__call__(samples, cond))
+        if out.scores.dim() == 2 and self.reduction is not None:
+            out = RewardOutput(_reduce(out.scores, self.reduction), out.info, elements=out.scores)
+        return out
+
+    def evaluate(self, view: SampleView, cond: Cond) -> RewardOutput:
+        """Score the samples of `view` decoded the way this reward asks (`request`); the scores are
+        checked to be one per sample (`check_scores`)."""
+        return check_scores(self, self(view.get(self.request), cond), len(view))
 
     def freeze(self) -> Reward:
         """Put the reward in eval mode with no trainable parameters (reward models are not trained)."""
@@ -64,8 +154,94 @@ class Reward(nn.Module):
         return self.eval()
 
 
+def _num_samples(samples: Any) -> int | None:
+    if isinstance(samples, Tensor):
+        return samples.shape[0] if samples.dim() > 0 else None
+    if isinstance(samples, Mapping):
+        for v in samples.values():
+            n = _num_samples(v)
+            if n is not None:
+                return n
+        return None
+    if isinstance(samples, (list, tuple)):
+        return len(samples)
+    return None
+
+
+class SampleView:
+    """A batch of final samples as rewards see them: decoded on demand, per request, in chunks.
+
+    Built from model space (`backbone`, `x0`, `mask`): `get(request)` calls
+    `backbone.decode(x0, mask, **request)` once per distinct request (cached), `backbone.decode_chunk_size`
+    rows at a time, keeping the autograd graph when x0 has one (reward backprop). Built from decoded
+    `samples` (files to score, test doubles): `get` returns them whatever the request.
+    """
+
+    def __init__(
+        self,
+        backbone: Any = None,
+        x0: Tensor | None = None,
+        mask: Tensor | None = None,
+        samples: Any = None,
+        size: int | None = None,
+    ) -> None:
+        if samples is None and (backbone is None or x0 is None):
+            raise ValueError("SampleView needs (backbone, x0) or decoded samples")
+        self.backbone, self.x0, self.mask, self.samples = backbone, x0, mask, samples
+        self._size = size if size is not None else (x0.shape[0] if x0 is not None else _num_samples(samples))
+        if self._size is None:
+            raise ValueError("SampleView: cannot tell the number of samples; pass size")
+        self._cache: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return self._size
+
+    @classmethod
+    def of(cls, samples: Any, size: int | None = None) -> SampleView:
+        """Decoded samples (or a view) as a view."""
+        return samples if isinstance(samples, SampleView) else cls(samples=samples, size=size)
+
+    def get(self, request: Mapping[str, Any] | None = None) -> Any:
+        """The samples decoded with `request` (a dict of `Backbone.decode` options)."""
+        if self.samples is not None:
+            return self.samples
+        request = dict(request or {})
+        key = repr(sorted(request.items()))
+        if key not in self._cache:
+            chunk = getattr(self.backbone, "decode_chunk_size", None) or self._size
+            x0 = self.x0
+            if self.mask is not None:  # padding is exactly zero for decoders, and gets no gradient
+                x0 = torch.where(expand_mask(self.mask, x0) > 0, x0, torch.zeros_like(x0))
+            parts = [
+                self.backbone.decode(
+                    x0[i : i + chunk],
+                    None if self.mask is None else self.mask[i : i + chunk],
+                    **request,
+                )
+                for i in range(0, self._size, chunk)
+            ]
+            self._cache[key] = parts[0] if len(parts) == 1 else _cat(parts)
+        return self._cache[key]
+
+    def rows(self, idx: Sequence[int]) -> SampleView:
+        """The view of rows `idx` (decodes them afresh)."""
+        if self.samples is not None:
+            return SampleView(samples=index_samples(self.samples, idx), size=len(idx))
+        rows = torch.as_tensor(list(idx), dtype=torch.long, device=self.x0.device)
+        mask = None if self.mask is None else self.mask[rows]
+        return SampleView(self.backbone, self.x0[rows], mask)
+
+
+def score(reward: Reward, view: SampleView, cond: Cond) -> RewardOutput:
+    """`reward.evaluate(view, cond)`: the scores of model-space (or decoded) samples."""
+    return reward.evaluate(view, as_cond(cond, len(view)))
+
+
 class WeightedSum(Reward):
     """Σ wᵢ·rᵢ over several rewards; each term is reported in `info` as "term/<name>" (and logged).
+
+    Each term is evaluated on its own decode request (a per-frame image reward and a temporal reward of
+    one video batch decode differently; equal requests decode once).
 
     Args:
         rewards: the terms.
@@ -85,15 +261,27 @@ class WeightedSum(Reward):
         self.weights = weights
         self.differentiable = all(r.differentiable for r in rewards)
 
-    def forward(self, samples: Any, cond: Cond) -> RewardOutput:
-        total, info = None, {}
+    def term_names(self) -> list[str]:
         names = [r.name for r in self.terms]
-        for r, w, n in zip(self.terms, self.weights, names, strict=True):
-            out = r(samples, cond)
-            key = TERM_PREFIX + (n if names.count(n) == 1 else f"{n}_{len(info)}")
-            info[key] = out.scores.detach()
+        return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+    def _combine(self, outputs: Sequence[RewardOutput]) -> RewardOutput:
+        total, info = None, {}
+        for w, n, out in zip(self.weights, self.term_names(), outputs, strict=True):
+            info[TERM_PREFIX + n] = out.scores.detach()
+            for k, v in out.info.items():
+                info[f"{n}/{k}"] = v
+            if out.elements is not None:
+                info[f"{n}/elements"] = out.elements.detach()
             total = w * out.scores if total is None else total + w * out.scores
         return RewardOutput(scores=total, info=info)
+
+    def evaluate(self, view: SampleView, cond: Cond) -> RewardOutput:
+        return self._combine([r.evaluate(view, cond) for r in self.terms])
+
+    def forward(self, samples: Any, cond: Cond) -> RewardOutput:
+        view = SampleView.of(samples)
+        return self._combine([r.evaluate(view, cond) for r in self.terms])
 
 
 def import_object(path: str) -> Any:
@@ -114,6 +302,8 @@ class FunctionReward(Reward):
         function: dotted path, e.g. "mypkg.rewards.brightness".
         kwargs: extra keyword arguments passed on each call.
         differentiable: whether the function is differentiable in `samples`.
+        request: decode options (see `Reward.request`).
+        reduction: for per-element scores (see `Reward.reduction`).
     """
 
     def __init__(
@@ -122,33 +312,55 @@ class FunctionReward(Reward):
         kwargs: dict[str, Any] | None = None,
         differentiable: bool = False,
         name: str | None = None,
+        request: dict[str, Any] | None = None,
+        reduction: Reduction | None = None,
     ) -> None:
-        super().__init__(name or function.rpartition(".")[2])
+        super().__init__(name or function.rpartition(".")[2], request)
         self.function = function
         self.fn: Callable[..., Any] = import_object(function)
         if not callable(self.fn):
             raise ValueError(f"FunctionReward: {function!r} is not callable")
         self.kwargs = dict(kwargs or {})
         self.differentiable = differentiable
+        self.reduction = reduction
 
     def forward(self, samples: Any, cond: Cond) -> RewardOutput:
-        out = self.fn(samples, cond, **self.kwargs)
-        if isinstance(out, RewardOutput):
-            return out
-        if not isinstance(out, Tensor):
-            out = torch.as_tensor([float("nan") if v is None else float(v) for v in out])
-        return RewardOutput(scores=out.float())
+        return _as_output(self.fn(samples, cond, **self.kwargs))
+
+
+class LearnedReward(Reward):
+    """A trained scoring network used as a reward (frozen; differentiable if the network is).
+
+    The network is called as `network(samples, cond["prompt"])` (None when the rows have no prompts),
+    the contract `RewardModelModule` trains it under.
+
+    Args:
+        network: the same architecture that `RewardModelModule` trained.
+        weights: its exported safetensors (path or pkg:// spec).
+        name: reward name for logs.
+    """
+
+    differentiable = True
+
+    def __init__(self, network: nn.Module, weights: str, name: str = "learned_reward") -> None:
+        super().__init__(name)
+        from diffalign.core.io import load_state_dict
+
+        load_state_dict(network, weights)
+        self.network = network
+        self.freeze()
+
+    def forward(self, samples: Tensor, cond: Cond) -> RewardOutput:
+        self.network.to(samples.device)  # a frozen reward may live outside a LightningModule
+        out = self.network(samples, cond.get("prompt"))
+        return RewardOutput(scores=out.reshape(samples.shape[0]).float())
 
 
 # ---------------------------------------------------------------------------------------------------
-# Guarding against NaN and crashing rewards
+# Guarding against NaN, crashing and misshapen rewards
 # ---------------------------------------------------------------------------------------------------
-class RewardError(RuntimeError):
-    """A reward produced NaN/inf or raised, and the configuration says to stop."""
-
-
 def index_samples(samples: Any, idx: Sequence[int]) -> Any:
-    """Select rows `idx` of a batch of samples (tensor, list/tuple, or dict of those)."""
+    """Select rows `idx` of a batch of decoded samples (tensor, list/tuple, or dict of those)."""
     if isinstance(samples, Tensor):
         return samples[torch.as_tensor(list(idx), dtype=torch.long, device=samples.device)]
     if isinstance(samples, Mapping):
@@ -158,18 +370,16 @@ def index_samples(samples: Any, idx: Sequence[int]) -> Any:
     raise TypeError(f"cannot index samples of type {type(samples).__name__}")
 
 
-def _index_cond(cond: Cond, idx: Sequence[int]) -> Cond:
-    return {k: index_samples(v, idx) for k, v in cond.items()}
-
-
 @dataclass
 class ScoredBatch:
-    """Guarded reward result: scores (B,) with invalid rows set to NaN, `keep` (B,) bool, reasons."""
+    """Guarded reward result: scores (B,) with invalid rows set to NaN, `keep` (B,) bool, reasons,
+    per-sample info and, for per-element rewards, the element scores (B, E)."""
 
     scores: Tensor
     keep: Tensor
     info: dict[str, Tensor]
     reasons: dict[int, str]
+    elements: Tensor | None = None
 
     @property
     def num_dropped(self) -> int:
@@ -177,14 +387,15 @@ class ScoredBatch:
 
 
 class GuardedReward:
-    """Calls a reward and applies one policy to NaN/inf scores and exceptions.
+    """Calls a reward and applies one policy to NaN/inf scores, exceptions and wrong shapes.
 
     on_invalid="raise": stop with a `RewardError` naming the reward and the first bad sample index.
     on_invalid="drop": mark those samples invalid (`keep` False), count them, and go on; if a whole
-    batch is invalid it still raises, since nothing is left to train on.
+    batch is invalid it still raises, since nothing is left to train on. A reward that returns the
+    wrong shape raises `RewardShapeError` under either policy (its scores cannot be matched to samples).
 
     When the reward raises on a batch, each sample is scored alone to find which ones fail.
-    Also counts reward queries (samples scored), for sample-efficiency reports.
+    Also counts reward queries (samples scored) and dropped samples, for reports.
     """
 
     def __init__(self, reward: Reward, on_invalid: OnInvalid = "raise") -> None:
@@ -195,101 +406,73 @@ class GuardedReward:
         self.queries = 0
         self.dropped = 0
 
-    def __call__(self, samples: Any, cond: Cond, batch_size: int) -> ScoredBatch:
-        self.queries += batch_size
+    def __call__(self, samples: SampleView | Any, cond: Cond, batch_size: int | None = None) -> ScoredBatch:
+        view = SampleView.of(samples, batch_size)
+        n = len(view)
+        cond = as_cond(cond, n)
+        self.queries += n
         reasons: dict[int, str] = {}
         info: dict[str, Tensor] = {}
+        elements = None
         try:
-            out = self.reward(samples, cond)
-            scores = out.scores.reshape(-1)
-            info = out.info
-            if scores.shape[0] != batch_size:
-                raise RewardError(
-                    f"reward '{self.reward.name}' returned {scores.shape[0]} scores for {batch_size} samples"
-                )
-        except RewardError:
+            out = self.reward.evaluate(view, cond)
+            scores, info, elements = out.scores, out.info, out.elements
+        except RewardShapeError:
             raise
         except Exception as batch_error:  # find the failing rows one by one
-            scores = torch.full((batch_size,), float("nan"))
-            for i in range(batch_size):
+            scores = torch.full((n,), float("nan"))
+            for i in range(n):
                 try:
-                    s = self.reward(index_samples(samples, [i]), _index_cond(cond, [i])).scores.reshape(-1)
+                    s = self.reward.evaluate(view.rows([i]), cond[[i]]).scores
                     scores[i] = s[0].detach().float().cpu()
+                except RewardShapeError:
+                    raise
                 except Exception as e:  # noqa: BLE001 - any reward failure is reported per sample
                     reasons[i] = f"{type(e).__name__}: {e}"
             if not reasons:  # fails only in batch: treat the whole batch as failed
-                reasons = {i: f"{type(batch_error).__name__}: {batch_error}" for i in range(batch_size)}
+                reasons = {i: f"{type(batch_error).__name__}: {batch_error}" for i in range(n)}
                 scores[:] = float("nan")
         finite = torch.isfinite(scores.detach()).cpu()
+        if elements is not None:
+            finite &= torch.isfinite(elements.detach()).all(dim=1).cpu()
         for i in (~finite).nonzero().flatten().tolist():
-            reasons.setdefault(i, f"score is {scores[i].item()}")
+            what = f"score is {scores[i].item()}"
+            if elements is not None and torch.isfinite(scores[i]).item():
+                what = "a per-element score is not finite"
+            reasons.setdefault(i, what)
         if reasons:
             first = min(reasons)
             msg = (
-                f"reward '{self.reward.name}' failed on {len(reasons)} of {batch_size} samples; "
+                f"reward '{self.reward.name}' failed on {len(reasons)} of {n} samples; "
                 f"first at sample index {first}: {reasons[first]}"
             )
             if self.on_invalid == "raise":
                 raise RewardError(msg + " (set on_invalid_reward: drop to skip such samples)")
-            if len(reasons) == batch_size:
+            if len(reasons) == n:
                 raise RewardError(msg + " — every sample in the batch failed, nothing to train on")
             log.warning("%s; dropping them", msg)
             self.dropped += len(reasons)
-        keep = torch.ones(batch_size, dtype=torch.bool)
+        keep = torch.ones(n, dtype=torch.bool)
         keep[list(reasons)] = False
-        return ScoredBatch(scores=scores, keep=keep.to(scores.device), info=info, reasons=reasons)
+        return ScoredBatch(
+            scores=scores, keep=keep.to(scores.device), info=info, reasons=reasons, elements=elements
+        )
 
 
-# ---------------------------------------------------------------------------------------------------
-# Advantages
-# ---------------------------------------------------------------------------------------------------
-def batch_advantages(rewards: Tensor, eps: float = 1e-8) -> Tensor:
-    """(R − mean) / (std + eps) over the batch."""
-    return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + eps)
-
-
-class PerPromptNormalizer:
-    """Per-condition reward normalisation with a running buffer per key (DDPO's stat tracker).
-
-    A key's advantage is (R − μ_key)/(σ_key + eps) over the last `buffer_size` rewards seen for that key;
-    while a key has fewer than `min_count` rewards, the statistics of the whole batch are used instead.
-    Its state is plain data so it can go into a checkpoint.
-    """
-
-    def __init__(self, buffer_size: int = 32, min_count: int = 16, eps: float = 1e-6) -> None:
-        self.buffer_size = buffer_size
-        self.min_count = min_count
-        self.eps = eps
-        self.buffers: dict[str, list[float]] = {}
-
-    def __call__(self, keys: Sequence[str], rewards: Tensor) -> Tensor:
-        r = rewards.detach().float().cpu()
-        adv = torch.empty_like(r)
-        keys = [str(k) for k in keys]
-        for key in dict.fromkeys(keys):
-            rows = [i for i, k in enumerate(keys) if k == key]
-            buf = self.buffers.setdefault(key, [])
-            buf.extend(r[rows].tolist())
-            del buf[: max(0, len(buf) - self.buffer_size)]
-            ref = torch.tensor(buf) if len(buf) >= self.min_count else r
-            mean, std = ref.mean(), ref.std(unbiased=False)
-            adv[rows] = (r[rows] - mean) / (std + self.eps)
-        return adv.to(rewards.device)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"buffers": {k: list(v) for k, v in self.buffers.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.buffers = {k: list(v) for k, v in state.get("buffers", {}).items()}
-
-
-def cond_keys(cond: Cond, batch_size: int) -> list[str]:
-    """A hashable key per row of `cond` (for grouping samples by condition when no prompt is given)."""
-    keys = [[] for _ in range(batch_size)]
-    for name in sorted(cond):
-        v = cond[name]
-        if isinstance(v, Tensor):
-            flat = v.detach().reshape(batch_size, -1).float().cpu()
-            for i in range(batch_size):
-                keys[i].append(f"{name}={flat[i].numpy().tobytes().hex()}")
-    return ["|".join(k) for k in keys]
+def reward_metrics(scored: ScoredBatch, prefix: str = "reward/") -> dict[str, float]:
+    """Means of the kept rows of every per-sample info entry and of each element column (logged)."""
+    keep = scored.keep.cpu()
+    n = keep.shape[0]
+    metrics: dict[str, float] = {}
+    for name, v in scored.info.items():
+        v = torch.as_tensor(v).detach().float().cpu()
+        if v.dim() >= 1 and v.shape[0] == n:
+            v = v[keep]
+        if v.numel():
+            metrics[f"{prefix}{name}"] = float(v.mean())
+    if scored.elements is not None:
+        e = scored.elements.detach().float().cpu()[keep]
+        if e.numel():
+            for j in range(min(e.shape[1], 32)):
+                metrics[f"{prefix}element_{j}"] = float(e[:, j].mean())
+    return metrics

@@ -1,7 +1,9 @@
 """Reward modelling: learn a reward from preferences (Bradley–Terry pairs, Plackett–Luce rankings).
 
-`RewardModelModule` trains any scoring network (an `nn.Module` mapping a batch of samples in the
-modality's layout, plus optional prompts, to one score per sample) on a `PreferenceDataModule`:
+`RewardModelModule` trains any scoring network on a `PreferenceDataModule`. The network's contract:
+`forward(samples, prompts) -> (B,) scores`, where `samples` are in the modality's layout and `prompts`
+the B conditions of the rows (a list, or None when the data has none); a network that ignores prompts
+simply takes the argument and leaves it unused.
 
 - pairs (winner, loser, label y): Bradley–Terry, −[y·log σ(s_w − s_l) + (1 − y)·log σ(s_l − s_w)];
 - rankings (`ranking`: (B, K, ...) samples ordered best → worst): Plackett–Luce,
@@ -22,8 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from diffalign.core.reward import Reward, RewardOutput
-from diffalign.core.types import Cond
+from diffalign.core.reward import LearnedReward
 
 
 def bradley_terry_loss(s_w: Tensor, s_l: Tensor, label: Tensor | None = None) -> Tensor:
@@ -60,11 +61,8 @@ class RewardModelModule(L.LightningModule):
         self.export_path = export_path
 
     def score(self, samples: Tensor, prompts: Any = None) -> Tensor:
-        try:
-            out = self.network(samples, prompts)
-        except TypeError:
-            out = self.network(samples)
-        return out.reshape(samples.shape[0])
+        """The network's (B,) scores of `samples` for `prompts`."""
+        return self.network(samples, prompts).reshape(samples.shape[0])
 
     def _step(self, batch: dict[str, Any], prefix: str) -> Tensor:
         prompts = batch.get("prompt")
@@ -107,28 +105,4 @@ class RewardModelModule(L.LightningModule):
             print(f"exported reward model to {save_state_dict(self.network, self.export_path)}")
 
 
-class LearnedReward(Reward):
-    """A trained scoring network used as a reward (frozen; differentiable if the network is).
-
-    Args:
-        network: the same architecture that `RewardModelModule` trained.
-        weights: its exported safetensors (path or pkg:// spec).
-        name: reward name for logs.
-    """
-
-    differentiable = True
-
-    def __init__(self, network: nn.Module, weights: str, name: str = "learned_reward") -> None:
-        super().__init__(name)
-        from diffalign.core.io import load_state_dict
-
-        load_state_dict(network, weights)
-        self.network = network
-        self.freeze()
-
-    def forward(self, samples: Tensor, cond: Cond) -> RewardOutput:
-        try:
-            out = self.network(samples, cond.get("prompt"))
-        except TypeError:
-            out = self.network(samples)
-        return RewardOutput(scores=out.reshape(samples.shape[0]).float())
+__all__ = ["LearnedReward", "RewardModelModule", "bradley_terry_loss", "plackett_luce_loss"]

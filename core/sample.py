@@ -9,14 +9,15 @@ weights are loaded first. It writes into the output folder:
 - the modality's own files when the backbone defines
   `save_samples(samples, folder, prompts, start_index=...)` (e.g. image grids).
 
-Randomness: one generator per batch, seeded by the batch's first (prompt, seed) pair; a row's `seed` in
-results.json identifies it, and results are reproducible for the same recipe and `batch_size` (changing
-`batch_size` changes which noise each row gets).
+Randomness follows the project's seeding rule (`core.sampling`): each (prompt, seed) pair has its own
+generator, so a row's sample is the same at any `batch_size`, and `PlainSampling` reproduces exactly the
+samples the evaluation of a training run (and `diffalign predict`) draws for the same pair.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -39,7 +40,9 @@ def build_parser(require_method: bool = True) -> Any:
     parser.add_subclass_arguments(Reward, "reward", required=True)
     if require_method:
         parser.add_subclass_arguments(TestTimeMethod, "method", required=True)
-    parser.add_argument("--prompts", type=list[str | int], required=True, help="conditions to sample")
+    parser.add_argument(
+        "--prompts", type=list[str | int | dict[str, Any]], required=True, help="conditions to sample"
+    )
     parser.add_argument("--seeds_per_prompt", type=int, default=4)
     parser.add_argument("--seed", type=int, default=10_000, help="first seed")
     parser.add_argument("--batch_size", type=int, default=16, help="conditions per batch")
@@ -81,44 +84,38 @@ def run_sampling(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Sample every (prompt, seed) pair with `method`, write the outputs, return the summary."""
-    from tqdm.auto import tqdm
+    from diffalign.core.io import atomic_write, write_json
+    from diffalign.core.sampling import finite_mean, sample_pairs, seed_pairs
 
-    pairs = [(p, seed + 1000 * i + j) for i, p in enumerate(prompts) for j in range(seeds_per_prompt)]
+    pairs = seed_pairs(prompts, seeds_per_prompt, seed)
     output.mkdir(parents=True, exist_ok=True)
     policy.eval()
     reward.freeze()
     rows, all_x0, nfe_total = [], [], 0.0
     start = time.perf_counter()
-    bar = tqdm(
-        total=len(pairs), desc=f"sampling ({type(method).__name__})", disable=not progress, file=sys.stderr
-    )
-    for b in range(0, len(pairs), batch_size):
-        chunk = pairs[b : b + batch_size]
-        batch_prompts = [p for p, _ in chunk]
-        cond = policy.backbone.encode_condition({"prompt": batch_prompts})
-        result = method(policy, cond, reward, torch.Generator().manual_seed(int(chunk[0][1])))
-        all_x0.append(result.x0.cpu())
-        nfe_total += result.nfe_per_sample * len(chunk)
-        for (p, s), r in zip(chunk, result.scores.tolist(), strict=True):
-            rows.append({"prompt": p, "seed": s, "reward": r, "nfe": result.nfe_per_sample})
-        saver = getattr(policy.backbone, "save_samples", None)
+    saver = getattr(policy.backbone, "save_samples", None)
+    done = 0
+    desc = f"sampling ({type(method).__name__})"
+    for batch in sample_pairs(policy, pairs, batch_size, reward, method, progress=progress, desc=desc):
+        chunk = pairs[done : done + len(batch)]
+        all_x0.append(batch.x0.cpu())
+        nfe_total += batch.nfe_per_sample * len(batch)
+        for (p, s), r in zip(chunk, batch.scores.tolist(), strict=True):
+            rows.append({"prompt": p, "seed": s, "reward": r, "nfe": batch.nfe_per_sample})
         if saver is not None:
-            saver(result.samples, output, batch_prompts, start_index=b)
-        bar.update(len(chunk))
-    bar.close()
-    finite = [r["reward"] for r in rows if r["reward"] == r["reward"] and abs(r["reward"]) != float("inf")]
+            saver(batch.samples(), output, [p for p, _ in chunk], start_index=done)
+        done += len(batch)
+    finite = [r["reward"] for r in rows if math.isfinite(r["reward"])]
     summary = {
         "method": type(method).__name__,
         "reward_name": reward.name,
-        "reward_mean": sum(finite) / len(finite) if finite else None,
+        "reward_mean": finite_mean(finite),
         "samples": len(rows),
         "failed": len(rows) - len(finite),
         "nfe_per_sample": nfe_total / max(1, len(rows)),
         "wall_seconds": round(time.perf_counter() - start, 3),
         "rows": rows,
     }
-    from diffalign.core.io import atomic_write, write_json
-
     write_json(output / "results.json", summary)
     x0 = torch.cat(all_x0)
     atomic_write(

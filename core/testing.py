@@ -31,11 +31,29 @@ def timestep_features(t: Tensor, dim: int, scale: float) -> Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+def class_ids(batch: Mapping[str, Any], num_classes: int) -> Tensor:
+    """The class ids (B,) under the batch's "prompt" key (ints, digit strings or a tensor), checked."""
+    if "prompt" not in batch:
+        raise KeyError(f"the toy backbones read class ids from batch key 'prompt'; got keys {sorted(batch)}")
+    values = batch["prompt"]
+    if isinstance(values, Tensor):
+        labels = values.reshape(-1)
+    else:
+        try:
+            labels = torch.as_tensor([int(v) for v in values])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"toy conditions are class ids (ints), got {list(values)[:4]}: {e}") from None
+    if ((labels < 0) | (labels >= num_classes)).any():
+        raise ValueError(f"class ids must be in [0, {num_classes}), got {labels.tolist()}")
+    return labels.long()
+
+
 class ToyBackbone(Backbone):
     """A class-conditional MLP denoiser on `dim`-dimensional points.
 
-    Conditions are class ids under batch key "prompt" (or "label"); class `num_classes` is the null
-    condition for classifier-free guidance.
+    Conditions are class ids under batch key "prompt" (ints or digit strings); class `num_classes` is
+    the null condition for classifier-free guidance. (Preference batches use "label" for the
+    preference strength: the condition is always read from "prompt".)
 
     Args:
         dim: point dimension.
@@ -80,16 +98,10 @@ class ToyBackbone(Backbone):
     def make_scheduler(self) -> Any:
         return standard_scheduler(self.prediction_type, self.num_train_timesteps, self.beta_schedule)
 
-    def encode_condition(self, batch: Mapping[str, Any]) -> Cond:
-        labels = batch.get("label", batch.get("prompt"))
-        if labels is None:
-            raise KeyError(f"ToyBackbone needs class ids under 'prompt' or 'label'; got keys {sorted(batch)}")
-        labels = torch.as_tensor([int(v) for v in labels] if isinstance(labels, (list, tuple)) else labels)
-        if ((labels < 0) | (labels >= self.num_classes)).any():
-            raise ValueError(f"class ids must be in [0, {self.num_classes}), got {labels.tolist()}")
-        return {"label": labels.long().to(self.class_emb.weight.device)}
+    def encode_condition(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        return {"label": class_ids(batch, self.num_classes).to(self.class_emb.weight.device)}
 
-    def null_condition(self, cond: Cond) -> Cond:
+    def null_condition(self, cond: Cond) -> dict[str, Tensor]:
         return {"label": torch.full_like(cond["label"], self.num_classes)}
 
     def init_noise(self, cond: Cond, generator: Generator = None) -> tuple[Tensor, Tensor | None]:
@@ -108,6 +120,130 @@ class ToyBackbone(Backbone):
             dim=-1,
         )
         return self.net(h)
+
+
+class PointSetBackbone(Backbone):
+    """Sets of 2-D points whose size varies per sample: the core's variable-size test double.
+
+    Model space: (B, N, 2) with N = `max_points`, and a mask (B, N) of real points (`variable_axis` 0).
+    A condition is a class id c under "prompt"; its sets have `min_points + c % (max_points − min_points
+    + 1)` points. The denoiser is a per-point MLP over the point, the masked mean of the set, the time
+    and the class — and deliberately *leaky*: it returns non-zero outputs at padded rows, so a test on
+    it shows that the core (not the backbone) keeps padding out of noise, states, losses and gradients.
+
+    Sample layout (`decode`): `{"points": (B, N, 2), "mask": (B, N)}`, padding explicit (zeros, mask 0).
+    `encode` takes that layout or a list of (n_i, 2) tensors (padded with `functional.pad_stack`).
+
+    With `probe_gradients`, every denoiser output that requires grad records the largest |gradient|
+    that reaches its padded rows in `padded_grad_max` (what the contract test asserts is 0).
+    """
+
+    variable_axis = 0
+
+    def __init__(
+        self,
+        num_classes: int = 3,
+        max_points: int = 5,
+        min_points: int = 2,
+        hidden: int = 32,
+        prediction_type: Literal["epsilon", "v_prediction", "sample", "flow"] = "epsilon",
+        probe_gradients: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 1 <= min_points <= max_points:
+            raise ValueError(f"need 1 <= min_points <= max_points, got {min_points}, {max_points}")
+        self.num_classes, self.max_points, self.min_points = num_classes, max_points, min_points
+        self.prediction_type = prediction_type
+        emb = 8
+        self.class_emb = nn.Embedding(num_classes + 1, emb)
+        self.net = nn.Sequential(
+            nn.Linear(4 + 2 * emb, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, 2),
+        )
+        self.time_dim = emb
+        self.probe_gradients = probe_gradients
+        self.padded_grad_max: list[float] = []
+
+    def make_scheduler(self) -> Any:
+        return standard_scheduler(self.prediction_type, 1000)
+
+    def num_points(self, labels: Tensor) -> Tensor:
+        return self.min_points + labels.long() % (self.max_points - self.min_points + 1)
+
+    def encode_condition(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        return {"label": class_ids(batch, self.num_classes).to(self.class_emb.weight.device)}
+
+    def null_condition(self, cond: Cond) -> dict[str, Tensor]:
+        return {"label": torch.full_like(cond["label"], self.num_classes)}
+
+    def mask_for(self, labels: Tensor) -> Tensor:
+        n = self.num_points(labels)
+        return (torch.arange(self.max_points, device=labels.device)[None, :] < n[:, None]).float()
+
+    def init_noise(self, cond: Cond, generator: Generator = None) -> tuple[Tensor, Tensor | None]:
+        from diffalign.core.functional import masked_noise
+
+        mask = self.mask_for(cond["label"])
+        x = masked_noise((mask.shape[0], self.max_points, 2), generator, mask, device=mask.device)
+        return x, mask
+
+    def denoise(self, x_t: Tensor, t: Tensor, cond: Cond, mask: Tensor | None = None) -> Tensor:
+        b, n = x_t.shape[:2]
+        m = mask if mask is not None else torch.ones((b, n), device=x_t.device)
+        t = torch.as_tensor(t, device=x_t.device)
+        t = t.expand(b) if t.dim() == 0 else t
+        pooled = (x_t * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
+        h = torch.cat(
+            [
+                x_t.float(),
+                pooled[:, None, :].expand(b, n, 2),
+                timestep_features(t, self.time_dim, 1000)[:, None, :].expand(b, n, self.time_dim),
+                self.class_emb(cond["label"])[:, None, :].expand(b, n, self.time_dim),
+            ],
+            dim=-1,
+        )
+        out = self.net(h)
+        if self.probe_gradients and out.requires_grad and mask is not None:
+            pad = (m == 0)[..., None]
+
+            def record(g: Tensor) -> None:
+                self.padded_grad_max.append(float(g.abs().masked_select(pad).max()) if pad.any() else 0.0)
+
+            out.register_hook(record)
+        return out
+
+    def decode(self, x0: Tensor, mask: Tensor | None = None, **request: Any) -> dict[str, Tensor]:
+        if request:
+            raise ValueError(f"PointSetBackbone.decode takes no options, got {sorted(request)}")
+        m = mask if mask is not None else torch.ones(x0.shape[:2], device=x0.device)
+        return {"points": x0 * m[..., None], "mask": m}
+
+    def encode(self, samples: Any) -> tuple[Tensor, Tensor | None]:
+        from diffalign.core.functional import pad_stack
+
+        if isinstance(samples, Mapping):
+            points, mask = (
+                torch.as_tensor(samples["points"]).float(),
+                torch.as_tensor(samples["mask"]).float(),
+            )
+        else:
+            sets = [torch.as_tensor(x).float() for x in samples]
+            if any(x.shape[0] > self.max_points for x in sets):
+                raise ValueError(f"a point set has more than max_points={self.max_points} points")
+            points, mask = pad_stack(sets, axis=0)
+        points = _pad_points(points, self.max_points)
+        mask = _pad_points(mask[..., None], self.max_points)[..., 0]
+        dev = self.class_emb.weight.device
+        return (points * mask[..., None]).to(dev), mask.to(dev)
+
+
+def _pad_points(x: Tensor, n: int) -> Tensor:
+    from diffalign.core.functional import pad_along
+
+    return pad_along(x, n, 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -149,11 +285,28 @@ class LinearReward(Reward):
         return RewardOutput(scores=x @ w + self.bias)
 
 
+class PointSetReward(Reward):
+    """Mean over the real points of a `PointSetBackbone` sample of exp(−‖p − center‖²/2) (differentiable;
+    reads the padding from the layout's mask)."""
+
+    differentiable = True
+
+    def __init__(self, center: Sequence[float] = (1.0, 0.0)) -> None:
+        super().__init__("point_set")
+        self.center = torch.tensor(list(center), dtype=torch.float32)
+
+    def forward(self, samples: Mapping[str, Tensor], cond: Cond) -> RewardOutput:
+        p, m = samples["points"].float(), samples["mask"].float()
+        d2 = ((p - self.center.to(p.device)) ** 2).sum(-1)
+        per_point = torch.exp(-d2 / 2) * m
+        return RewardOutput(scores=per_point.sum(1) / m.sum(1).clamp_min(1))
+
+
 class FlakyReward(Reward):
     """Wraps a reward and makes chosen rows NaN or raise (tests the reward guard).
 
-    Rows are identified by `cond["row"]` when present (so a per-sample retry knows which row it is
-    scoring), else by position in the batch.
+    Rows are identified by `cond["row"]` (a tensor or a metadata list) when present (so a per-sample
+    retry knows which row it is scoring), else by position in the batch.
     """
 
     def __init__(self, base: Reward, nan_rows: Sequence[int] = (), raise_rows: Sequence[int] = ()) -> None:
@@ -161,7 +314,8 @@ class FlakyReward(Reward):
         self.base, self.nan_rows, self.raise_rows = base, set(nan_rows), set(raise_rows)
 
     def forward(self, samples: Tensor, cond: Cond) -> RewardOutput:
-        rows = cond["row"].tolist() if "row" in cond else list(range(samples.shape[0]))
+        rows = list(cond["row"]) if "row" in cond else list(range(samples.shape[0]))
+        rows = [int(r) for r in rows]
         bad = sorted(self.raise_rows.intersection(rows))
         if bad:
             raise ValueError(f"flaky reward failed on rows {bad}")
@@ -200,12 +354,14 @@ def check_backbone(
     """Assert that a backbone fits the core contract (raises AssertionError naming the failed check).
 
     Checks: init_noise/denoise shapes; a seeded rollout is deterministic; re-scored log-probs equal the
-    recorded ones (ratio == 1); gradients reach only trainable parameters.
+    recorded ones (ratio == 1); gradients reach only trainable parameters; `encode` returns
+    `(x0, mask | None)`; padded entries (mask 0) of every state stay unchanged.
     """
+    from diffalign.core.functional import expand_mask
     from diffalign.core.policy import DiffusionPolicy
 
     policy = DiffusionPolicy(backbone, kernel, num_steps=num_steps)
-    cond = backbone.encode_condition(batch)
+    cond = backbone.condition(batch)
     x, mask = backbone.init_noise(cond, torch.Generator().manual_seed(0))
     t = torch.full((x.shape[0],), policy.kernel.num_train_timesteps // 2, device=x.device)
     out = backbone.denoise(x, t, cond, mask)
@@ -213,6 +369,12 @@ def check_backbone(
     t1 = policy.rollout(cond, torch.Generator().manual_seed(1))
     t2 = policy.rollout(cond, torch.Generator().manual_seed(1))
     assert torch.equal(t1.states, t2.states), "rollout with the same seed is not deterministic"
+    if t1.mask is not None:
+        pad = expand_mask(t1.mask, t1.states[:, 0]) == 0
+        for i in range(1, t1.num_steps + 1):
+            assert torch.equal(t1.states[:, i][pad], t1.states[:, 0][pad]), "a padded entry changed"
+    enc = backbone.encode(backbone.decode(t1.x0, t1.mask))
+    assert isinstance(enc, tuple) and len(enc) == 2, "encode must return (x0, mask | None)"
     for step in range(num_steps):
         lp = policy.log_prob(t1, step).log_prob
         err = (lp - t1.log_probs[:, step]).abs().max().item()

@@ -3,12 +3,12 @@
 - `JpegCompressibility` / `JpegIncompressibility`: DDPO's tasks, −/+ JPEG size in kB at a fixed
   quality (PIL; not differentiable).
 - `DigitFidelity`: probability the shipped digit classifier gives the digit the prompt asks for
-  (differentiable). The digit comes from `cond["digit"]`, which `ImageBackbone.encode_condition` fills
-  from prompts like "a handwritten 7".
+  (differentiable). The digit is read from the prompt text `cond["prompt"]` ("a handwritten 7" or
+  "... seven" → 7; a prompt dict's `digit`; an int digit id).
 - `Brightness`: −(mean intensity − target)², a differentiable test reward.
 - `DigitScorer`: a small CNN scoring an image *for the digit its prompt asks for*, the network of a
-  digit reward model learned from preferences (`RewardModelModule`); `LearnedDigitReward` loads its
-  exported weights as a reward (it hands the network `cond["digit"]`, which `LearnedReward` cannot).
+  digit reward model learned from preferences (`RewardModelModule`); `LearnedReward` (core) loads its
+  exported weights as a reward and hands it the prompts.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffalign.core.reward import Reward, RewardOutput
+from diffalign.core.reward import LearnedReward, Reward, RewardOutput
 from diffalign.core.types import Cond
 
 
@@ -79,8 +79,8 @@ class JpegIncompressibility(JpegCompressibility):
 class DigitFidelity(Reward):
     """Probability the digit classifier assigns to the requested digit (differentiable).
 
-    The requested digit is `cond["digit"]` (B,) — `ImageBackbone.encode_condition` sets it from the
-    prompt ("a handwritten 7" → 7). Rows asking for no digit (−1) raise, since their score is undefined.
+    The requested digit is read from each row's prompt, `cond["prompt"]` ("a handwritten 7" → 7; see
+    `prompted_digits`). Rows asking for no digit raise, since their score is undefined.
 
     Args:
         weights: classifier weights (path or pkg:// spec; default the shipped classifier trained by
@@ -99,15 +99,7 @@ class DigitFidelity(Reward):
 
     def forward(self, samples: Tensor, cond: Cond) -> RewardOutput:
         _check_images(samples, self.name)
-        if "digit" not in cond:
-            raise KeyError(
-                "DigitFidelity needs the requested digit under cond['digit'] (ImageBackbone.encode_condition "
-                f"sets it from prompts like 'a handwritten 7'); cond has keys {sorted(cond)}"
-            )
-        digit = cond["digit"].to(samples.device).long().reshape(-1)
-        if (digit < 0).any() or (digit > 9).any():
-            bad = digit[(digit < 0) | (digit > 9)].tolist()
-            raise ValueError(f"DigitFidelity: prompts must name a digit 0-9; got digit ids {bad}")
+        digit = prompted_digits(cond.get("prompt"), samples.shape[0], samples.device, self.name)
         self.classifier.to(samples.device)
         logp = self.classifier(samples).log_softmax(-1)
         chosen = logp.gather(1, digit[:, None])[:, 0]
@@ -139,32 +131,39 @@ class Brightness(Reward):
         return RewardOutput(scores=-err.mean(-1), info={"mean_intensity": mean.mean(-1).detach()})
 
 
-def prompted_digits(prompts: Any, batch_size: int, device: torch.device | None = None) -> Tensor:
-    """The digit (B,) long each row asks for, from prompt strings ("a handwritten 7"), digit ids (ints or
-    a tensor), or a condition dict with `digit` (what `ImageBackbone.encode_condition` returns)."""
+def _digit_of(prompt: Any) -> int:
+    if isinstance(prompt, Mapping):
+        if "digit" not in prompt:
+            raise KeyError(f"a prompt dict needs 'digit'; it has keys {sorted(prompt)}")
+        return int(prompt["digit"])
+    if isinstance(prompt, int):
+        return prompt
+    from diffalign.modalities.image.conditioning import prompt_digit
+
+    return prompt_digit(str(prompt))
+
+
+def prompted_digits(
+    prompts: Any, batch_size: int, device: torch.device | None = None, who: str = "DigitScorer"
+) -> Tensor:
+    """The digit (B,) long each row asks for: from prompt strings ("a handwritten 7" or "... seven"),
+    digit ids (ints or a tensor), or prompt dicts with a `digit` entry."""
     if prompts is None:
         raise ValueError(
-            "DigitScorer needs the prompts (or digit ids) of the images it scores; as a reward use "
-            "diffalign.rewards.image.LearnedDigitReward, which passes cond['digit']"
+            f"{who} needs the prompts of the images it scores (cond['prompt']: strings such as "
+            "'a handwritten 7', digit ids, or dicts with 'digit')"
         )
-    if isinstance(prompts, Mapping):
-        if "digit" not in prompts:
-            raise KeyError(f"a condition dict needs 'digit'; it has keys {sorted(prompts)}")
-        prompts = prompts["digit"]
     if isinstance(prompts, Tensor):
         digit = prompts.reshape(-1).long()
-    elif isinstance(prompts, str) or not isinstance(prompts, Sequence):
-        raise TypeError(f"prompts must be a list of prompts or digit ids, got {type(prompts).__name__}")
+    elif isinstance(prompts, (str, Mapping)) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list (one per image), got {type(prompts).__name__}")
     else:
-        from diffalign.modalities.image.conditioning import prompt_digit
-
-        digit = torch.tensor(
-            [int(p) if isinstance(p, int) else prompt_digit(str(p)) for p in prompts], dtype=torch.long
-        )
+        digit = torch.tensor([_digit_of(p) for p in prompts], dtype=torch.long)
     if digit.numel() != batch_size:
-        raise ValueError(f"got {digit.numel()} prompts for {batch_size} images")
+        raise ValueError(f"{who}: got {digit.numel()} prompts for {batch_size} images")
     if (digit < 0).any() or (digit > 9).any():
-        raise ValueError(f"every prompt must name a digit 0-9; got digit ids {digit.tolist()}")
+        bad = [p for p, d in zip(list(prompts), digit.tolist(), strict=False) if not 0 <= d <= 9][:3]
+        raise ValueError(f"{who}: every prompt must name a digit 0-9; these do not: {bad}")
     return digit.to(device) if device is not None else digit
 
 
@@ -176,8 +175,8 @@ class DigitScorer(nn.Module):
     until trained on preferences (`RewardModelModule`, e.g. recipes/image/reward_model_digits.yaml).
 
     `forward(samples, prompts)`: samples float (B, 3, H, W) or (B, 1, H, W) in [0, 1] (RGB is averaged
-    to gray); prompts a list of prompt strings or digit ids, a (B,) digit tensor, or a condition dict
-    with `digit`. Returns scores (B,).
+    to gray); prompts a list of prompt strings, digit ids or prompt dicts with `digit`, or a (B,) digit
+    tensor. Returns scores (B,).
 
     Args:
         width: channels of the first conv (the others use 2× width).
@@ -203,11 +202,10 @@ class DigitScorer(nn.Module):
         return self.logits(samples).gather(1, digit[:, None])[:, 0]
 
 
-class LearnedDigitReward(Reward):
-    """A preference-trained `DigitScorer` (or any network taking digit ids) as a reward (frozen).
-
-    Like `diffalign.core.reward_model.LearnedReward`, except that the network gets the requested digit
-    `cond["digit"]`: image conditions carry no `prompt` for `LearnedReward` to pass. Differentiable.
+class LearnedDigitReward(LearnedReward):
+    """`core.reward_model.LearnedReward` with a `DigitScorer` network by default: a preference-trained
+    digit reward model as a reward (frozen, differentiable). The network reads the requested digit from
+    the prompts (`cond["prompt"]`).
 
     Args:
         weights: the exported safetensors (`RewardModelModule`'s `export_path`).
@@ -215,25 +213,7 @@ class LearnedDigitReward(Reward):
         name: reward name for logs.
     """
 
-    differentiable = True
-
     def __init__(
         self, weights: str, network: nn.Module | None = None, name: str = "learned_digit_reward"
     ) -> None:
-        super().__init__(name)
-        from diffalign.core.io import load_state_dict
-
-        self.network = network if network is not None else DigitScorer()
-        load_state_dict(self.network, weights)
-        self.freeze()
-
-    def forward(self, samples: Tensor, cond: Cond) -> RewardOutput:
-        _check_images(samples, self.name)
-        if "digit" not in cond:
-            raise KeyError(
-                f"{self.name} needs the requested digit under cond['digit'] (ImageBackbone.encode_condition "
-                f"sets it from prompts like 'a handwritten 7'); cond has keys {sorted(cond)}"
-            )
-        self.network.to(samples.device)  # held outside the module's state: follows the samples
-        out = self.network(samples, cond["digit"].to(samples.device))
-        return RewardOutput(scores=out.reshape(samples.shape[0]).float())
+        super().__init__(network if network is not None else DigitScorer(), weights, name)

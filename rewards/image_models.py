@@ -73,18 +73,13 @@ def load_clip_model(folder: str | Path, what: str = "CLIP model", dtype: str = "
 
 
 def prompts_from_cond(cond: Cond | dict[str, Any], batch_size: int, who: str) -> list[str]:
-    """The B prompts of a batch: `cond["prompt"]` (list of str) or `cond["prompt_bytes"]` (uint8 tensor)."""
-    if "prompt" in cond and not isinstance(cond["prompt"], Tensor):
-        prompts = [str(p) for p in cond["prompt"]]
-    elif "prompt_bytes" in cond:
-        from diffalign.modalities.image.stable_diffusion import decode_prompts
-
-        prompts = decode_prompts(cond["prompt_bytes"])
-    else:
+    """The B prompt strings of a batch, `cond["prompt"]` (what `Backbone.condition` records)."""
+    if "prompt" not in cond or isinstance(cond["prompt"], Tensor):
         raise KeyError(
-            f"{who} scores images against their prompts: put a list of strings under cond['prompt'] or the "
-            f"uint8 tensor of StableDiffusionBackbone under cond['prompt_bytes']; got keys {sorted(cond)}"
+            f"{who} scores images against their prompts: it needs the prompt text under cond['prompt'] "
+            f"(a list of strings); got keys {sorted(cond)}"
         )
+    prompts = [str(p) for p in cond["prompt"]]
     if len(prompts) != batch_size:
         raise ValueError(f"{who}: {len(prompts)} prompts for {batch_size} images")
     return prompts

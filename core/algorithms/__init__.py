@@ -3,12 +3,12 @@
 from diffalign.core.algorithms.alignprop import AlignProp
 from diffalign.core.algorithms.base import Algorithm, AlignContext
 from diffalign.core.algorithms.d3po import D3PO, pareto_compare
-from diffalign.core.algorithms.ddpo import DDPO, ddpo_loss
+from diffalign.core.algorithms.ddpo import DDPO
 from diffalign.core.algorithms.diffusion_dpo import DiffusionDPO, preference_loss
 from diffalign.core.algorithms.diffusion_kto import DiffusionKTO, kto_loss
 from diffalign.core.algorithms.dpok import DPOK
 from diffalign.core.algorithms.draft import DRaFT
-from diffalign.core.algorithms.grpo import GRPO, group_advantages
+from diffalign.core.algorithms.grpo import GRPO
 from diffalign.core.algorithms.raft import RAFT, select_top
 from diffalign.core.algorithms.refl import ReFL
 from diffalign.core.algorithms.rwr import RWR, reward_weights
@@ -34,8 +34,6 @@ __all__ = [
     "DRaFT",
     "ReFL",
     "SupervisedDenoising",
-    "ddpo_loss",
-    "group_advantages",
     "reward_weights",
     "select_top",
 ]

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from diffalign.core.policy import DiffusionPolicy
-from diffalign.core.reward import GuardedReward
+from diffalign.core.rollouts import AlignContext
 
-
-@dataclass
-class AlignContext:
-    """What `Algorithm.prepare` may use: the policy, the guarded reward, and the run's RNG."""
-
-    policy: DiffusionPolicy
-    reward: GuardedReward | None
-    generator: torch.Generator
-    device: torch.device
+__all__ = ["AlignContext", "Algorithm"]
 
 
 class Algorithm(nn.Module):
@@ -33,14 +24,24 @@ class Algorithm(nn.Module):
        back-propagates each micro-batch's loss divided by the list length, then steps.
     3. `forward(policy, micro) -> {"loss": ..., other named scalars}`: every term is logged.
 
-    Set `needs_reference` for methods that compare with the frozen base model, `needs_reward` to
-    False for methods that learn from data alone, and `needs_differentiable_reward` for methods that
-    back-propagate through the reward.
+    Data and micro-batches are `core.types.Batch` (or `Trajectory`) containers.
+
+    Attributes:
+        needs_reference: the method compares with the frozen base model (KL, DPO).
+        needs_reward: False for methods that learn from data alone.
+        needs_differentiable_reward: the method back-propagates through the reward.
+        metric_reduction: how a named term of `forward` is aggregated over the micro-batches of one
+            training batch — "mean" (the default for unnamed terms), "max", "sum", "last", or
+            "first_max" (the max over the first optimiser step only, e.g. the ratio-consistency check).
+        progress_metric: the metric the progress bar shows (`reward_mean` when prepare reports it,
+            else `loss`).
     """
 
     needs_reference: bool = False
     needs_reward: bool = True
     needs_differentiable_reward: bool = False
+    metric_reduction: ClassVar[dict[str, str]] = {}
+    progress_metric: ClassVar[str] = "reward_mean"
 
     def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Any, dict[str, float]]:
         raise NotImplementedError
@@ -65,13 +66,3 @@ class Algorithm(nn.Module):
     def set_extra_state(self, state: Any) -> None:
         if state:
             self.load_algorithm_state(state)
-
-
-def prompt_keys(batch: Mapping[str, Any], cond: Mapping[str, Tensor], batch_size: int) -> list[str]:
-    """Group key per row: the batch's prompts when present, else a hash of the conditioning."""
-    from diffalign.core.reward import cond_keys
-
-    prompts = batch.get("prompt") if isinstance(batch, Mapping) else None
-    if prompts is not None and len(prompts) == batch_size:
-        return [str(p.item() if isinstance(p, Tensor) else p) for p in prompts]
-    return cond_keys(dict(cond), batch_size)

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffalign.core.algorithms.base import Algorithm, AlignContext
-from diffalign.core.algorithms.ddpo import collect_rollouts
+from diffalign.core.algorithms.base import Algorithm
 from diffalign.core.policy import DiffusionPolicy
-from diffalign.core.types import Trajectory
+from diffalign.core.rollouts import AlignContext, collect_rollouts
+from diffalign.core.types import Batch
 
 
 def pareto_compare(a: Tensor, b: Tensor) -> Tensor:
@@ -39,19 +38,6 @@ def pareto_compare(a: Tensor, b: Tensor) -> Tensor:
     a_wins = (a >= b).all(dim=1) & (a > b).any(dim=1)
     b_wins = (b >= a).all(dim=1) & (b > a).any(dim=1)
     return a_wins.long() - b_wins.long()
-
-
-@dataclass
-class TrajectoryPairs:
-    winner: Trajectory
-    loser: Trajectory
-
-
-@dataclass
-class PairStepBatch:
-    winner: Trajectory
-    loser: Trajectory
-    step: Tensor
 
 
 class D3PO(Algorithm):
@@ -87,10 +73,9 @@ class D3PO(Algorithm):
             num_inner_epochs,
         )
 
-    def prepare(
-        self, ctx: AlignContext, batch: Mapping[str, Any]
-    ) -> tuple[TrajectoryPairs, dict[str, float]]:
-        traj, _, groups, metrics = collect_rollouts(ctx, batch, repeat=2, shared_noise=True)
+    def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Batch, dict[str, float]]:
+        traj, metrics = collect_rollouts(ctx, batch, repeat=2, shared_noise=True)
+        groups = traj.extras["group"]
         terms = traj.extras.get("reward_terms") or {}
         values = torch.stack(list(terms.values()), dim=1) if (self.pareto and terms) else traj.rewards
         first, second = [], []
@@ -111,11 +96,11 @@ class D3PO(Algorithm):
         lose = torch.where(h > 0, b, a)[decided]
         metrics["pair_fraction"] = float(decided.sum()) / max(1, n_groups)
         dev = traj.states.device
-        return TrajectoryPairs(traj[win.to(dev)], traj[lose.to(dev)]), metrics
+        return Batch(winner=traj[win.to(dev)], loser=traj[lose.to(dev)]), metrics
 
-    def minibatches(self, data: TrajectoryPairs, generator: torch.Generator) -> Iterator[list[PairStepBatch]]:
+    def minibatches(self, data: Batch, generator: torch.Generator) -> Iterator[list[Batch]]:
         n, t = len(data.winner), data.winner.num_steps
-        if n == 0:
+        if n == 0:  # no decided pair in this batch: nothing to update on
             return
         k = max(1, int(t * self.timestep_fraction))
         bs = self.train_batch_size or n
@@ -126,9 +111,9 @@ class D3PO(Algorithm):
             for s in range(0, n, bs):
                 rows = perm[s : s + bs]
                 w, l = data.winner[rows], data.loser[rows]
-                yield [PairStepBatch(w, l, steps[rows, j]) for j in range(k)]
+                yield [Batch(winner=w, loser=l, step=steps[rows, j]) for j in range(k)]
 
-    def forward(self, policy: DiffusionPolicy, micro: PairStepBatch) -> dict[str, Tensor]:
+    def forward(self, policy: DiffusionPolicy, micro: Batch) -> dict[str, Tensor]:
         lp_w = policy.log_prob(micro.winner, micro.step).log_prob
         lp_l = policy.log_prob(micro.loser, micro.step).log_prob
         with policy.backbone.reference() as ref:

@@ -19,48 +19,32 @@ preferred, 0.5 = tie).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffalign.core.algorithms.base import Algorithm, AlignContext
-from diffalign.core.functional import masked_mse, randn
+from diffalign.core.algorithms.base import Algorithm
+from diffalign.core.denoising import denoising_errors
+from diffalign.core.functional import expand_mask, masked_noise, pad_along
 from diffalign.core.policy import DiffusionPolicy
-from diffalign.core.types import Cond
+from diffalign.core.rollouts import AlignContext
+from diffalign.core.types import Batch, Cond
 
 
-@dataclass
-class NoisedPairBatch:
-    """Both samples of each pair noised with the same t and noise."""
-
-    x_t: Tensor  # (2B, *event): winners then losers
-    t: Tensor  # (2B,)
-    target: Tensor  # (2B, *event)
-    cond: Cond  # 2B rows
-    mask: Tensor | None
-    label: Tensor  # (B,) preference strength of the winner
-
-
-def _encode(backbone: Any, samples: Any, device: torch.device) -> tuple[Tensor, Tensor | None]:
-    enc = backbone.encode(samples)
-    x0, mask = enc if isinstance(enc, tuple) else (enc, None)
-    return x0.to(device).float(), mask
-
-
-def _pad_pair(x_w: Tensor, x_l: Tensor, m_w: Tensor, m_l: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Zero-pad two masked batches (B, N, ...) / masks (B, N) along N to the larger N."""
-    n = max(x_w.shape[1], x_l.shape[1])
-
-    def pad(x: Tensor) -> Tensor:
-        if x.shape[1] == n:
-            return x
-        extra = torch.zeros((x.shape[0], n - x.shape[1], *x.shape[2:]), dtype=x.dtype, device=x.device)
-        return torch.cat([x, extra], dim=1)
-
-    return pad(x_w), pad(x_l), pad(m_w), pad(m_l)
+def pad_pair(
+    x_w: Tensor, x_l: Tensor, m_w: Tensor, m_l: Tensor, axis: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Zero-pad two masked batches (and their masks) along event axis `axis` to the longer one."""
+    dim = 1 + axis
+    n = max(x_w.shape[dim], x_l.shape[dim])
+    return (
+        pad_along(x_w, n, dim),
+        pad_along(x_l, n, dim),
+        pad_along(m_w, n, dim) if m_w.dim() > dim else m_w,
+        pad_along(m_l, n, dim) if m_l.dim() > dim else m_l,
+    )
 
 
 def noised_pairs(
@@ -69,42 +53,48 @@ def noised_pairs(
     x0_l: Tensor,
     cond: Cond,
     generator: torch.Generator,
-    mask: Tensor | None = None,
-    label: Tensor | None = None,
+    mask_w: Tensor | None = None,
     mask_l: Tensor | None = None,
-) -> NoisedPairBatch:
+    label: Tensor | None = None,
+) -> Batch:
     """Noise winners and losers with one shared (t, ε) per pair.
 
-    `mask` is the winners' mask and `mask_l` the losers' (default: the winners'). Masked samples of
-    different padded sizes (molecules with more atoms on one side) are zero-padded to one size, with
-    the padding masked out.
+    Masked samples of different sizes (a molecule with more atoms on one side, clips of different
+    lengths) are zero-padded along the backbone's `variable_axis` to one size, with the padding masked
+    out; the shared noise is drawn under the union of both masks and each side keeps only its own.
+    Returns `Batch(x_t_w, x_t_l, t, target_w, target_l, cond, mask_w, mask_l, label)`.
     """
     kernel = policy.kernel
     b = x0_w.shape[0]
-    if mask is not None:
-        mask_l = mask if mask_l is None else mask_l
-        x0_w, x0_l, mask, mask_l = _pad_pair(x0_w, x0_l, mask, mask_l)
-    _, t, _ = kernel.training_sample(x0_w, generator)  # draws t of the right kind (int or sigma·N)
-    noise = randn(x0_w.shape, generator, device=x0_w.device)
-    x0 = torch.cat([x0_w, x0_l])
-    noise2, t2 = torch.cat([noise, noise]), torch.cat([t, t])
-    x_t = kernel.add_noise(x0, noise2, t2)
-    target = kernel.target(x0, noise2, t2)
-    cond2 = {k: torch.cat([v, v]) for k, v in cond.items()}
-    mask2 = torch.cat([mask, mask_l]) if mask is not None else None
+    cond = Cond.of(cond, b)
+    if (mask_w is None) != (mask_l is None):
+        raise ValueError("winner and loser must both have masks or neither")
+    if mask_w is not None:
+        axis = getattr(policy.backbone, "variable_axis", None)
+        if x0_w.shape != x0_l.shape:
+            if axis is None:
+                raise ValueError(
+                    f"winner {tuple(x0_w.shape)} and loser {tuple(x0_l.shape)} differ in shape but "
+                    f"{type(policy.backbone).__name__} declares no variable_axis to pad along"
+                )
+            x0_w, x0_l, mask_w, mask_l = pad_pair(x0_w, x0_l, mask_w, mask_l, axis)
+    t = kernel.draw_timesteps(b, generator, x0_w.device)
+    union = None if mask_w is None else torch.maximum(mask_w.float(), mask_l.float())
+    noise = masked_noise(x0_w.shape, generator, union, device=x0_w.device)
+    noise_w = noise if mask_w is None else noise * expand_mask(mask_w, noise)
+    noise_l = noise if mask_l is None else noise * expand_mask(mask_l, noise)
     lab = torch.ones(b, device=x0_w.device) if label is None else label.to(x0_w.device).float()
-    return NoisedPairBatch(x_t, t2, target, cond2, mask2, lab)
-
-
-def denoising_errors(
-    policy: DiffusionPolicy, x_t: Tensor, t: Tensor, cond: Cond, target: Tensor, mask: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """Per-sample denoising errors of the policy (with grad) and of the frozen reference (without)."""
-    backbone = policy.backbone
-    err = masked_mse(backbone.denoise(x_t, t, cond, mask), target, mask)
-    with backbone.reference() as ref:
-        ref_err = masked_mse(ref.denoise(x_t, t, cond, mask), target, mask)
-    return err, ref_err
+    return Batch(
+        x_t_w=kernel.add_noise(x0_w, noise_w, t),
+        x_t_l=kernel.add_noise(x0_l, noise_l, t),
+        t=t,
+        target_w=kernel.target(x0_w, noise_w, t),
+        target_l=kernel.target(x0_l, noise_l, t),
+        cond=cond,
+        mask_w=mask_w,
+        mask_l=mask_l,
+        label=lab,
+    )
 
 
 def preference_loss(inside: Tensor, label: Tensor) -> Tensor:
@@ -129,24 +119,36 @@ class DiffusionDPO(Algorithm):
             raise ValueError(f"beta must be > 0, got {beta}")
         self.beta, self.sft_weight = beta, sft_weight
 
-    def prepare(
-        self, ctx: AlignContext, batch: Mapping[str, Any]
-    ) -> tuple[NoisedPairBatch, dict[str, float]]:
+    def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Batch, dict[str, float]]:
         for key in ("winner", "loser"):
             if key not in batch:
                 raise KeyError(
                     f"{type(self).__name__} needs '{key}' samples in the batch; it has {sorted(batch)}"
                 )
         backbone = ctx.policy.backbone
-        x0_w, mask = _encode(backbone, batch["winner"], ctx.device)
-        x0_l, mask_l = _encode(backbone, batch["loser"], ctx.device)
-        cond = backbone.encode_condition(batch)
+        x0_w, mask_w = backbone.encode(batch["winner"])
+        x0_l, mask_l = backbone.encode(batch["loser"])
+        cond = backbone.condition(batch)
         label = torch.as_tensor(batch["label"], dtype=torch.float32) if "label" in batch else None
-        pairs = noised_pairs(ctx.policy, x0_w, x0_l, cond, ctx.generator, mask, label, mask_l=mask_l)
+        pairs = noised_pairs(
+            ctx.policy,
+            x0_w.to(ctx.device).float(),
+            x0_l.to(ctx.device).float(),
+            cond,
+            ctx.generator,
+            mask_w,
+            mask_l,
+            label,
+        )
         return pairs, {}
 
-    def forward(self, policy: DiffusionPolicy, micro: NoisedPairBatch) -> dict[str, Tensor]:
-        err, ref_err = denoising_errors(policy, micro.x_t, micro.t, micro.cond, micro.target, micro.mask)
+    def forward(self, policy: DiffusionPolicy, micro: Batch) -> dict[str, Tensor]:
+        # winners and losers go through the network as one batch (their rows are independent)
+        x_t = torch.cat([micro.x_t_w, micro.x_t_l])
+        target = torch.cat([micro.target_w, micro.target_l])
+        mask = None if micro.mask_w is None else torch.cat([micro.mask_w, micro.mask_l])
+        t, cond = torch.cat([micro.t, micro.t]), Cond.cat([micro.cond, micro.cond])
+        err, ref_err = denoising_errors(policy, x_t, t, cond, target, mask)
         err_w, err_l = err.chunk(2)
         ref_w, ref_l = ref_err.chunk(2)
         inside = -0.5 * self.beta * ((err_w - ref_w) - (err_l - ref_l))

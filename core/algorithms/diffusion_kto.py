@@ -17,26 +17,16 @@ layout), `label` (1 desirable, 0 undesirable) and the conditioning keys.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from diffalign.core.algorithms.base import Algorithm, AlignContext
-from diffalign.core.algorithms.diffusion_dpo import _encode, denoising_errors
+from diffalign.core.algorithms.base import Algorithm
+from diffalign.core.denoising import denoising_errors
 from diffalign.core.policy import DiffusionPolicy
-from diffalign.core.types import Cond
-
-
-@dataclass
-class LabelledBatch:
-    x_t: Tensor
-    t: Tensor
-    target: Tensor
-    cond: Cond
-    mask: Tensor | None
-    label: Tensor
+from diffalign.core.rollouts import AlignContext
+from diffalign.core.types import Batch
 
 
 def kto_loss(
@@ -70,17 +60,19 @@ class DiffusionKTO(Algorithm):
             raise ValueError(f"beta must be > 0, got {beta}")
         self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
 
-    def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[LabelledBatch, dict[str, float]]:
+    def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Batch, dict[str, float]]:
         if "sample" not in batch or "label" not in batch:
             raise KeyError(f"DiffusionKTO needs 'sample' and 'label' in the batch; it has {sorted(batch)}")
         backbone = ctx.policy.backbone
-        x0, mask = _encode(backbone, batch["sample"], ctx.device)
-        x_t, t, target = ctx.policy.kernel.training_sample(x0, ctx.generator)
+        x0, mask = backbone.encode(batch["sample"])
+        x0 = x0.to(ctx.device).float()
+        x_t, t, target = ctx.policy.kernel.training_sample(x0, ctx.generator, mask)
         label = torch.as_tensor(batch["label"], dtype=torch.float32, device=x0.device)
         metrics = {"desirable_fraction": float((label > 0.5).float().mean())}
-        return LabelledBatch(x_t, t, target, backbone.encode_condition(batch), mask, label), metrics
+        micro = Batch(x_t=x_t, t=t, target=target, cond=backbone.condition(batch), mask=mask, label=label)
+        return micro, metrics
 
-    def forward(self, policy: DiffusionPolicy, micro: LabelledBatch) -> dict[str, Tensor]:
+    def forward(self, policy: DiffusionPolicy, micro: Batch) -> dict[str, Tensor]:
         err, ref_err = denoising_errors(policy, micro.x_t, micro.t, micro.cond, micro.target, micro.mask)
         r = -self.beta * (err - ref_err)
         loss, z = kto_loss(r, micro.label, self.desirable_weight, self.undesirable_weight)

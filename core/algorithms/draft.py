@@ -18,51 +18,18 @@ Needs a differentiable reward: `AlignmentModule` refuses another with a clear er
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from diffalign.core.algorithms.base import Algorithm, AlignContext
-from diffalign.core.functional import randn
+from diffalign.core.algorithms.base import Algorithm
+from diffalign.core.functional import masked_noise, repeat_rows
 from diffalign.core.policy import DiffusionPolicy
-from diffalign.core.reward import GuardedReward
-from diffalign.core.types import Cond
-
-
-@dataclass
-class BackpropBatch:
-    """Conditions plus what a differentiable rollout needs: the guarded reward and the run's RNG."""
-
-    cond: Cond
-    reward: GuardedReward
-    generator: torch.Generator
-    batch_size: int
-
-
-def reward_loss(
-    policy: DiffusionPolicy,
-    micro: BackpropBatch,
-    x0: Tensor,
-    mask: Tensor | None,
-    cond: Cond,
-    scale: float,
-    hinge: float | None = None,
-) -> dict[str, Tensor]:
-    """Decode `x0` (with its graph), score it, and return −scale·mean(r) (or the hinge ReLU(h − r))."""
-    samples = policy.backbone.decode(x0, mask)
-    scored = micro.reward(samples, cond, x0.shape[0])
-    r = scored.scores[scored.keep.to(scored.scores.device)]
-    if not r.requires_grad:
-        raise RuntimeError("the reward returned scores without a gradient; is it really differentiable?")
-    loss = torch.relu(hinge - r).mean() if hinge is not None else -r.mean()
-    return {
-        "loss": scale * loss,
-        "reward_mean": r.detach().mean(),
-        "reward_std": r.detach().std(unbiased=False),
-        "reward_dropped": torch.tensor(float(scored.num_dropped)),
-    }
+from diffalign.core.reward_backprop import backprop_batch, reward_loss
+from diffalign.core.rollouts import AlignContext
+from diffalign.core.sampling import sample_batch
+from diffalign.core.types import Batch
 
 
 class DRaFT(Algorithm):
@@ -84,30 +51,26 @@ class DRaFT(Algorithm):
             raise ValueError(f"lv_samples must be >= 0, got {lv_samples}")
         self.k, self.lv_samples, self.reward_scale = k, lv_samples, reward_scale
 
-    def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[BackpropBatch, dict[str, float]]:
-        cond = ctx.policy.backbone.encode_condition(batch)
-        b = next(iter(cond.values())).shape[0]
-        return BackpropBatch(cond, ctx.reward, ctx.generator, b), {}
+    def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Batch, dict[str, float]]:
+        return backprop_batch(ctx, batch), {}
 
-    def grad_steps(self, policy: DiffusionPolicy, generator: torch.Generator) -> int:
-        return self.k
-
-    def forward(self, policy: DiffusionPolicy, micro: BackpropBatch) -> dict[str, Tensor]:
+    def forward(self, policy: DiffusionPolicy, micro: Batch) -> dict[str, Tensor]:
+        seeds = micro.seed.tolist()
         if self.lv_samples == 0:
-            traj = policy.rollout(
-                micro.cond, micro.generator, grad_steps=self.grad_steps(policy, micro.generator)
+            sampled = sample_batch(policy, micro.cond, seeds, grad_steps=self.k)
+            return reward_loss(
+                policy, micro.reward, sampled.x0, sampled.mask, sampled.cond, self.reward_scale
             )
-            return reward_loss(policy, micro, traj.x0, traj.mask, traj.cond, self.reward_scale)
         n = self.lv_samples
         with torch.no_grad():
-            traj = policy.rollout(micro.cond, micro.generator)
-        x0 = traj.x0.repeat_interleave(n, dim=0)
-        mask = traj.mask.repeat_interleave(n, dim=0) if traj.mask is not None else None
-        cond = {k: v.repeat_interleave(n, dim=0) for k, v in traj.cond.items()}
-        t = traj.timesteps[:, -1].repeat_interleave(n)
-        x_t = policy.kernel.add_noise(x0, randn(x0.shape, micro.generator, device=x0.device), t)
+            traj = sample_batch(policy, micro.cond, seeds).trajectory
+        x0 = repeat_rows(traj.x0, n)
+        mask = repeat_rows(traj.mask, n) if traj.mask is not None else None
+        cond = traj.cond.repeat_interleave(n)
+        t = repeat_rows(traj.timesteps[:, -1], n)
+        x_t = policy.kernel.add_noise(x0, masked_noise(x0.shape, micro.generator, mask, device=x0.device), t)
         step = policy.kernel.step(
             policy.model_output(x_t, t, cond, mask), t, x_t, generator=micro.generator, mask=mask
         )
         x0_new = step.mean + (step.prev_sample - step.mean).detach()
-        return reward_loss(policy, micro, x0_new, mask, cond, self.reward_scale)
+        return reward_loss(policy, micro.reward, x0_new, mask, cond, self.reward_scale)

@@ -15,33 +15,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import torch
-
-from diffalign.core.algorithms.base import AlignContext
-from diffalign.core.algorithms.ddpo import DDPO, collect_rollouts
+from diffalign.core.advantages import group_advantages
+from diffalign.core.algorithms.ddpo import DDPO
+from diffalign.core.rollouts import AlignContext, collect_rollouts
 from diffalign.core.types import Trajectory
-
-
-def group_advantages(
-    rewards: torch.Tensor,
-    groups: torch.Tensor,
-    std_scope: Literal["group", "global"] = "group",
-    eps: float = 1e-4,
-) -> tuple[torch.Tensor, float]:
-    """(r − mean_group) / (std + eps); returns the advantages and the fraction of zero-std groups."""
-    adv = torch.zeros_like(rewards)
-    zero = 0
-    ids = groups.unique()
-    global_std = rewards.std(unbiased=False)
-    for g in ids:
-        rows = groups == g
-        r = rewards[rows]
-        std = r.std(unbiased=False) if std_scope == "group" else global_std
-        if r.numel() < 2 or float(r.max() - r.min()) == 0.0:
-            zero += 1  # all equal: no preference inside the group
-            continue
-        adv[rows] = (r - r.mean()) / (std + eps)
-    return adv, zero / max(1, len(ids))
 
 
 class GRPO(DDPO):
@@ -86,9 +63,8 @@ class GRPO(DDPO):
         self.std_scope = std_scope
 
     def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Trajectory, dict[str, float]]:
-        traj, _, groups, metrics = collect_rollouts(ctx, batch, self.group_size, self.shared_noise)
-        adv, zero_ratio = group_advantages(traj.rewards.cpu(), groups, self.std_scope)
+        traj, metrics = collect_rollouts(ctx, batch, self.group_size, self.shared_noise)
+        adv, zero_ratio = group_advantages(traj.rewards.cpu(), traj.extras["group"], self.std_scope)
         traj.advantages = adv.clamp(-self.adv_clip_max, self.adv_clip_max).to(traj.states.device)
-        traj.extras["group"] = groups.tolist()
         metrics["zero_std_ratio"] = zero_ratio
         return traj, metrics

@@ -2,22 +2,23 @@
 
 Dong et al., "RAFT: Reward rAnked FineTuning for Generative Foundation Model Alignment",
 arXiv:2304.06767. For each condition of the batch draw `samples_per_condition` samples, keep the
-`keep_top` best by reward, and train the standard denoising loss (`SupervisedDenoising`) on those
-winners only, for `num_updates` optimiser steps.
+`keep_top` best by reward, and train the standard denoising loss (`core.denoising`) on those winners
+only, for `num_updates` optimiser steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from diffalign.core.algorithms.base import Algorithm, AlignContext
-from diffalign.core.algorithms.ddpo import collect_rollouts
-from diffalign.core.algorithms.supervised import DenoisingBatch, SupervisedDenoising
+from diffalign.core.algorithms.base import Algorithm
+from diffalign.core.denoising import denoising_loss, noised_batch
 from diffalign.core.policy import DiffusionPolicy
+from diffalign.core.rollouts import AlignContext, collect_rollouts
+from diffalign.core.types import Batch
 
 
 def select_top(rewards: Tensor, groups: Tensor, k: int) -> Tensor:
@@ -52,31 +53,27 @@ class RAFT(Algorithm):
             raise ValueError(
                 f"need 1 <= keep_top <= samples_per_condition, got {keep_top}, {samples_per_condition}"
             )
-        self.samples_per_condition, self.keep_top, self.num_updates = (
-            samples_per_condition,
-            keep_top,
-            num_updates,
-        )
-        self.denoising = SupervisedDenoising(cond_dropout=cond_dropout)
+        self.samples_per_condition = samples_per_condition
+        self.keep_top = keep_top
+        self.num_updates = num_updates
+        self.cond_dropout = cond_dropout
 
-    def prepare(
-        self, ctx: AlignContext, batch: Mapping[str, Any]
-    ) -> tuple[list[DenoisingBatch], dict[str, float]]:
-        traj, _, groups, metrics = collect_rollouts(ctx, batch, self.samples_per_condition)
-        idx = select_top(traj.rewards.cpu(), groups, self.keep_top).to(traj.x0.device)
+    def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[list[Batch], dict[str, float]]:
+        traj, metrics = collect_rollouts(ctx, batch, self.samples_per_condition)
+        idx = select_top(traj.rewards.cpu(), traj.extras["group"].cpu(), self.keep_top).to(traj.x0.device)
         winners = traj[idx]
         metrics["reward_selected_mean"] = float(winners.rewards.mean())
         data = [
-            self.denoising.make_batch(ctx.policy, winners.x0, winners.cond, ctx.generator, winners.mask)
+            noised_batch(
+                ctx.policy, winners.x0, winners.cond, ctx.generator, winners.mask, None, self.cond_dropout
+            )
             for _ in range(self.num_updates)
         ]
-        for d in data:
-            d.x0 = winners.x0
         return data, metrics
 
-    def minibatches(self, data: list[DenoisingBatch], generator: torch.Generator):
+    def minibatches(self, data: list[Batch], generator: torch.Generator) -> Iterator[list[Batch]]:
         for d in data:
             yield [d]
 
-    def forward(self, policy: DiffusionPolicy, micro: DenoisingBatch) -> dict[str, Tensor]:
-        return self.denoising(policy, micro)
+    def forward(self, policy: DiffusionPolicy, micro: Batch) -> dict[str, Tensor]:
+        return denoising_loss(policy, micro)

@@ -11,14 +11,21 @@ The no-grad part runs the full rollout and keeps the chosen state.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from diffalign.core.algorithms.draft import BackpropBatch, DRaFT, reward_loss
+from diffalign.core.algorithms.base import Algorithm
 from diffalign.core.policy import DiffusionPolicy
+from diffalign.core.reward_backprop import backprop_batch, reward_loss
+from diffalign.core.rollouts import AlignContext
+from diffalign.core.sampling import sample_batch
+from diffalign.core.types import Batch
 
 
-class ReFL(DRaFT):
+class ReFL(Algorithm):
     """One-step reward feedback at a random late step.
 
     Args:
@@ -28,6 +35,8 @@ class ReFL(DRaFT):
         reward_scale: loss multiplier (ImageReward's grad_scale).
     """
 
+    needs_differentiable_reward = True
+
     def __init__(
         self,
         min_step_fraction: float = 0.75,
@@ -35,18 +44,18 @@ class ReFL(DRaFT):
         hinge: float | None = None,
         reward_scale: float = 1.0,
     ) -> None:
-        super().__init__(k=1, lv_samples=0, reward_scale=reward_scale)
+        super().__init__()
         if not 0 <= min_step_fraction < max_step_fraction <= 1:
             raise ValueError("need 0 <= min_step_fraction < max_step_fraction <= 1")
-        self.min_step_fraction, self.max_step_fraction, self.hinge = (
-            min_step_fraction,
-            max_step_fraction,
-            hinge,
-        )
+        self.min_step_fraction, self.max_step_fraction = min_step_fraction, max_step_fraction
+        self.hinge, self.reward_scale = hinge, reward_scale
 
-    def forward(self, policy: DiffusionPolicy, micro: BackpropBatch) -> dict[str, Tensor]:
+    def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Batch, dict[str, float]]:
+        return backprop_batch(ctx, batch), {}
+
+    def forward(self, policy: DiffusionPolicy, micro: Batch) -> dict[str, Tensor]:
         with torch.no_grad():
-            traj = policy.rollout(micro.cond, micro.generator)
+            traj = sample_batch(policy, micro.cond, micro.seed.tolist()).trajectory
         t_count = traj.num_steps
         lo = min(int(self.min_step_fraction * t_count), t_count - 1)
         hi = max(lo + 1, int(self.max_step_fraction * t_count))
@@ -54,6 +63,6 @@ class ReFL(DRaFT):
         x_t, t = traj.states[:, s], traj.timesteps[:, s]
         out = policy.model_output(x_t, t, traj.cond, traj.mask)
         x0 = policy.kernel.pred_x0(out, t, x_t)
-        result = reward_loss(policy, micro, x0, traj.mask, traj.cond, self.reward_scale, self.hinge)
+        result = reward_loss(policy, micro.reward, x0, traj.mask, traj.cond, self.reward_scale, self.hinge)
         result["step_index"] = torch.tensor(float(s))
         return result

@@ -9,16 +9,17 @@ small temperatures approach training on the best sample only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from diffalign.core.algorithms.base import Algorithm, AlignContext
-from diffalign.core.algorithms.ddpo import collect_rollouts
-from diffalign.core.algorithms.supervised import DenoisingBatch, SupervisedDenoising
+from diffalign.core.algorithms.base import Algorithm
+from diffalign.core.denoising import denoising_loss, noised_batch
 from diffalign.core.policy import DiffusionPolicy
+from diffalign.core.rollouts import AlignContext, collect_rollouts
+from diffalign.core.types import Batch
 
 
 def reward_weights(rewards: Tensor, temperature: float) -> Tensor:
@@ -46,31 +47,25 @@ class RWR(Algorithm):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature, self.samples_per_condition, self.num_updates = (
-            temperature,
-            samples_per_condition,
-            num_updates,
-        )
-        self.denoising = SupervisedDenoising(cond_dropout=cond_dropout)
+        self.temperature = temperature
+        self.samples_per_condition = samples_per_condition
+        self.num_updates = num_updates
+        self.cond_dropout = cond_dropout
 
-    def prepare(
-        self, ctx: AlignContext, batch: Mapping[str, Any]
-    ) -> tuple[list[DenoisingBatch], dict[str, float]]:
-        traj, _, _, metrics = collect_rollouts(ctx, batch, self.samples_per_condition)
-        w = reward_weights(traj.rewards, self.temperature)
+    def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[list[Batch], dict[str, float]]:
+        traj, metrics = collect_rollouts(ctx, batch, self.samples_per_condition)
+        w = reward_weights(traj.rewards, self.temperature).to(traj.x0.device)
         metrics["weight_max"] = float(w.max())
         metrics["effective_samples"] = float(w.sum() ** 2 / (w**2).sum())
         data = [
-            self.denoising.make_batch(
-                ctx.policy, traj.x0, traj.cond, ctx.generator, traj.mask, w.to(traj.x0.device)
-            )
+            noised_batch(ctx.policy, traj.x0, traj.cond, ctx.generator, traj.mask, w, self.cond_dropout)
             for _ in range(self.num_updates)
         ]
         return data, metrics
 
-    def minibatches(self, data: list[DenoisingBatch], generator: torch.Generator):
+    def minibatches(self, data: list[Batch], generator: torch.Generator) -> Iterator[list[Batch]]:
         for d in data:
             yield [d]
 
-    def forward(self, policy: DiffusionPolicy, micro: DenoisingBatch) -> dict[str, Tensor]:
-        return self.denoising(policy, micro)
+    def forward(self, policy: DiffusionPolicy, micro: Batch) -> dict[str, Tensor]:
+        return denoising_loss(policy, micro)

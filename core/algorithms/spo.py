@@ -12,45 +12,91 @@ judge here is the reward of each candidate's one-step prediction x̂0 (the decod
 step) — a training-free stand-in for the paper's learned step-aware preference model. Pairs are formed
 at a random `step_fraction` of the steps; ties are skipped, and deterministic steps (std 0, such as a
 DDPM schedule's last step) form no pairs.
+
+Sampling goes through the project's one loop (`core.sampling.sample_batch` with `SPOCandidateHook`,
+a rollout hook that draws, judges and picks the candidates after each kernel step).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffalign.core.algorithms.base import Algorithm, AlignContext
-from diffalign.core.functional import randn
-from diffalign.core.policy import DiffusionPolicy
-from diffalign.core.types import Cond
+from diffalign.core.algorithms.base import Algorithm
+from diffalign.core.functional import expand_mask, masked_noise
+from diffalign.core.policy import DiffusionPolicy, RolloutHook, RolloutState
+from diffalign.core.reward import GuardedReward, SampleView
+from diffalign.core.rollouts import AlignContext
+from diffalign.core.sampling import draw_seeds, repeat_generators, row_generators, sample_batch
+from diffalign.core.types import Batch
 
 
-@dataclass
-class StepPairs:
-    x_t: Tensor
-    t: Tensor
-    winner: Tensor
-    loser: Tensor
-    cond: Cond
-    mask: Tensor | None
+class SPOCandidateHook(RolloutHook):
+    """After each stochastic step: draw `m` candidate next states, judge them at the `chosen` steps
+    (and the last), record (best, worst) pairs, and continue from a random candidate."""
 
-    def __len__(self) -> int:
-        return self.x_t.shape[0]
+    def __init__(
+        self, reward: GuardedReward, m: int, chosen: set[int], generators: list[torch.Generator], pick: Any
+    ) -> None:
+        self.reward, self.m, self.chosen = reward, m, chosen
+        self.generators, self.pick_generator = generators, pick
+        self.pairs: list[Batch] = []
+        self.ties = self.judged = 0
+        self.final_scores: Tensor | None = None
 
-    def rows(self, idx: Tensor) -> StepPairs:
-        return StepPairs(
-            self.x_t[idx],
-            self.t[idx],
-            self.winner[idx],
-            self.loser[idx],
-            {k: v[idx] for k, v in self.cond.items()},
-            None if self.mask is None else self.mask[idx],
+    def after_step(self, policy: DiffusionPolicy, state: RolloutState) -> None:
+        step, i, last = state.step, state.index, policy.num_steps - 1
+        if float(step.std.max()) == 0.0:  # a deterministic step (e.g. DDPM's last): no choice to judge
+            return
+        n, m, event = state.x_t.shape[0], self.m, step.mean.shape[1:]
+        mask_m = state.mask.repeat_interleave(m, dim=0) if state.mask is not None else None
+        noise = masked_noise(
+            (n * m, *event), repeat_generators(self.generators, m), mask_m, device=step.mean.device
         )
+        cands = step.mean.unsqueeze(1) + step.std.unsqueeze(1) * noise.reshape(n, m, *event)
+        if state.mask is not None:  # padded entries keep their value
+            keep = expand_mask(state.mask, step.mean).unsqueeze(1) > 0
+            cands = torch.where(keep, cands, state.x_t.float().unsqueeze(1))
+        if i in self.chosen or i == last:
+            flat = cands.reshape(n * m, *event)
+            cond_m = state.cond.repeat_interleave(m)
+            if i < last:
+                tn = policy.kernel.scheduler.timesteps[i + 1].to(flat.device).expand(n * m)
+                x0 = policy.kernel.pred_x0(policy.model_output(flat, tn, cond_m, mask_m), tn, flat)
+            else:
+                x0 = flat
+            scored = self.reward(SampleView(policy.backbone, x0, mask_m), cond_m)
+            v = torch.where(
+                scored.keep.to(flat.device),
+                scored.scores.to(flat.device).float(),
+                torch.full((n * m,), float("nan"), device=flat.device),
+            ).reshape(n, m)
+            if i == last:
+                self.final_scores = v
+            if i in self.chosen:
+                best = torch.nan_to_num(v, nan=float("-inf")).argmax(1)
+                worst = torch.nan_to_num(v, nan=float("inf")).argmin(1)
+                ok = (best != worst) & torch.isfinite(v).all(1)
+                self.judged += n
+                self.ties += int((~ok).sum())
+                rows = torch.arange(n, device=flat.device)[ok]
+                if len(rows):
+                    self.pairs.append(
+                        Batch(
+                            x_t=state.x_t[rows].float(),
+                            t=state.t[rows],
+                            winner=cands[rows, best[rows]],
+                            loser=cands[rows, worst[rows]],
+                            cond=state.cond[rows],
+                            mask=None if state.mask is None else state.mask[rows],
+                        )
+                    )
+        pick = torch.randint(0, m, (n,), generator=self.pick_generator).to(cands.device)
+        state.prev_sample = cands[torch.arange(n, device=cands.device), pick]
 
 
 class SPO(Algorithm):
@@ -75,92 +121,38 @@ class SPO(Algorithm):
         super().__init__()
         if num_candidates < 2 or beta <= 0 or not 0 < step_fraction <= 1:
             raise ValueError("need num_candidates >= 2, beta > 0, 0 < step_fraction <= 1")
-        self.num_candidates, self.beta, self.step_fraction, self.train_batch_size = (
-            num_candidates,
-            beta,
-            step_fraction,
-            train_batch_size,
-        )
+        self.num_candidates, self.beta = num_candidates, beta
+        self.step_fraction, self.train_batch_size = step_fraction, train_batch_size
 
     @torch.no_grad()
-    def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[StepPairs, dict[str, float]]:
-        policy, backbone, gen = ctx.policy, ctx.policy.backbone, ctx.generator
-        cond = backbone.encode_condition(batch)
-        x, mask = backbone.init_noise(cond, gen)
-        x = x.float()
-        timesteps = policy.kernel.set_timesteps(policy.num_steps, device=x.device)
+    def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Batch, dict[str, float]]:
+        policy, gen = ctx.policy, ctx.generator
+        cond = policy.backbone.condition(batch)
         n_pick = max(1, round(self.step_fraction * policy.num_steps))
         chosen = set(torch.randperm(policy.num_steps, generator=gen)[:n_pick].tolist())
-        m, n = self.num_candidates, x.shape[0]
-        cond_m = {k: v.repeat_interleave(m, dim=0) for k, v in cond.items()}
-        mask_m = mask.repeat_interleave(m, dim=0) if mask is not None else None
-        pairs: list[tuple[Tensor, ...]] = []
-        ties = judged = 0
-        final_scores = None
-        for i, t in enumerate(timesteps):
-            tb = t.expand(n)
-            step = policy.kernel.step(policy.model_output(x, tb, cond, mask), tb, x, generator=gen, mask=mask)
-            cands = step.mean.unsqueeze(1) + step.std.unsqueeze(1) * randn(
-                (n, m, *x.shape[1:]), gen, device=x.device
-            )
-            flat = cands.reshape(n * m, *x.shape[1:])
-            if float(step.std.max()) == 0.0:  # a deterministic step (e.g. DDPM's last): no choice to judge
-                x = step.prev_sample
-                continue
-            if i in chosen or i == policy.num_steps - 1:
-                if i + 1 < len(timesteps):
-                    tn = timesteps[i + 1].expand(n * m)
-                    x0 = policy.kernel.pred_x0(policy.model_output(flat, tn, cond_m, mask_m), tn, flat)
-                else:
-                    x0 = flat
-                scored = ctx.reward(backbone.decode(x0, mask_m), cond_m, n * m)
-                v = torch.where(
-                    scored.keep.to(x.device),
-                    scored.scores.to(x.device).float(),
-                    torch.full((n * m,), float("nan"), device=x.device),
-                ).reshape(n, m)
-                if i == policy.num_steps - 1:
-                    final_scores = v
-            if i in chosen:
-                best = torch.nan_to_num(v, nan=float("-inf")).argmax(1)
-                worst = torch.nan_to_num(v, nan=float("inf")).argmin(1)
-                ok = (best != worst) & torch.isfinite(v).all(1)
-                judged += n
-                ties += int((~ok).sum())
-                rows = torch.arange(n, device=x.device)[ok]
-                if len(rows):
-                    pairs.append((x[rows], tb[rows], cands[rows, best[rows]], cands[rows, worst[rows]], rows))
-            pick = torch.randint(0, m, (n,), generator=gen).to(x.device)
-            x = cands[torch.arange(n, device=x.device), pick]
-        if not pairs:
+        seeds = draw_seeds(gen, len(cond))
+        hook = SPOCandidateHook(ctx.reward, self.num_candidates, chosen, row_generators(seeds), gen)
+        sample_batch(policy, cond, seeds, hooks=[hook])
+        if not hook.pairs:
             raise RuntimeError("SPO: every candidate set was tied or invalid; no pair to train on")
-        rows = torch.cat([p[4] for p in pairs])
-        data = StepPairs(
-            torch.cat([p[0] for p in pairs]),
-            torch.cat([p[1] for p in pairs]),
-            torch.cat([p[2] for p in pairs]),
-            torch.cat([p[3] for p in pairs]),
-            {k: v[rows] for k, v in cond.items()},
-            None if mask is None else mask[rows],
-        )
-        metrics = {"pairs": float(len(data)), "tie_fraction": ties / max(1, judged)}
-        if final_scores is not None:
-            metrics["reward_mean"] = float(torch.nan_to_num(final_scores).mean())
+        data = Batch.cat(hook.pairs)
+        metrics = {"pairs": float(len(data)), "tie_fraction": hook.ties / max(1, hook.judged)}
+        if hook.final_scores is not None:
+            metrics["reward_mean"] = float(torch.nan_to_num(hook.final_scores).mean())
         return data, metrics
 
-    def minibatches(self, data: StepPairs, generator: torch.Generator) -> Iterator[list[StepPairs]]:
+    def minibatches(self, data: Batch, generator: torch.Generator) -> Iterator[list[Batch]]:
         n = len(data)
         bs = self.train_batch_size or n
         perm = torch.randperm(n, generator=generator).to(data.x_t.device)
-        yield [data.rows(perm[s : s + bs]) for s in range(0, n, bs)]
+        yield [data[perm[s : s + bs]] for s in range(0, n, bs)]
 
-    def forward(self, policy: DiffusionPolicy, micro: StepPairs) -> dict[str, Tensor]:
+    def forward(self, policy: DiffusionPolicy, micro: Batch) -> dict[str, Tensor]:
         def logps(backbone: Any = None) -> tuple[Tensor, Tensor]:
             out = policy.model_output(micro.x_t, micro.t, micro.cond, micro.mask, backbone=backbone)
-            w = policy.kernel.step(
-                out, micro.t, micro.x_t, prev_sample=micro.winner, mask=micro.mask
-            ).log_prob
-            l = policy.kernel.step(out, micro.t, micro.x_t, prev_sample=micro.loser, mask=micro.mask).log_prob
+            k = policy.kernel
+            w = k.step(out, micro.t, micro.x_t, prev_sample=micro.winner, mask=micro.mask).log_prob
+            l = k.step(out, micro.t, micro.x_t, prev_sample=micro.loser, mask=micro.mask).log_prob
             return w, l
 
         lp_w, lp_l = logps()

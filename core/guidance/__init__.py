@@ -3,7 +3,6 @@
 from diffalign.core.guidance.base import (
     BestOfN,
     PlainSampling,
-    SampleResult,
     TestTimeMethod,
     count_denoiser_rows,
 )
@@ -27,7 +26,6 @@ __all__ = [
     "RewardGuidance",
     "RewardGuidanceHook",
     "SVDDHook",
-    "SampleResult",
     "TestTimeMethod",
     "count_denoiser_rows",
     "effective_sample_size",

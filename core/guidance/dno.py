@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffalign.core.functional import randn
+from diffalign.core.functional import expand_mask, masked_noise
 from diffalign.core.guidance.base import TestTimeMethod
+from diffalign.core.reward import SampleView
 
 
 def noise_regulariser(z: Tensor, block_size: int = 64, generator: torch.Generator | None = None) -> Tensor:
@@ -64,17 +65,28 @@ class DirectNoiseOptimization(TestTimeMethod):
         self.optimize_injected, self.gradient_checkpointing = optimize_injected, gradient_checkpointing
         self.history: list[float] = []
 
-    def _sample(self, policy, cond, reward, generator):
+    def sample(self, policy, cond, reward, generator):
         if not reward.differentiable:
             raise ValueError(
                 f"direct noise optimisation back-propagates through the reward; '{reward.name}' is not "
                 "differentiable (use best-of-N, FK steering or SVDD)"
             )
         x_T, mask = policy.backbone.init_noise(cond, generator)
-        noises = randn((x_T.shape[0], policy.num_steps, *x_T.shape[1:]), generator, device=x_T.device)
+        b, event = x_T.shape[0], x_T.shape[1:]
+        step_mask = (
+            None if mask is None else expand_mask(mask, x_T).unsqueeze(1).expand(b, policy.num_steps, *event)
+        )
+        noises = masked_noise((b, policy.num_steps, *event), generator, step_mask, device=x_T.device)
         z_T = x_T.detach().clone().requires_grad_(True)
         z_eps = noises.detach().clone().requires_grad_(self.optimize_injected)
         params = [z_T] + ([z_eps] if self.optimize_injected else [])
+        # padded entries (mask 0) are not noise: they get no gradient, and the regulariser sees a fixed
+        # typical draw in their place
+        keep = None
+        if mask is not None:
+            keep = torch.cat([expand_mask(mask, x_T).reshape(b, -1), step_mask.reshape(b, -1)], dim=1) > 0
+            filler = torch.randn(keep.shape, generator=torch.Generator().manual_seed(1)).to(x_T.device)
+        masks = [None if mask is None else expand_mask(mask, x_T), step_mask]
         opt = torch.optim.Adam(params, lr=self.lr)
         reg_gen = torch.Generator().manual_seed(0)
         saved_ckpt = policy.gradient_checkpointing
@@ -86,15 +98,15 @@ class DirectNoiseOptimization(TestTimeMethod):
                     traj = policy.rollout(
                         cond, None, grad_steps=policy.num_steps, x_T=z_T, mask=mask, noises=z_eps
                     )
-                    r = reward(policy.backbone.decode(traj.x0, traj.mask), cond).scores
-                    flat = torch.cat(
-                        [z_T.reshape(z_T.shape[0], -1), z_eps.reshape(z_eps.shape[0], -1)], dim=1
-                    )
+                    r = reward.evaluate(SampleView(policy.backbone, traj.x0, traj.mask), cond).scores
+                    flat = torch.cat([z_T.reshape(b, -1), z_eps.reshape(b, -1)], dim=1)
+                    if keep is not None:
+                        flat = torch.where(keep, flat, filler)
                     reg = noise_regulariser(flat, self.block_size, reg_gen.manual_seed(0))
                     loss = (-r + self.reg_weight * reg).sum()
                     grads = torch.autograd.grad(loss, params)  # model weights get no .grad
-                for p, g in zip(params, grads, strict=True):
-                    p.grad = g
+                for p, g, m in zip(params, grads, masks, strict=False):
+                    p.grad = g if m is None else g * m
                 opt.step()
                 self.history.append(float(r.detach().mean()))
         finally:

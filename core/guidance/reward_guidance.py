@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from diffalign.core.functional import expand_mask
 from diffalign.core.guidance.base import TestTimeMethod
 from diffalign.core.policy import DiffusionPolicy, RolloutHook, RolloutState
-from diffalign.core.reward import Reward
+from diffalign.core.reward import Reward, SampleView
 
 
 class RewardGuidanceHook(RolloutHook):
@@ -44,8 +45,10 @@ class RewardGuidanceHook(RolloutHook):
             x = state.x_t.detach().requires_grad_(True)
             out = policy.model_output(x, state.t, state.cond, state.mask)
             x0 = policy.kernel.pred_x0(out, state.t, x)
-            r = self.reward(policy.backbone.decode(x0, state.mask), state.cond).scores
+            r = self.reward.evaluate(SampleView(policy.backbone, x0, state.mask), state.cond).scores
             (grad,) = torch.autograd.grad(r.sum(), x)
+        if state.mask is not None:  # padded entries are not moved
+            grad = grad * expand_mask(state.mask, grad)
         if self.normalize:
             norms = grad.reshape(grad.shape[0], -1).norm(dim=1).clamp_min(1e-8)
             grad = grad / norms.reshape(-1, *([1] * (grad.dim() - 1)))
@@ -78,7 +81,7 @@ class RewardGuidance(TestTimeMethod):
         )
 
     @torch.no_grad()
-    def _sample(self, policy, cond, reward, generator):
+    def sample(self, policy, cond, reward, generator):
         hook = RewardGuidanceHook(reward, self.scale, self.start_fraction, self.end_fraction, self.normalize)
         traj = policy.rollout(cond, generator, hooks=[hook])
         return traj.x0, traj.mask, {}

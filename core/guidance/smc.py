@@ -19,14 +19,15 @@ extra denoiser evaluations beyond the particles themselves.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from diffalign.core.guidance.base import TestTimeMethod, group_argmax, pick, repeat_cond, score
+from diffalign.core.guidance.base import TestTimeMethod, group_argmax, pick, score
 from diffalign.core.policy import DiffusionPolicy, RolloutHook, RolloutState
 from diffalign.core.reward import Reward
+from diffalign.core.sampling import per_row_multinomial, repeat_generators
 
 Potential = Literal["diff", "max", "add", "rt"]
 
@@ -37,11 +38,12 @@ def effective_sample_size(weights: Tensor) -> Tensor:
     return 1.0 / (w**2).sum(dim=1)
 
 
-def multinomial_resample(weights: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Indices (groups, K) drawn with replacement ∝ weights within each group (uniform if all zero)."""
+def multinomial_resample(weights: Tensor, generator: Any) -> Tensor:
+    """Indices (groups, K) drawn with replacement ∝ weights within each group (uniform if all zero);
+    with one generator per group, group g draws from generator g."""
     w = weights.clamp_min(0)
     w = torch.where(w.sum(dim=1, keepdim=True) > 0, w, torch.ones_like(w))
-    return torch.multinomial(w.cpu(), w.shape[1], replacement=True, generator=generator).to(weights.device)
+    return per_row_multinomial(w, w.shape[1], generator, replacement=True).to(weights.device)
 
 
 class FKSteeringHook(RolloutHook):
@@ -55,7 +57,7 @@ class FKSteeringHook(RolloutHook):
         potential: Potential,
         resample_steps: set[int],
         ess_threshold: float | None,
-        generator: torch.Generator | None,
+        generator: Any,
     ) -> None:
         self.reward, self.k, self.lam, self.potential = reward, num_particles, lam, potential
         self.resample_steps, self.ess_threshold, self.generator = resample_steps, ess_threshold, generator
@@ -97,13 +99,18 @@ class FKSteeringHook(RolloutHook):
             do = effective_sample_size(w) < self.ess_threshold * self.k
         if not do.any():
             return  # weights carry over to the next resampling step
-        idx = multinomial_resample(w, self.generator)
-        keep = torch.arange(self.k, device=w.device).expand_as(idx)
-        idx = torch.where(do[:, None], idx, keep)
+        # only the groups that resample draw (from their own generator): a group's draws never depend on
+        # the other groups of the batch
+        idx = torch.arange(self.k, device=w.device).expand_as(w).clone()
+        todo = do.nonzero().flatten()
+        gens = self.generator
+        if isinstance(gens, (list, tuple)):
+            gens = [gens[int(g)] for g in todo]
+        idx[todo] = multinomial_resample(w[todo], gens)
         rows = (idx + torch.arange(groups.shape[0], device=w.device)[:, None] * self.k).reshape(-1)
         self.resampled += int(do.sum())
         state.prev_sample = state.prev_sample[rows]
-        state.cond = {k: v[rows] for k, v in state.cond.items()}
+        state.cond = state.cond[rows]
         state.mask = pick(state.mask, rows)
         self.r_prev = self.r_prev[rows]
         self.log_applied = self.log_applied[rows]
@@ -163,9 +170,9 @@ class FKSteering(TestTimeMethod):
         return set(range(lo, min(hi, num_steps), self.resample_every))
 
     @torch.no_grad()
-    def _sample(self, policy, cond, reward, generator):
+    def sample(self, policy, cond, reward, generator):
         k = self.num_particles
-        cond_k = repeat_cond(cond, k)
+        cond_k = cond.repeat_interleave(k)
         hook = FKSteeringHook(
             reward,
             k,
@@ -175,7 +182,7 @@ class FKSteering(TestTimeMethod):
             self.ess_threshold,
             generator,
         )
-        traj = policy.rollout(cond_k, generator, hooks=[hook])
+        traj = policy.rollout(cond_k, repeat_generators(generator, k), hooks=[hook])
         r = score(reward, policy, traj.x0, traj.mask, traj.cond)
         if self.final == "best":
             idx = group_argmax(r, k)

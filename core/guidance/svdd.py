@@ -11,31 +11,38 @@ p(x_{t-1}|x_t)·exp(v(x_{t-1})/alpha); as alpha → ∞ the base sampler is reco
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from diffalign.core.functional import expand_mask, randn
-from diffalign.core.guidance.base import TestTimeMethod, pick, repeat_cond, score
+from diffalign.core.functional import expand_mask, masked_noise
+from diffalign.core.guidance.base import TestTimeMethod, score
 from diffalign.core.policy import DiffusionPolicy, RolloutHook, RolloutState
 from diffalign.core.reward import Reward
+from diffalign.core.sampling import per_row_multinomial, repeat_generators
 
 
 class SVDDHook(RolloutHook):
     """Per-step candidate selection by predicted-x̂0 value."""
 
-    def __init__(
-        self, reward: Reward, candidates: int, alpha: float, generator: torch.Generator | None
-    ) -> None:
+    def __init__(self, reward: Reward, candidates: int, alpha: float, generator: Any) -> None:
         self.reward, self.m, self.alpha, self.generator = reward, candidates, alpha, generator
 
     def after_step(self, policy: DiffusionPolicy, state: RolloutState) -> None:
         n, m = state.prev_sample.shape[0], self.m
         step = state.step
-        noise = randn((n, m - 1, *step.mean.shape[1:]), self.generator, device=step.mean.device)
-        if state.mask is not None:  # no noise in padded rows (e.g. absent atoms)
-            noise = noise * expand_mask(state.mask, step.mean).unsqueeze(1)
+        event = step.mean.shape[1:]
+        # each row's m − 1 extra candidates, from that row's generator; padded entries get no noise
+        mask_m = state.mask.repeat_interleave(m - 1, dim=0) if state.mask is not None else None
+        noise = masked_noise(
+            (n * (m - 1), *event), repeat_generators(self.generator, m - 1), mask_m, device=step.mean.device
+        ).reshape(n, m - 1, *event)
         extra = step.mean.unsqueeze(1) + step.std.unsqueeze(1) * noise
-        cands = torch.cat([state.prev_sample.unsqueeze(1), extra], dim=1).reshape(n * m, *step.mean.shape[1:])
-        cond_m = repeat_cond(state.cond, m)
+        if state.mask is not None:  # padded entries keep their value
+            keep = expand_mask(state.mask, step.mean).unsqueeze(1) > 0
+            extra = torch.where(keep, extra, state.x_t.float().unsqueeze(1))
+        cands = torch.cat([state.prev_sample.unsqueeze(1), extra], dim=1).reshape(n * m, *event)
+        cond_m = state.cond.repeat_interleave(m)
         mask_m = state.mask.repeat_interleave(m, dim=0) if state.mask is not None else None
         timesteps = policy.kernel.scheduler.timesteps
         if state.index + 1 < len(timesteps):
@@ -49,7 +56,7 @@ class SVDDHook(RolloutHook):
         else:
             logits = torch.nan_to_num(v / self.alpha, nan=float("-inf"))
             probs = torch.softmax(logits - logits.max(dim=1, keepdim=True).values, dim=1)
-            choice = torch.multinomial(probs.cpu(), 1, generator=self.generator).flatten().to(v.device)
+            choice = per_row_multinomial(probs, 1, self.generator).flatten().to(v.device)
         state.prev_sample = cands.reshape(n, m, *step.mean.shape[1:])[torch.arange(n), choice]
 
 
@@ -67,7 +74,7 @@ class SVDD(TestTimeMethod):
         self.candidates, self.alpha = candidates, alpha
 
     @torch.no_grad()
-    def _sample(self, policy, cond, reward, generator):
+    def sample(self, policy, cond, reward, generator):
         hooks = [SVDDHook(reward, self.candidates, self.alpha, generator)] if self.candidates > 1 else []
         traj = policy.rollout(cond, generator, hooks=hooks)
-        return traj.x0, pick(traj.mask, torch.arange(traj.batch_size)), {}
+        return traj.x0, traj.mask, {}

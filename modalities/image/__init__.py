@@ -21,8 +21,6 @@ from diffalign.modalities.image.data import DigitsDataModule, load_digit_images
 _LAZY = {  # Stable Diffusion pulls in transformers: imported on first use only
     "StableDiffusionBackbone": "diffalign.modalities.image.stable_diffusion",
     "make_tiny_sd_pipeline": "diffalign.modalities.image.stable_diffusion",
-    "encode_prompts": "diffalign.modalities.image.stable_diffusion",
-    "decode_prompts": "diffalign.modalities.image.stable_diffusion",
 }
 
 
@@ -44,8 +42,6 @@ __all__ = [
     "ImageBackbone",
     "PromptConditioner",
     "StableDiffusionBackbone",
-    "decode_prompts",
-    "encode_prompts",
     "make_tiny_sd_pipeline",
     "digit_prompt",
     "digits_backbone",

@@ -93,6 +93,8 @@ class ImageBackbone(Backbone):
         vae_scaling_factor: latent scale (default: the VAE config's `scaling_factor`).
     """
 
+    frozen_modules = ("_vae",)
+
     def __init__(
         self,
         sample_size: int = 16,
@@ -180,8 +182,9 @@ class ImageBackbone(Backbone):
             self.prediction_type, self.num_train_timesteps, self.beta_schedule, self.clip_sample
         )
 
-    def encode_condition(self, batch: Mapping[str, Any]) -> Cond:
-        """`{"prompt": [str, ...]}` → `{"tokens": (B, L), "digit": (B,)}` (see `PromptConditioner`)."""
+    def encode_condition(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """`{"prompt": [str, ...]}` → `{"tokens": (B, L)}` (see `PromptConditioner`); the prompt text
+        itself reaches rewards as metadata (`Backbone.condition`)."""
         if "prompt" not in batch:
             raise KeyError(f"ImageBackbone needs prompts under batch key 'prompt'; got keys {sorted(batch)}")
         prompts = batch["prompt"]
@@ -189,7 +192,7 @@ class ImageBackbone(Backbone):
             prompts = [prompts]
         return {k: v.to(self.device) for k, v in self.conditioner.encode(list(prompts)).items()}
 
-    def null_condition(self, cond: Cond) -> Cond:
+    def null_condition(self, cond: Cond) -> dict[str, Tensor]:
         return self.conditioner.null(cond)
 
     def init_noise(self, cond: Cond, generator: Generator = None) -> tuple[Tensor, Tensor | None]:
@@ -205,22 +208,25 @@ class ImageBackbone(Backbone):
         return self.unet(x_t, t, encoder_hidden_states=hidden, class_labels=pooled).sample
 
     # -- sample layout -------------------------------------------------------------------------------
-    def decode(self, x0: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Model space → float (B, 3, H, W) in [0, 1] (differentiable; clamps to the range)."""
+    def decode(self, x0: Tensor, mask: Tensor | None = None, **request: Any) -> Tensor:
+        """Model space → float (B, 3, H, W) in [0, 1] (differentiable; clamps to the range). No options."""
+        if request:
+            raise ValueError(f"ImageBackbone.decode takes no options, got {sorted(request)}")
         if self._vae:
             vae = self._vae[0].to(x0.device)
             x0 = vae.decode(x0.float() / self.scaling_factor).sample
         return to_sample_layout(x0)
 
-    def encode(self, samples: Tensor) -> Tensor:
-        """(B, 3, H, W) or (B, 1, H, W) in [0, 1] → model space (pixels in [−1, 1] or scaled latents)."""
+    def encode(self, samples: Tensor) -> tuple[Tensor, None]:
+        """(B, 3, H, W) or (B, 1, H, W) in [0, 1] → (model space (pixels in [−1, 1] or scaled latents),
+        None)."""
         samples = torch.as_tensor(samples).to(self.device)
         if self._vae:
             vae = self._vae[0].to(samples.device)
             x = from_sample_layout(samples, vae.config.in_channels)
             with torch.no_grad():
-                return vae.encode(x).latent_dist.mean * self.scaling_factor
-        return from_sample_layout(samples, self.channels)
+                return vae.encode(x).latent_dist.mean * self.scaling_factor, None
+        return from_sample_layout(samples, self.channels), None
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)

@@ -25,10 +25,10 @@ def sample_images(module: Any, prompts: list[str], seeds: list[int]) -> Tensor:
     was_training = policy.training
     policy.eval()
     try:
-        cond = policy.backbone.encode_condition({"prompt": prompts})
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        traj = policy.rollout(cond, generator=gens)
-        return policy.backbone.decode(traj.x0, traj.mask).detach().float().cpu().clamp(0, 1)
+        from diffalign.core.sampling import sample_pairs
+
+        batches = sample_pairs(policy, list(zip(prompts, seeds, strict=True)), batch_size=len(prompts))
+        return torch.cat([b.samples().detach().float().cpu().clamp(0, 1) for b in batches])
     finally:
         policy.train(was_training)
 

@@ -5,15 +5,16 @@ letters or digits), each word mapped to its id in `VOCABULARY` (unknown words to
 or truncated to `max_length` tokens. The empty prompt (all `<pad>`) is the null condition for
 classifier-free guidance.
 
-`encode` returns `{"tokens": (B, L) long, "digit": (B,) long}`; `digit` is the digit a prompt names
-("a handwritten 7" or "a handwritten seven" → 7), or −1 when it names none. The conditioner's
-`forward(tokens)` gives the (B, L, D) `encoder_hidden_states` the UNet cross-attends to.
+`encode` returns `{"tokens": (B, L) long}`; `forward(tokens)` gives the (B, L, D)
+`encoder_hidden_states` the UNet cross-attends to. `prompt_digit` tells which digit a prompt names ("a
+handwritten 7" or "a handwritten seven" → 7; −1 when none): digit rewards read it from the prompt text
+that `Backbone.condition` keeps under `cond["prompt"]`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -85,20 +86,14 @@ class PromptConditioner(nn.Module):
         nn.init.normal_(self.position, std=0.02)
 
     def encode(self, prompts: Sequence[str]) -> dict[str, Tensor]:
-        """`{"tokens": (B, L), "digit": (B,)}` for a list of prompt strings (on the module's device)."""
+        """`{"tokens": (B, L)}` for a list of prompt strings (on the module's device)."""
         if isinstance(prompts, str):
             raise TypeError("encode expects a list of prompts, got a single string")
-        device = self.token.weight.device
-        return {
-            "tokens": tokenize([str(p) for p in prompts], self.max_length).to(device),
-            "digit": torch.tensor([prompt_digit(str(p)) for p in prompts], dtype=torch.long, device=device),
-        }
+        return {"tokens": tokenize([str(p) for p in prompts], self.max_length).to(self.token.weight.device)}
 
-    def null(self, cond: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The empty prompt for every row (`digit` is kept: it describes the request, not the input)."""
-        out = dict(cond)
-        out["tokens"] = torch.zeros_like(cond["tokens"])
-        return out
+    def null(self, cond: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The empty prompt (all `<pad>`) for every row."""
+        return {"tokens": torch.zeros_like(cond["tokens"])}
 
     def forward(self, tokens: Tensor) -> Tensor:
         """(B, L) token ids → (B, L, D) encoder hidden states."""

@@ -13,13 +13,9 @@ Loads the five parts of a diffusers Stable Diffusion folder from a LOCAL path, n
 
 Model space is the VAE latent space, (B, C, H/f, W/f) with f = 2^(len(vae block_out_channels) − 1)
 (8 for SD 1.x/2.x). `decode` returns the image modality's documented layout: float (B, 3, H, W) in
-[0, 1]. Conditioning (`encode_condition`) is a dict of tensors:
-
-- `"encoder_hidden_states"`: (B, L, D) last hidden state of the frozen CLIP text encoder;
-- `"prompt_bytes"`: (B, PROMPT_BYTES) uint8, the UTF-8 prompt zero-padded (see `encode_prompts`).
-  The core concatenates every conditioning entry with `torch.cat` for classifier-free guidance, so the
-  prompt text travels as a tensor; text-image rewards (`diffalign.rewards.image_models`) read it back
-  with `decode_prompts`.
+[0, 1]. Conditioning (`encode_condition`) is `"encoder_hidden_states"`: (B, L, D), the last hidden state
+of the frozen CLIP text encoder; `Backbone.condition` adds the prompt text as metadata under "prompt",
+which text-image rewards (`diffalign.rewards.image_models`) read directly.
 
 `make_tiny_sd_pipeline(path)` writes a tiny random-weight folder of the same layout (tests, recipe
 smoke runs on a CPU).
@@ -43,38 +39,11 @@ from diffalign.core.types import Cond
 DType = Literal["float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-PROMPT_BYTES = 512
-"""Width of the `prompt_bytes` conditioning entry: longer UTF-8 prompts are cut at a character boundary
-(CLIP reads 77 tokens, roughly 300 characters, so nothing a text encoder sees is lost)."""
-
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 """The attention projections diffusers' LoRA training scripts adapt (and ddpo-pytorch does too)."""
 
 # the files that must be present in each part's folder: (what, any of these names)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Prompts as tensors
-# ---------------------------------------------------------------------------------------------------
-def encode_prompts(prompts: Sequence[str], width: int = PROMPT_BYTES) -> Tensor:
-    """UTF-8 bytes of each prompt, zero-padded to `width`: a (B, width) uint8 tensor.
-
-    Prompts longer than `width` bytes are cut at the last whole character that fits.
-    """
-    out = torch.zeros((len(prompts), width), dtype=torch.uint8)
-    for i, p in enumerate(prompts):
-        data = str(p).encode("utf-8")[:width]
-        data = data.decode("utf-8", errors="ignore").encode("utf-8")  # drop a cut multi-byte character
-        if data:
-            out[i, : len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return out
-
-
-def decode_prompts(prompt_bytes: Tensor) -> list[str]:
-    """Inverse of `encode_prompts`: (B, width) uint8 → list of B strings."""
-    rows = prompt_bytes.detach().to("cpu", torch.uint8)
-    return [bytes(r.tolist()).rstrip(b"\x00").decode("utf-8", errors="replace") for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -165,6 +134,8 @@ class StableDiffusionBackbone(Backbone):
     Parts are loaded with `from_pretrained(<pretrained_path>/<part>, local_files_only=True)`. The VAE and
     the text encoder are frozen and always in eval mode; `train()` only reaches the UNet.
     """
+
+    frozen_modules = ("vae", "text_encoder")
 
     def __init__(
         self,
@@ -360,12 +331,9 @@ class StableDiffusionBackbone(Backbone):
         ids = tok.input_ids.to(self.text_encoder.device)
         return self.text_encoder(ids)[0].float()
 
-    def encode_condition(self, batch: Mapping[str, Any]) -> Cond:
-        """{"prompt": [str, ...]} → {"encoder_hidden_states", "prompt_bytes"}.
-
-        encoder_hidden_states: (B, L, D) float32, the last hidden state of the frozen text encoder (run
-        without gradient); prompt_bytes: (B, PROMPT_BYTES) uint8, the UTF-8 prompts (`encode_prompts`).
-        """
+    def encode_condition(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """{"prompt": [str, ...]} → {"encoder_hidden_states": (B, L, D) float32}, the last hidden state of
+        the frozen text encoder (run without gradient)."""
         prompts = batch.get("prompt")
         if prompts is None:
             raise KeyError(
@@ -374,21 +342,15 @@ class StableDiffusionBackbone(Backbone):
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = [str(p) for p in prompts]
-        return {
-            "encoder_hidden_states": self._embed(prompts),
-            "prompt_bytes": encode_prompts(prompts).to(self.device),
-        }
+        return {"encoder_hidden_states": self._embed(prompts)}
 
-    def null_condition(self, cond: Cond) -> Cond:
-        """The empty-prompt embedding repeated to the batch size, and empty prompt bytes."""
+    def null_condition(self, cond: Cond) -> dict[str, Tensor]:
+        """The empty-prompt embedding repeated to the batch size."""
         hs = cond["encoder_hidden_states"]
         key = (str(hs.device), hs.dtype)
         if key not in self._null_cache:
             self._null_cache = {key: self._embed([""]).to(device=hs.device, dtype=hs.dtype)}
-        out: Cond = {"encoder_hidden_states": self._null_cache[key].expand(hs.shape[0], -1, -1)}
-        if "prompt_bytes" in cond:
-            out["prompt_bytes"] = torch.zeros_like(cond["prompt_bytes"])
-        return out
+        return {"encoder_hidden_states": self._null_cache[key].expand(hs.shape[0], -1, -1)}
 
     def init_noise(self, cond: Cond, generator: Generator = None) -> tuple[Tensor, Tensor | None]:
         """Standard-normal latents (B, C, resolution/f, resolution/f), float32."""
@@ -407,17 +369,20 @@ class StableDiffusionBackbone(Backbone):
         out = self._active_unet()(x_t.to(self._unet_dtype), t, encoder_hidden_states=hs).sample
         return out.float()
 
-    def decode(self, x0: Tensor, mask: Tensor | None = None) -> Tensor:
+    def decode(self, x0: Tensor, mask: Tensor | None = None, **request: Any) -> Tensor:
         """Latents → images float32 (B, 3, H, W) in [0, 1]: vae.decode(z / scaling + shift), then x/2 + ½.
 
-        Differentiable with respect to the latents (the VAE is frozen, not detached).
+        Differentiable with respect to the latents (the VAE is frozen, not detached). `SampleView` calls it
+        `decode_chunk_size` rows at a time (set it to bound the VAE's memory). No decode options.
         """
+        if request:
+            raise ValueError(f"StableDiffusionBackbone.decode takes no options, got {sorted(request)}")
         z = x0.to(self.frozen_dtype) / self.scaling_factor + self.shift_factor
         images = self.vae.decode(z).sample.float()
         return (images / 2 + 0.5).clamp(0, 1)
 
-    def encode(self, samples: Tensor) -> Tensor:
-        """Images (B, 3, H, W) in [0, 1] → latents ((posterior mean or sample) − shift) × scaling, float32.
+    def encode(self, samples: Tensor) -> tuple[Tensor, None]:
+        """Images (B, 3, H, W) in [0, 1] → (latents ((posterior mean or sample) − shift) × scaling, None).
 
         `encode_mode="mean"` (default) is deterministic: decode(encode(x)) is the VAE reconstruction.
         `encode_mode="sample"` draws from the posterior with torch's global RNG (what SD training does).
@@ -425,7 +390,7 @@ class StableDiffusionBackbone(Backbone):
         x = samples.to(self.device, self.frozen_dtype) * 2 - 1
         dist = self.vae.encode(x).latent_dist
         z = dist.mean if self.encode_mode == "mean" else dist.sample()
-        return ((z.float() - self.shift_factor) * self.scaling_factor).float()
+        return ((z.float() - self.shift_factor) * self.scaling_factor).float(), None
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The LoRA adapter weights (LoRA on), else every UNet parameter. Never the VAE or text encoder."""
@@ -620,10 +585,7 @@ def make_tiny_sd_pipeline(
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
-    "PROMPT_BYTES",
     "StableDiffusionBackbone",
-    "decode_prompts",
-    "encode_prompts",
     "load_clip_tokenizer",
     "make_tiny_clip_tokenizer",
     "make_tiny_sd_pipeline",

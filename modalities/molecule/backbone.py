@@ -67,6 +67,7 @@ class MoleculeBackbone(Backbone):
     """
 
     prediction_type = "epsilon"
+    variable_axis = 0  # atoms
 
     def __init__(
         self,
@@ -117,7 +118,7 @@ class MoleculeBackbone(Backbone):
     def make_scheduler(self) -> Any:
         return standard_scheduler("epsilon", self.num_train_timesteps, self.beta_schedule)
 
-    def encode_condition(self, batch: Mapping[str, Any]) -> Cond:
+    def encode_condition(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         values = batch.get("num_atoms", batch.get("prompt"))
         if values is None:
             sample = batch.get("sample")
@@ -132,8 +133,8 @@ class MoleculeBackbone(Backbone):
             raise ValueError(f"num_atoms must be in [0, {self.max_atoms}] (0 = draw), got {n.tolist()}")
         return {"num_atoms": n.to(self.device)}
 
-    def null_condition(self, cond: Cond) -> Cond:
-        return dict(cond)
+    def null_condition(self, cond: Cond) -> dict[str, Tensor]:
+        return {"num_atoms": cond["num_atoms"]}
 
     def sample_num_atoms(self, cond: Cond, generator: Generator = None) -> Tensor:
         """Atom count per row: the condition's, or drawn from the data histogram where it is 0."""
@@ -203,8 +204,11 @@ class MoleculeBackbone(Backbone):
             out.append((pos.astype(np.float32), types))
         return out
 
-    def decode(self, x0: Tensor, mask: Tensor | None = None) -> list[MoleculeSample]:
-        """A `MoleculeSample` per row (mol/smiles None and `error` set when bond perception fails)."""
+    def decode(self, x0: Tensor, mask: Tensor | None = None, **request: Any) -> list[MoleculeSample]:
+        """A `MoleculeSample` per row (mol/smiles None and `error` set when bond perception fails).
+        No decode options."""
+        if request:
+            raise ValueError(f"MoleculeBackbone.decode takes no options, got {sorted(request)}")
         from diffalign.modalities.molecule.chem import build_molecule
 
         return [build_molecule(p, t, self.allow_fragments) for p, t in self.split(x0, mask)]

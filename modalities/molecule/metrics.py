@@ -82,12 +82,11 @@ def sample_molecules(
     policy: Any, num_samples: int, batch_size: int = 128, seed: int = 0, num_atoms: int = 0
 ) -> list[Any]:
     """Decode `num_samples` molecules from a DiffusionPolicy over a MoleculeBackbone (seed per sample)."""
+    from diffalign.core.sampling import sample_pairs
+
     out: list[Any] = []
     policy.eval()
-    for start in range(0, num_samples, batch_size):
-        b = min(batch_size, num_samples - start)
-        cond = policy.backbone.encode_condition({"prompt": [num_atoms] * b})
-        gens = [torch.Generator().manual_seed(seed + start + i) for i in range(b)]
-        traj = policy.rollout(cond, generator=gens)
-        out.extend(policy.backbone.decode(traj.x0, traj.mask))
+    pairs = [(num_atoms, seed + i) for i in range(num_samples)]
+    for batch in sample_pairs(policy, pairs, batch_size):
+        out.extend(batch.samples())
     return out

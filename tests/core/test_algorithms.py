@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from diffalign.core.advantages import group_advantages
 from diffalign.core.algorithms import (
     DPOK,
     GRPO,
@@ -14,7 +15,6 @@ from diffalign.core.algorithms import (
     AlignProp,
     DRaFT,
     ReFL,
-    group_advantages,
     reward_weights,
     select_top,
 )
@@ -87,7 +87,7 @@ def test_grpo_samples_groups_with_optional_shared_noise(shared):
     ctx = make_ctx()
     algo = GRPO(group_size=3, shared_noise=shared)
     traj, metrics = algo.prepare(ctx, BATCH)
-    assert len(traj) == 12 and traj.extras["group"] == [i // 3 for i in range(12)]
+    assert len(traj) == 12 and traj.extras["group"].tolist() == [i // 3 for i in range(12)]
     x_T = traj.states[:, 0].reshape(4, 3, 2)
     assert torch.equal(x_T[:, 0], x_T[:, 1]) == shared
     assert traj.advantages.reshape(4, 3).sum(1).abs().max() < 1e-4
@@ -139,12 +139,12 @@ def test_alignprop_draws_the_truncation_within_its_range():
 def test_refl_makes_one_differentiable_call_at_a_late_step():
     ctx = make_ctx(steps=8)
     rec = CallRecorder(ctx.policy.backbone)
-    algo = ReFL(min_step_fraction=0.5, max_step_fraction=1.0, hinge=10.0)
+    algo = ReFL(min_step_fraction=0.5, max_step_fraction=1.0, hinge=1000.0)
     data, _ = algo.prepare(ctx, BATCH)
     out = algo(ctx.policy, data)
     assert [g for _, g in rec.calls] == [False] * 8 + [True]
     assert 4 <= out["step_index"].item() <= 7
-    assert out["loss"].item() == pytest.approx(10.0 - out["reward_mean"].item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(1000.0 - out["reward_mean"].item(), rel=1e-5)
 
 
 # -- reward-weighted likelihood ----------------------------------------------------------------------

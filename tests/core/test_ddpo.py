@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from diffalign.core.algorithms import DDPO, AlignContext, ddpo_loss
+from diffalign.core.algorithms import DDPO, AlignContext
 from diffalign.core.policy import DiffusionPolicy
+from diffalign.core.policy_gradient import clipped_surrogate as ddpo_loss
 from diffalign.core.reward import GuardedReward
 from diffalign.core.testing import FlakyReward, LinearReward, ToyBackbone, fake_trajectory
 from tests.helpers import run_fit, summary

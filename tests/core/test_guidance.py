@@ -104,7 +104,7 @@ def test_shift_pred_x0_moves_the_prediction_by_exactly_delta(prediction_type, ke
 
 def test_guidance_moves_the_predicted_x0_uphill_on_a_linear_reward():
     policy, reward = toy_policy(), LinearReward(weight=[1.0, 2.0])
-    cond = policy.backbone.encode_condition({"prompt": [0, 1, 2, 3]})
+    cond = policy.backbone.condition({"prompt": [0, 1, 2, 3]})
     x = torch.randn(4, 2)
     t = policy.kernel.set_timesteps(10)[3].expand(4)
     out = policy.model_output(x, t, cond)

@@ -28,7 +28,7 @@ def test_starts_equal_to_the_base_and_trains_only_adapters():
     x, t, cond = (
         torch.randn(4, 2),
         torch.tensor([100, 200, 300, 400]),
-        base.encode_condition({"prompt": [0, 1, 2, 3]}),
+        base.condition({"prompt": [0, 1, 2, 3]}),
     )
     before = base.denoise(x, t, cond).detach()
     lora = LoRABackbone(base, rank=2, target_modules=["net.0", "net.2"])
@@ -45,7 +45,7 @@ def test_reference_is_the_base_with_adapters_off_and_no_copy():
     x, t, cond = (
         torch.randn(4, 2),
         torch.tensor([100, 200, 300, 400]),
-        lora.encode_condition({"prompt": [0, 1, 2, 3]}),
+        lora.condition({"prompt": [0, 1, 2, 3]}),
     )
     base_out = lora.denoise(x, t, cond).detach()
     _perturb(lora)
@@ -93,7 +93,7 @@ def test_adapters_save_and_load(tmp_path):
     path = a.save_adapters(tmp_path / "adapters.safetensors")
     b = _toy()
     b.load_adapters(str(path))
-    x, t, cond = torch.randn(2, 2), torch.tensor([10, 500]), a.encode_condition({"prompt": [0, 1]})
+    x, t, cond = torch.randn(2, 2), torch.tensor([10, 500]), a.condition({"prompt": [0, 1]})
     assert torch.allclose(a.denoise(x, t, cond), b.denoise(x, t, cond))
     other_rank = LoRABackbone(ToyBackbone(hidden=16, depth=2), rank=3, target_modules=["net.0", "net.2"])
     with pytest.raises(ValueError, match="other shapes"):

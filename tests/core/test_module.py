@@ -165,17 +165,17 @@ def test_ema_tracks_the_weights_and_swaps_in_temporarily():
     first = p.detach().clone()
     with torch.no_grad():
         p.add_(1.0)
-    module._update_ema()  # update 2: warm-up decay min(0.5, 3/12) = 0.25
-    ema = module.ema["backbone.net.0.weight"]
-    assert torch.allclose(ema, first + 0.75)
+    module._update_ema()  # update 2: diffusers' warm-up decay min(0.5, 2/11)
+    ema = module.ema_parameters()["backbone.net.0.weight"]
+    assert torch.allclose(ema, first + 1 - 2 / 11)
     live = p.detach().clone()
     with module.ema_weights():
-        assert torch.allclose(p, first + 0.75)
+        assert torch.allclose(p, first + 1 - 2 / 11)
     assert torch.equal(p, live)
     ckpt = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(ckpt)
     other = make_module(DDPO(), LinearReward(), ema_decay=0.5)
     other.on_load_checkpoint(ckpt)
-    assert torch.equal(other.ema["backbone.net.0.weight"], ema) and other.ema_updates == 2
+    assert other.ema_updates == 2 and torch.equal(other.ema_parameters()["backbone.net.0.weight"], ema)
     with pytest.raises(ValueError, match="ema_decay"):
         make_module(DDPO(), LinearReward(), ema_decay=1.5)

@@ -29,7 +29,7 @@ def test_contract_on_every_kernel(prediction_type, kernel):
 
 def test_rollout_shapes_and_timesteps():
     policy = make_policy(num_steps=5)
-    cond = policy.backbone.encode_condition(BATCH)
+    cond = policy.backbone.condition(BATCH)
     traj = policy.rollout(cond, torch.Generator().manual_seed(0))
     assert traj.states.shape == (4, 6, 2)
     assert traj.timesteps.shape == (4, 5) and traj.log_probs.shape == (4, 5)
@@ -41,7 +41,7 @@ def test_guidance_changes_samples_and_rescoring_still_exact():
     torch.manual_seed(1)
     bb = ToyBackbone(hidden=16, depth=2)
     plain, guided = DiffusionPolicy(bb, num_steps=4), DiffusionPolicy(bb, num_steps=4, guidance_scale=3.0)
-    cond = bb.encode_condition(BATCH)
+    cond = bb.condition(BATCH)
     a = plain.rollout(cond, torch.Generator().manual_seed(0))
     b = guided.rollout(cond, torch.Generator().manual_seed(0))
     assert not torch.allclose(a.x0, b.x0)
@@ -57,12 +57,10 @@ def test_guidance_changes_samples_and_rescoring_still_exact():
 def test_per_sample_generators_make_rows_independent_of_batch():
     policy = make_policy(num_steps=3)
     full = policy.rollout(
-        policy.backbone.encode_condition({"prompt": [0, 1, 2]}),
+        policy.backbone.condition({"prompt": [0, 1, 2]}),
         [torch.Generator().manual_seed(s) for s in (7, 8, 9)],
     )
-    alone = policy.rollout(
-        policy.backbone.encode_condition({"prompt": [1]}), [torch.Generator().manual_seed(8)]
-    )
+    alone = policy.rollout(policy.backbone.condition({"prompt": [1]}), [torch.Generator().manual_seed(8)])
     assert torch.allclose(full.states[1], alone.states[0], atol=1e-6)
 
 
@@ -82,9 +80,7 @@ class _CallRecorder:
 def test_gradient_flows_only_through_last_k_steps(k):
     policy = make_policy(num_steps=6)
     rec = _CallRecorder(policy.backbone)
-    traj = policy.rollout(
-        policy.backbone.encode_condition(BATCH), torch.Generator().manual_seed(0), grad_steps=k
-    )
+    traj = policy.rollout(policy.backbone.condition(BATCH), torch.Generator().manual_seed(0), grad_steps=k)
     assert rec.calls == [False] * (6 - k) + [True] * k
     assert traj.x0.requires_grad == (k > 0)
     if k:
@@ -95,7 +91,7 @@ def test_gradient_flows_only_through_last_k_steps(k):
 def test_truncated_gradient_equals_manual_last_step_gradient():
     """With K = 1 the gradient is that of the last step alone, from a detached x_1."""
     policy = make_policy(num_steps=4)
-    cond = policy.backbone.encode_condition(BATCH)
+    cond = policy.backbone.condition(BATCH)
     traj = policy.rollout(cond, torch.Generator().manual_seed(3), grad_steps=1)
     traj.x0.pow(2).sum().backward()
     g1 = [p.grad.clone() for p in policy.backbone.parameters()]
@@ -114,7 +110,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     for ckpt in (False, True):
         policy = DiffusionPolicy(bb, num_steps=4, gradient_checkpointing=ckpt)
         bb.zero_grad()
-        traj = policy.rollout(bb.encode_condition(BATCH), torch.Generator().manual_seed(0), grad_steps=3)
+        traj = policy.rollout(bb.condition(BATCH), torch.Generator().manual_seed(0), grad_steps=3)
         traj.x0.sum().backward()
         grads.append([p.grad.clone() for p in bb.parameters()])
     for a, b in zip(*grads, strict=True):
@@ -135,9 +131,7 @@ def test_hooks_can_edit_model_output_and_samples():
 
     hook = Zero()
     policy = make_policy(num_steps=5)
-    traj = policy.rollout(
-        policy.backbone.encode_condition(BATCH), torch.Generator().manual_seed(0), hooks=[hook]
-    )
+    traj = policy.rollout(policy.backbone.condition(BATCH), torch.Generator().manual_seed(0), hooks=[hook])
     assert hook.seen == list(range(5))
     assert traj.states[:, 1:].abs().max() <= 0.1 + 1e-6
 
@@ -147,7 +141,7 @@ def test_reference_context_is_frozen_initial_model():
     with pytest.raises(RuntimeError, match="freeze_reference"), bb.reference():
         pass
     bb.freeze_reference()
-    x, t, cond = torch.randn(4, 2), torch.full((4,), 300), bb.encode_condition(BATCH)
+    x, t, cond = torch.randn(4, 2), torch.full((4,), 300), bb.condition(BATCH)
     before = bb.denoise(x, t, cond).detach()
     with torch.no_grad():
         for p in bb.parameters():

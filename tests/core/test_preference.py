@@ -62,20 +62,29 @@ def test_dpo_winner_and_loser_share_timestep_and_noise():
     policy = policy_with_reference()
     x = torch.randn(4, 2)
     data = noised_pairs(policy, x, x.clone(), {"label": torch.zeros(4, dtype=torch.long)}, torch.Generator())
-    xw, xl = data.x_t.chunk(2)
-    assert torch.equal(xw, xl) and torch.equal(*data.t.chunk(2)) and torch.equal(*data.target.chunk(2))
+    assert torch.equal(data.x_t_w, data.x_t_l) and torch.equal(data.target_w, data.target_l)
 
 
 def test_dpo_pairs_keep_each_sides_mask_and_pad_to_one_size():
-    policy = policy_with_reference()
-    x_w, x_l = torch.randn(2, 3, 2), torch.randn(2, 5, 2)  # padded sets of 3 and 5 "atoms"
-    m_w = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
-    m_l = torch.tensor([[1, 1, 1, 1, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    from diffalign.core.testing import PointSetBackbone
+
+    policy = DiffusionPolicy(PointSetBackbone(max_points=5), num_steps=2)
+    x_w, x_l = torch.randn(2, 3, 2), torch.randn(2, 5, 2)  # padded sets of 3 and 5 points
+    m_w = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.float32)
+    m_l = torch.tensor([[1, 1, 1, 1, 0], [1, 0, 0, 0, 0]], dtype=torch.float32)
     cond = {"label": torch.zeros(2, dtype=torch.long)}
-    data = noised_pairs(policy, x_w, x_l, cond, torch.Generator(), m_w, mask_l=m_l)
-    assert data.x_t.shape == (4, 5, 2) and data.mask.shape == (4, 5)
-    assert torch.equal(data.mask[2:], m_l)
-    assert torch.equal(data.mask[:2, :3], m_w) and not data.mask[:2, 3:].any()
+    x_w, x_l = x_w * m_w[..., None], x_l * m_l[..., None]  # padded entries are 0, as `encode` makes them
+    data = noised_pairs(policy, x_w, x_l, cond, torch.Generator(), m_w, m_l)
+    assert data.x_t_w.shape == data.x_t_l.shape == (2, 5, 2) and data.mask_w.shape == (2, 5)
+    assert torch.equal(data.mask_l, m_l)
+    assert torch.equal(data.mask_w[:, :3], m_w) and not data.mask_w[:, 3:].any()
+    # each side's padding gets no noise: the noised padded entries are exactly 0
+    assert (data.x_t_w[data.mask_w == 0] == 0).all() and (data.x_t_l[data.mask_l == 0] == 0).all()
+    # where both sides are real, they share the noise (x0 = 0 shows it directly)
+    zeros = noised_pairs(
+        policy, torch.zeros(2, 5, 2), torch.zeros(2, 5, 2), cond, torch.Generator(), m_l, m_l
+    )
+    assert torch.equal(zeros.x_t_w, zeros.x_t_l)
 
 
 def test_swapping_winner_and_loser_flips_the_gradient():

@@ -3,16 +3,10 @@
 import pytest
 import torch
 
-from diffalign.core.reward import (
-    FunctionReward,
-    GuardedReward,
-    PerPromptNormalizer,
-    RewardError,
-    WeightedSum,
-    batch_advantages,
-    cond_keys,
-)
+from diffalign.core.advantages import PerPromptNormalizer, batch_advantages, row_keys
+from diffalign.core.reward import FunctionReward, GuardedReward, RewardError, WeightedSum
 from diffalign.core.testing import ConstantReward, FlakyReward, LinearReward
+from diffalign.core.types import Cond
 
 
 def test_weighted_sum_combines_and_logs_each_term():
@@ -72,7 +66,7 @@ def test_guard_rejects_wrong_number_of_scores():
         def forward(self, samples, cond):
             return super().forward(samples[:1], cond)
 
-    with pytest.raises(RewardError, match="returned 1 scores for 3 samples"):
+    with pytest.raises(RewardError, match=r"returned scores of shape \(1,\) for 3 samples"):
         GuardedReward(Short())(torch.ones(3, 2), {}, 3)
 
 
@@ -99,9 +93,12 @@ def test_buffer_keeps_only_the_last_rewards():
     assert norm.buffers["a"] == [2.0, 3.0, 4.0]
 
 
-def test_cond_keys_group_equal_conditions():
-    keys = cond_keys({"label": torch.tensor([1, 2, 1])}, 3)
+def test_row_keys_group_equal_conditions():
+    keys = row_keys(Cond({"label": torch.tensor([1, 2, 1])}))
     assert keys[0] == keys[2] != keys[1]
+    # the prompts, when the rows have them, are the keys (dicts as sorted JSON)
+    cond = Cond({"label": torch.tensor([1, 2]), "prompt": ["a 3", {"digit": 3, "dir": "left"}]})
+    assert row_keys(cond) == ["a 3", '{"digit": 3, "dir": "left"}']
 
 
 def test_evaluation_counts_failed_rewards_instead_of_crashing():

@@ -4,20 +4,22 @@ import pytest
 import torch
 
 from diffalign.core.algorithms import AlignContext, SupervisedDenoising
+from diffalign.core.denoising import noised_batch
 from diffalign.core.kernels import DDIMKernel, FlowSDEKernel
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.testing import ToyBackbone
+from diffalign.core.types import Cond
 from diffalign.modalities.toy import GaussianMixture
 
 
 def test_condition_dropout_rate_and_null_condition():
     policy = DiffusionPolicy(ToyBackbone(hidden=8, depth=1), num_steps=2)
-    algo = SupervisedDenoising(cond_dropout=0.3)
-    cond = {"label": torch.zeros(4000, dtype=torch.long)}
-    mb = algo.make_batch(policy, torch.randn(4000, 2), cond, torch.Generator().manual_seed(0))
+    cond = Cond({"label": torch.zeros(4000, dtype=torch.long), "prompt": [0] * 4000})
+    mb = noised_batch(policy, torch.randn(4000, 2), cond, torch.Generator().manual_seed(0), cond_dropout=0.3)
     dropped = (mb.cond["label"] == 4).float().mean().item()
     assert abs(dropped - 0.3) < 0.03
     assert set(mb.cond["label"].unique().tolist()) == {0, 4}
+    assert mb.cond["prompt"] == [0] * 4000  # metadata describes the request: dropout leaves it
 
 
 def test_missing_sample_key_is_a_clear_error():

@@ -328,7 +328,7 @@ def test_detach_cuts_the_graph():
     traj = make_traj()
     w = torch.tensor(2.0, requires_grad=True)
     traj.log_probs = traj.log_probs * w
-    traj.cond["nested"]["emb"] = traj.cond["nested"]["emb"] * w
+    traj.cond = traj.cond.replace(nested=traj.cond["nested"].replace(emb=traj.cond["nested"]["emb"] * w))
     assert traj.log_probs.requires_grad
     d = traj.detach()
     assert not d.log_probs.requires_grad and not d.cond["nested"]["emb"].requires_grad

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffalign.core.types import Cond
 from diffalign.modalities.image.stable_diffusion import (
-    encode_prompts,
     load_clip_tokenizer,
     make_tiny_clip_tokenizer,
 )
@@ -160,11 +160,9 @@ def test_pickscore_is_scaled_cosine_and_reads_prompts_from_cond(clip_path, image
     img, txt = _reference_features(reward.clip, reward.tokenizer, square, PROMPTS)
     expected = reward.clip.logit_scale.exp() * (img * txt).sum(-1)
     assert torch.allclose(reward(square, {"prompt": PROMPTS}).scores, expected, atol=1e-4)
-    # the tensor route of StableDiffusionBackbone's conditioning gives the same scores
-    via_bytes = reward(
-        images, {"prompt_bytes": encode_prompts(PROMPTS), "encoder_hidden_states": torch.zeros(3)}
-    )
-    assert torch.allclose(via_bytes.scores, out.scores.detach())
+    # a backbone's Cond (tensors beside the prompt metadata) gives the same scores
+    via_cond = reward(images, Cond({"prompt": PROMPTS, "encoder_hidden_states": torch.zeros(3, 1)}))
+    assert torch.allclose(via_cond.scores, out.scores.detach())
     # the prompt matters
     swapped = reward(images, {"prompt": PROMPTS[::-1]}).scores
     assert not torch.allclose(swapped, out.scores.detach())
@@ -177,7 +175,7 @@ def test_pickscore_is_scaled_cosine_and_reads_prompts_from_cond(clip_path, image
     with pytest.raises(ValueError, match="dtype must be one of"):
         PickScore(str(clip_path), dtype="float64")
 
-    with pytest.raises(KeyError, match="prompt_bytes"):
+    with pytest.raises(KeyError, match="prompt text"):
         reward(images, {"encoder_hidden_states": torch.zeros(3)})
     with pytest.raises(ValueError, match="2 prompts for 3 images"):
         reward(images, {"prompt": PROMPTS[:2]})

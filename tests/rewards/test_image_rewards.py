@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from diffalign.modalities.image import digit_prompt, load_digit_images
-from diffalign.modalities.image.conditioning import PromptConditioner
 from diffalign.rewards.image import Brightness, DigitFidelity, JpegCompressibility, JpegIncompressibility
 
 
@@ -36,9 +35,8 @@ def heldout():
 def test_digit_fidelity_scores_real_digits(heldout):
     x, y = heldout
     reward = DigitFidelity()
-    enc = PromptConditioner().encode
-    right = reward(x, enc([digit_prompt(int(d)) for d in y])).scores
-    wrong = reward(x, enc([digit_prompt(int(d + 1) % 10) for d in y])).scores
+    right = reward(x, {"prompt": [digit_prompt(int(d)) for d in y]}).scores
+    wrong = reward(x, {"prompt": [digit_prompt(int(d + 1) % 10) for d in y]}).scores
     assert right.mean() > 0.9 and wrong.mean() < 0.05
     assert (right > wrong).float().mean() > 0.97
 
@@ -48,15 +46,19 @@ def test_digit_fidelity_is_differentiable_and_validates(heldout):
     reward = DigitFidelity()
     assert reward.differentiable
     images = x[:4].clone().requires_grad_()
-    out = reward(images, {"digit": y[:4]})
+    out = reward(images, {"prompt": [f"a handwritten {int(d)}" for d in y[:4]]})
     out.scores.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
     assert "digit_accuracy" in out.info
-    with pytest.raises(KeyError, match="digit"):
+    with pytest.raises(ValueError, match="needs the prompts"):
         reward(x[:2], {})
     with pytest.raises(ValueError, match="name a digit"):
-        reward(x[:2], PromptConditioner().encode(["a cat", "a handwritten 1"]))
-    logp = DigitFidelity(log_prob=True)(x[:4], {"digit": y[:4]}).scores
+        reward(x[:2], {"prompt": ["a cat", "a handwritten 1"]})
+    # prompt dicts and digit ids name the digit too (structured conditions)
+    as_dicts = reward(images.detach(), {"prompt": [{"digit": int(d)} for d in y[:4]]}).scores
+    as_ids = reward(images.detach(), {"prompt": [int(d) for d in y[:4]]}).scores
+    assert torch.equal(as_dicts, out.scores.detach()) and torch.equal(as_ids, out.scores.detach())
+    logp = DigitFidelity(log_prob=True)(x[:4], {"prompt": [int(d) for d in y[:4]]}).scores
     assert torch.allclose(logp.exp(), out.scores.detach(), atol=1e-5)
 
 

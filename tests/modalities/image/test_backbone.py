@@ -41,8 +41,8 @@ def test_decode_layout_and_round_trip():
     images = backbone.decode(x)
     assert images.shape == (4, 3, 8, 8) and images.dtype == torch.float32
     assert images.min() >= 0 and images.max() <= 1
-    assert torch.allclose(backbone.encode(images), x, atol=1e-6)  # RGB layout back to model space
-    assert torch.allclose(backbone.encode(images[:, :1]), x, atol=1e-6)  # grayscale (B, 1, H, W) too
+    assert torch.allclose(backbone.encode(images)[0], x, atol=1e-6)  # RGB layout back to model space
+    assert torch.allclose(backbone.encode(images[:, :1])[0], x, atol=1e-6)  # grayscale (B, 1, H, W) too
     assert backbone.decode(torch.full((1, 1, 8, 8), 5.0)).max() == 1.0  # out-of-range values are clamped
 
 
@@ -57,12 +57,12 @@ def test_layout_helpers_validate_shapes():
 
 def test_latent_encode_decode_shapes(vae_folder):
     backbone = tiny_image_backbone(vae_folder)
-    cond = backbone.encode_condition({"prompt": ["a handwritten 1"] * 2})
+    cond = backbone.condition({"prompt": ["a handwritten 1"] * 2})
     x, mask = backbone.init_noise(cond, torch.Generator().manual_seed(0))
     assert x.shape == (2, 4, 8, 8) and mask is None
     images = backbone.decode(x)
     assert images.shape == (2, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
-    assert backbone.encode(images).shape == (2, 4, 8, 8)
+    assert backbone.encode(images)[0].shape == (2, 4, 8, 8)
 
 
 def test_decode_is_differentiable():
@@ -96,4 +96,4 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="block types"):
         ImageBackbone(block_out_channels=(8, 16), down_block_types=("DownBlock2D",), weights=None)
     with pytest.raises(KeyError, match="prompt"):
-        tiny_image_backbone().encode_condition({"text": ["x"]})
+        tiny_image_backbone().condition({"text": ["x"]})

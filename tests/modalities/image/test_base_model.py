@@ -47,7 +47,7 @@ def test_shipped_base_model_follows_prompts_imperfectly(prediction_type):
     policy = DiffusionPolicy(backbone, kernel, num_steps=10).eval()
     prompts = [p for p in DIGIT_PROMPTS for _ in range(10)]
     gens = [torch.Generator().manual_seed(10_000 + i) for i in range(len(prompts))]
-    cond = backbone.encode_condition({"prompt": prompts})
+    cond = backbone.condition({"prompt": prompts})
     with torch.no_grad():
         images = backbone.decode(policy.rollout(cond, generator=gens).x0)
     out = DigitFidelity()(images, cond)

@@ -20,8 +20,8 @@ def test_digit_scorer_shapes_and_prompt_dependence():
     digits = torch.tensor([0, 1, 2, 7, 8, 9])
     s = net(x, [f"a handwritten {d}" for d in digits.tolist()])
     assert s.shape == (6,) and torch.isfinite(s).all()
-    # prompts as strings, ints, a digit tensor or a condition dict all mean the same
-    for other in (digits.tolist(), digits, {"digit": digits, "tokens": torch.zeros(6, 8)}):
+    # prompts as strings, ints, a digit tensor or prompt dicts all mean the same
+    for other in (digits.tolist(), digits, [{"digit": d} for d in digits.tolist()]):
         torch.testing.assert_close(net(x, other), s)
     gray = x[:, :1]
     torch.testing.assert_close(net(gray, digits), net(gray.repeat(1, 3, 1, 1), digits))  # gray = RGB
@@ -33,7 +33,7 @@ def test_digit_scorer_shapes_and_prompt_dependence():
     assert net(torch.rand(2, 3, 24, 24), [3, 4]).shape == (2,)  # any image size (adaptive pooling)
     with pytest.raises(ValueError, match="name a digit"):
         net(x[:1], ["a handwritten digit"])
-    with pytest.raises(ValueError, match="LearnedDigitReward"):
+    with pytest.raises(ValueError, match="needs the prompts"):
         net(x[:1])
     with pytest.raises(ValueError, match="2 prompts for 1 images"):
         prompted_digits([1, 2], 1)
@@ -47,13 +47,16 @@ def test_learned_digit_reward_loads_exported_weights(tmp_path):
     save_state_dict(net, tmp_path / "rm.safetensors")
     reward = LearnedDigitReward(str(tmp_path / "rm.safetensors"))
     x = torch.rand(4, 3, 16, 16, requires_grad=True)
-    cond = {"tokens": torch.zeros(4, 8, dtype=torch.long), "digit": torch.tensor([1, 2, 3, 4])}
+    cond = {
+        "tokens": torch.zeros(4, 8, dtype=torch.long),
+        "prompt": [f"a handwritten {d}" for d in (1, 2, 3, 4)],
+    }
     out = reward(x, cond)
-    torch.testing.assert_close(out.scores, net(x, cond["digit"]).detach())
+    torch.testing.assert_close(out.scores, net(x, [1, 2, 3, 4]).detach())
     out.scores.sum().backward()  # differentiable w.r.t. the samples, frozen itself
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert reward.differentiable and not any(p.requires_grad for p in reward.parameters())
-    with pytest.raises(KeyError, match="digit"):
+    with pytest.raises(ValueError, match="needs the prompts"):
         reward(x.detach(), {"tokens": cond["tokens"]})
 
 
@@ -105,7 +108,7 @@ def test_bradley_terry_digit_scorer_beats_chance_on_held_out_pairs(tmp_path):
     # the exported weights load as a reward that ranks the held-out pairs the same way
     reward = LearnedDigitReward(str(export))
     rows = dm.val_rows
-    backbone_cond = {"digit": prompted_digits([r["prompt"] for r in rows], len(rows))}
+    backbone_cond = {"prompt": [r["prompt"] for r in rows]}
     s_w = reward(torch.stack([r["winner"] for r in rows]), backbone_cond).scores
     s_l = reward(torch.stack([r["loser"] for r in rows]), backbone_cond).scores
     assert abs((s_w > s_l).float().mean().item() - val) < 1e-6

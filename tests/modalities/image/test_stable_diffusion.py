@@ -9,13 +9,7 @@ import pytest
 import torch
 
 from diffalign.core.testing import check_backbone
-from diffalign.modalities.image.stable_diffusion import (
-    PROMPT_BYTES,
-    StableDiffusionBackbone,
-    decode_prompts,
-    encode_prompts,
-    make_tiny_sd_pipeline,
-)
+from diffalign.modalities.image.stable_diffusion import StableDiffusionBackbone, make_tiny_sd_pipeline
 from tests.helpers import quiet_trainer
 
 RES = 16  # tiny VAE factor 2 -> 8x8 latents
@@ -97,7 +91,7 @@ def test_lora_trains_only_adapters(sd_path):
 def test_reference_is_the_base_model_with_adapters_off(sd_path):
     base = _backbone(sd_path, lora_rank=0)
     bb = _backbone(sd_path, lora_rank=4)
-    cond = bb.encode_condition({"prompt": PROMPTS})
+    cond = bb.condition({"prompt": PROMPTS})
     expected = _denoise_out(base, cond)
     assert torch.allclose(_denoise_out(bb, cond), expected, atol=1e-5)  # B = 0 at init
     bb.freeze_reference()  # a no-op with LoRA: no copy is kept
@@ -124,7 +118,7 @@ def test_reference_is_the_base_model_with_adapters_off(sd_path):
 
 def test_full_finetune_reference_is_a_frozen_unet_copy(sd_path):
     bb = _backbone(sd_path, lora_rank=0)
-    cond = bb.encode_condition({"prompt": PROMPTS})
+    cond = bb.condition({"prompt": PROMPTS})
     before = _denoise_out(bb, cond)
     bb.freeze_reference()
     with torch.no_grad():
@@ -138,7 +132,7 @@ def test_full_finetune_reference_is_a_frozen_unet_copy(sd_path):
 
 def test_decode_layout_range_and_gradient(sd_path):
     bb = _backbone(sd_path)
-    cond = bb.encode_condition({"prompt": PROMPTS})
+    cond = bb.condition({"prompt": PROMPTS})
     x, mask = bb.init_noise(cond, torch.Generator().manual_seed(0))
     assert mask is None and x.shape == (2, 4, RES // 2, RES // 2) and x.dtype == torch.float32
     z = (3 * x).requires_grad_(True)
@@ -147,7 +141,8 @@ def test_decode_layout_range_and_gradient(sd_path):
     assert images.min() >= 0 and images.max() <= 1
     images.mean().backward()
     assert z.grad is not None and z.grad.abs().sum() > 0  # frozen VAE, yet differentiable in the latents
-    latents = bb.encode(images.detach())
+    latents, mask = bb.encode(images.detach())
+    assert mask is None
     assert latents.shape == x.shape
     dist = bb.vae.encode(images.detach() * 2 - 1).latent_dist
     assert torch.allclose(latents, dist.mean * bb.scaling_factor, atol=1e-6)  # "mean" mode
@@ -156,33 +151,26 @@ def test_decode_layout_range_and_gradient(sd_path):
     assert torch.allclose(bb.decode(x), direct, atol=1e-6)
 
 
-def test_condition_carries_prompts_as_tensors_and_guidance_works(sd_path):
+def test_condition_carries_the_prompt_text_and_guidance_works(sd_path):
     bb = _backbone(sd_path)
-    cond = bb.encode_condition({"prompt": PROMPTS})
+    cond = bb.condition({"prompt": PROMPTS})
     hs = cond["encoder_hidden_states"]
     assert hs.shape == (2, bb.tokenizer.model_max_length, bb.text_encoder.config.hidden_size)
     assert not hs.requires_grad
-    assert cond["prompt_bytes"].shape == (2, PROMPT_BYTES) and decode_prompts(cond["prompt_bytes"]) == PROMPTS
+    assert cond["prompt"] == PROMPTS  # metadata beside the tensors: rewards read the text directly
     null = bb.null_condition(cond)
-    assert set(null) == set(cond)
-    empty = bb.encode_condition({"prompt": ["", ""]})["encoder_hidden_states"]
+    assert set(null) == {"encoder_hidden_states"}
+    empty = bb.condition({"prompt": ["", ""]})["encoder_hidden_states"]
     assert torch.allclose(null["encoder_hidden_states"], empty)
     assert not torch.allclose(empty, hs)
     from diffalign.core.policy import DiffusionPolicy
 
     policy = DiffusionPolicy(bb, num_steps=2, guidance_scale=5.0)  # CFG concatenates every cond entry
     traj = policy.rollout(cond, torch.Generator().manual_seed(0))
+    assert traj.cond["prompt"] == PROMPTS
     assert traj.states.shape == (2, 3, 4, RES // 2, RES // 2)
     lp = policy.log_prob(traj, 1).log_prob
     assert torch.allclose(lp, traj.log_probs[:, 1], atol=1e-5)
-
-
-def test_prompt_bytes_round_trip():
-    prompts = ["", "a cat", "ünïcødé ☃", "x" * 600, "é" * 300]
-    out = decode_prompts(encode_prompts(prompts))
-    assert out[:3] == prompts[:3]
-    assert out[3] == "x" * PROMPT_BYTES
-    assert out[4] == "é" * (PROMPT_BYTES // 2)  # cut at a whole character
 
 
 def test_options_bf16_checkpointing_and_v_prediction(sd_path, tmp_path):
@@ -191,7 +179,7 @@ def test_options_bf16_checkpointing_and_v_prediction(sd_path, tmp_path):
     assert bb.vae.dtype == torch.bfloat16 and bb.text_encoder.dtype == torch.bfloat16
     assert bb.unet.conv_in.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in bb.trainable_parameters())
-    cond = bb.encode_condition({"prompt": PROMPTS})
+    cond = bb.condition({"prompt": PROMPTS})
     assert _denoise_out(bb, cond).dtype == torch.float32
     assert bb.decode(bb.init_noise(cond)[0]).dtype == torch.float32
     check_backbone(bb, {"prompt": PROMPTS})  # re-scoring stays exact with bf16 frozen weights
@@ -251,7 +239,7 @@ def test_two_step_ddpo_checkpoint_holds_only_lora(sd_path, tmp_path):
     prefix = "policy.backbone."
     bb.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=False)
     trained = module.policy.backbone
-    cond = bb.encode_condition({"prompt": PROMPTS})
+    cond = bb.condition({"prompt": PROMPTS})
     assert torch.allclose(_denoise_out(bb, cond), _denoise_out(trained, cond), atol=1e-6)
     assert bb.save_lora(tmp_path / "lora").is_file()
 
@@ -261,7 +249,7 @@ def test_lora_export_loads_in_diffusers_and_back(sd_path, tmp_path):
 
     bb = _backbone(sd_path, lora_rank=2, lora_alpha=8)
     _perturb_lora(bb)
-    cond = bb.encode_condition({"prompt": PROMPTS})
+    cond = bb.condition({"prompt": PROMPTS})
     adapted = _denoise_out(bb, cond)
     file = bb.save_lora(tmp_path / "lora")
     assert file.name == "pytorch_lora_weights.safetensors" and file.stat().st_size < 200_000

@@ -87,7 +87,7 @@ def test_padding_never_changes_real_atoms():
 
 def test_init_noise_zero_com_counts_and_padding():
     b = TinyMoleculeBackbone(max_atoms=6)
-    cond = b.encode_condition({"prompt": [0] * 64 + [3] * 4})
+    cond = b.condition({"prompt": [0] * 64 + [3] * 4})
     x, mask = b.init_noise(cond, torch.Generator().manual_seed(0))
     assert x.shape == (68, 6, b.event_dim) and mask.shape == (68, 6, 1)
     n = mask.sum((1, 2))
@@ -97,8 +97,8 @@ def test_init_noise_zero_com_counts_and_padding():
     assert (x * (1 - mask)).abs().max() == 0
     # per-sample generators: a row does not depend on the batch it is drawn in
     gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6)]  # noqa: E731
-    x1, m1 = b.init_noise(b.encode_condition({"prompt": [0, 0]}), gens())
-    x2, m2 = b.init_noise(b.encode_condition({"prompt": [0]}), gens()[:1])
+    x1, m1 = b.init_noise(b.condition({"prompt": [0, 0]}), gens())
+    x2, m2 = b.init_noise(b.condition({"prompt": [0]}), gens()[:1])
     torch.testing.assert_close(x1[:1], x2)
     torch.testing.assert_close(m1[:1], m2)
 

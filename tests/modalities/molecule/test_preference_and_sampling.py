@@ -11,11 +11,11 @@ import torch
 
 from diffalign.core.feedback import make_preference_dataset
 from diffalign.core.guidance import SVDD, FKSteering, PlainSampling
-from diffalign.core.guidance.base import repeat_cond
 from diffalign.core.kernels import DDIMKernel
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.preference_data import PreferenceDataModule, load_sample_file
 from diffalign.core.reward import Reward
+from diffalign.core.sampling import repeat_generators, row_generators
 from diffalign.modalities.molecule import MoleculeBackbone, MoleculeSample, TinyMoleculeBackbone
 from diffalign.modalities.molecule.chem import build_molecule, embed_smiles
 from diffalign.rewards.molecule import QED
@@ -95,21 +95,21 @@ def test_feedback_pairs_round_trip_through_preference_data(tmp_path):
 
 
 def test_dpo_loss_on_molecule_pairs_starts_at_log2(tmp_path):
-    from diffalign.core.algorithms.diffusion_dpo import DiffusionDPO, denoising_errors, noised_pairs
+    from diffalign.core.algorithms.diffusion_dpo import DiffusionDPO, noised_pairs
 
     policy = _tiny_policy()
     make_preference_dataset(policy, Spread(), [5, 6], tmp_path, samples_per_prompt=4, pairs_per_prompt=1)
     batch = next(iter(PreferenceDataModule(str(tmp_path / "pairs.jsonl"), batch_size=2).train_dataloader()))
     b = policy.backbone
-    (x_w, mask), (x_l, _) = b.encode(batch["winner"]), b.encode(batch["loser"])
-    cond = b.encode_condition(batch)
-    micro = noised_pairs(policy, x_w, x_l, cond, torch.Generator().manual_seed(0), mask, batch["label"])
-    assert micro.mask.sum((1, 2)).long().tolist() == [int(p) for p in batch["prompt"]] * 2
+    (x_w, m_w), (x_l, m_l) = b.encode(batch["winner"]), b.encode(batch["loser"])
+    cond = b.condition(batch)
+    micro = noised_pairs(policy, x_w, x_l, cond, torch.Generator().manual_seed(0), m_w, m_l, batch["label"])
+    atoms = [int(p) for p in batch["prompt"]]
+    assert micro.mask_w.sum((1, 2)).long().tolist() == atoms == micro.mask_l.sum((1, 2)).long().tolist()
     b.freeze_reference()  # what AlignmentModule does for DiffusionDPO
     out = DiffusionDPO(beta=100.0).forward(policy, micro)
     assert out["loss"].item() == pytest.approx(float(np.log(2.0)), abs=1e-5)  # θ = reference
-    err, ref = denoising_errors(policy, micro.x_t, micro.t, micro.cond, micro.target, micro.mask)
-    torch.testing.assert_close(err, ref)
+    torch.testing.assert_close(out["mse_winner"], out["ref_mse_winner"])
 
 
 def test_fk_resamples_particles_with_their_masks():
@@ -117,17 +117,21 @@ def test_fk_resamples_particles_with_their_masks():
     a particle of the group's largest initial count, with its own mask (padded rows exactly zero)."""
     policy = _tiny_policy(max_atoms=8, num_steps=4)
     k = 4
-    cond = policy.backbone.encode_condition({"prompt": [0] * 6})
+    cond = policy.backbone.condition({"prompt": [0] * 6})
     method = FKSteering(num_particles=k, lam=5.0, potential="rt", ess_threshold=None, final="best")
-    res = method(policy, cond, NumAtoms(), torch.Generator().manual_seed(3))
-    _, init_mask = policy.backbone.init_noise(repeat_cond(cond, k), torch.Generator().manual_seed(3))
+    gens = row_generators(range(6))
+    res = method(policy, cond, NumAtoms(), gens)
+    # each condition's particles draw their sizes from that condition's generator, in turn
+    _, init_mask = policy.backbone.init_noise(
+        cond.repeat_interleave(k), repeat_generators(row_generators(range(6)), k)
+    )
     init_counts = init_mask.sum((1, 2)).reshape(-1, k)
     assert len(set(init_counts.flatten().tolist())) > 1  # the particles do differ in size
     counts = res.mask.sum((1, 2))
     torch.testing.assert_close(counts, init_counts.max(dim=1).values)
     assert (res.x0 * (1 - res.mask)).abs().max() == 0  # each particle kept its own mask
     assert (res.x0[..., 3:].abs().sum(-1, keepdim=True) > 0).float().eq(res.mask).all()
-    assert [s.num_atoms for s in res.samples] == counts.long().tolist()
+    assert [s.num_atoms for s in res.samples()] == counts.long().tolist()
     # so samples.pt's x0 (saved without masks) decodes the same: all-zero rows are padding
     assert [s.num_atoms for s in policy.backbone.decode(res.x0)] == counts.long().tolist()
     assert res.nfe_per_sample == k * 4
@@ -135,12 +139,12 @@ def test_fk_resamples_particles_with_their_masks():
 
 def test_svdd_and_plain_keep_the_mask():
     policy = _tiny_policy(max_atoms=8, num_steps=3)
-    cond = policy.backbone.encode_condition({"prompt": [0, 5, 8, 3]})
+    cond = policy.backbone.condition({"prompt": [0, 5, 8, 3]})
     _, init_mask = policy.backbone.init_noise(cond, torch.Generator().manual_seed(1))
     for method, nfe in ((PlainSampling(), 3), (SVDD(candidates=3), 3 + 3 * 2)):
         res = method(policy, cond, QED(), torch.Generator().manual_seed(1))
         torch.testing.assert_close(res.mask, init_mask)
-        assert [s.num_atoms for s in res.samples] == res.mask.sum((1, 2)).long().tolist()
+        assert [s.num_atoms for s in res.samples()] == res.mask.sum((1, 2)).long().tolist()
         assert res.mask.sum((1, 2))[1:].long().tolist() == [5, 8, 3]
         assert res.nfe_per_sample == nfe
 

@@ -1,0 +1,98 @@
+"""Advantages from rewards: batch normalisation, per-prompt running statistics, group-relative.
+
+The shared statistics of the policy-gradient family (DDPO, DPOK, GRPO): each function maps a batch of
+rewards (and the condition key or group of each row) to advantages, and does nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from diffalign.core.types import Cond
+
+
+def row_keys(cond: Cond) -> list[str]:
+    """A hashable key per row: its prompt (`cond["prompt"]`; dicts as sorted JSON) when the rows have
+    one, else a hash of the row's tensors (for grouping samples by condition)."""
+    prompts = cond.prompts
+    if prompts is not None:
+        return [
+            json.dumps(p, sort_keys=True, default=str) if isinstance(p, dict) else str(p) for p in prompts
+        ]
+    n = len(cond)
+    keys: list[list[str]] = [[] for _ in range(n)]
+    for name in sorted(cond):
+        v = cond[name]
+        if isinstance(v, Tensor):
+            flat = v.detach().reshape(n, -1).float().cpu()
+            for i in range(n):
+                keys[i].append(f"{name}={flat[i].numpy().tobytes().hex()}")
+    return ["|".join(k) for k in keys]
+
+
+def batch_advantages(rewards: Tensor, eps: float = 1e-8) -> Tensor:
+    """(R − mean) / (std + eps) over the batch."""
+    return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + eps)
+
+
+def group_advantages(
+    rewards: Tensor,
+    groups: Tensor,
+    std_scope: Literal["group", "global"] = "group",
+    eps: float = 1e-4,
+) -> tuple[Tensor, float]:
+    """(r − mean_group) / (std + eps) (GRPO); returns the advantages and the fraction of groups whose
+    rewards are all equal (they get advantage 0: no preference inside the group)."""
+    adv = torch.zeros_like(rewards)
+    zero = 0
+    ids = groups.unique()
+    global_std = rewards.std(unbiased=False)
+    for g in ids:
+        rows = groups == g
+        r = rewards[rows]
+        std = r.std(unbiased=False) if std_scope == "group" else global_std
+        if r.numel() < 2 or float(r.max() - r.min()) == 0.0:
+            zero += 1
+            continue
+        adv[rows] = (r - r.mean()) / (std + eps)
+    return adv, zero / max(1, len(ids))
+
+
+class PerPromptNormalizer:
+    """Per-condition reward normalisation with a running buffer per key (DDPO's stat tracker).
+
+    A key's advantage is (R − μ_key)/(σ_key + eps) over the last `buffer_size` rewards seen for that key;
+    while a key has fewer than `min_count` rewards, the statistics of the whole batch are used instead.
+    Its state is plain data so it can go into a checkpoint.
+    """
+
+    def __init__(self, buffer_size: int = 32, min_count: int = 16, eps: float = 1e-6) -> None:
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self.eps = eps
+        self.buffers: dict[str, list[float]] = {}
+
+    def __call__(self, keys: Sequence[str], rewards: Tensor) -> Tensor:
+        r = rewards.detach().float().cpu()
+        adv = torch.empty_like(r)
+        keys = [str(k) for k in keys]
+        for key in dict.fromkeys(keys):
+            rows = [i for i, k in enumerate(keys) if k == key]
+            buf = self.buffers.setdefault(key, [])
+            buf.extend(r[rows].tolist())
+            del buf[: max(0, len(buf) - self.buffer_size)]
+            ref = torch.tensor(buf) if len(buf) >= self.min_count else r
+            mean, std = ref.mean(), ref.std(unbiased=False)
+            adv[rows] = (r[rows] - mean) / (std + self.eps)
+        return adv.to(rewards.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffers": {k: list(v) for k, v in self.buffers.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.buffers = {k: list(v) for k, v in state.get("buffers", {}).items()}

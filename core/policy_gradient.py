@@ -1,0 +1,91 @@
+"""Pieces of the policy-gradient family (DDPO, DPOK, GRPO) that each method file composes.
+
+- `step_minibatches`: shuffle samples and, per sample, the denoising steps; train the first
+  `timestep_fraction` of them; group micro-batches into optimiser steps (ddpo-pytorch's loop).
+- `clipped_surrogate`: the clipped importance-ratio objective and its diagnostics.
+- `reference_kl`: the closed-form per-step KL of the policy's transition to the frozen reference's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from diffalign.core.functional import gaussian_kl_same_std
+from diffalign.core.kernels import StepOutput
+from diffalign.core.policy import DiffusionPolicy
+from diffalign.core.types import Batch, Trajectory
+
+
+def step_minibatches(
+    data: Trajectory,
+    generator: torch.Generator,
+    timestep_fraction: float = 1.0,
+    num_inner_epochs: int = 1,
+    train_batch_size: int | None = None,
+    gradient_accumulation_steps: int = 1,
+) -> Iterator[list[Batch]]:
+    """Yield one list of micro-batches `Batch(traj=rows, step=(rows,) step index)` per optimiser step.
+
+    Per inner epoch: a random order of samples and, per sample, a random order of its T steps of which
+    the first ⌊T·timestep_fraction⌋ are trained; an optimiser step covers
+    `train_batch_size × gradient_accumulation_steps` samples, each on all its trained steps.
+    """
+    b, t = data.batch_size, data.num_steps
+    n_steps = max(1, int(t * timestep_fraction))
+    bs = train_batch_size or b
+    per_update = bs * gradient_accumulation_steps
+    device = data.states.device
+    for _ in range(num_inner_epochs):
+        perm = torch.randperm(b, generator=generator).to(device)
+        step_perm = torch.stack([torch.randperm(t, generator=generator) for _ in range(b)]).to(device)
+        for start in range(0, b, per_update):
+            micro = []
+            for s in range(start, min(start + per_update, b), bs):
+                rows = perm[s : s + bs]
+                sub = data[rows]
+                micro.extend(Batch(traj=sub, step=step_perm[rows, j]) for j in range(n_steps))
+            yield micro
+
+
+def clipped_surrogate(
+    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float
+) -> dict[str, Tensor]:
+    """mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))), ρ = exp(log p − log p_old), and its diagnostics; at ratio
+    1 the loss is −mean(advantages).
+
+    Diagnostics: `approx_kl` = ½·E[(log p − log p_old)²], `clipfrac`, `ratio_mean`, `ratio_max_dev`
+    (max |ρ − 1|) and `first_update_ratio_dev` (the same value, which the module reduces over the first
+    optimiser step of a batch only: it must be ~0, see `RatioConsistencyCheck`).
+    """
+    log_ratio = log_prob - old_log_prob
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        dev = (ratio.detach() - 1.0).abs().max()
+        return {
+            "loss": loss,
+            "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean(),
+            "clipfrac": ((ratio.detach() - 1.0).abs() > clip_range).float().mean(),
+            "ratio_mean": ratio.detach().mean(),
+            "ratio_max_dev": dev,
+            "first_update_ratio_dev": dev,
+        }
+
+
+#: how the module aggregates the diagnostics of `clipped_surrogate` over the micro-batches of a batch
+SURROGATE_REDUCTION = {"ratio_max_dev": "max", "first_update_ratio_dev": "first_max"}
+
+
+def reference_kl(policy: DiffusionPolicy, micro: Batch, new: StepOutput) -> Tensor:
+    """Per-sample KL(π_θ ‖ π_ref) of the re-scored transitions: ‖μ_θ − μ_ref‖²/(2σ²) for two Gaussian
+    steps of equal std σ, reduced over event dims like the log-probs (Flow-GRPO's closed form)."""
+    with policy.backbone.reference() as ref:
+        ref_mean = policy.log_prob(micro.traj, micro.step, backbone=ref).mean
+    return gaussian_kl_same_std(
+        new.mean, ref_mean, new.std.detach(), micro.traj.mask, policy.kernel.reduction
+    )
