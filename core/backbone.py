@@ -121,8 +121,10 @@ class Backbone(nn.Module, ABC):
         """Final model-space samples to the modality's documented sample layout (identity here).
 
         `request` holds what a reward asks for (`Reward.request`: some frames of a video, a window of
-        audio, views of a shape); a backbone honours the keys it documents and refuses others. A layout
-        of padded samples makes the padding explicit (e.g. a mask beside the values).
+        audio, views of a shape); a backbone honours the keys it documents and refuses others. A request
+        that asks for a random part (one random frame) draws it from `request["generator"]` when
+        `SampleView` passes one (the run's generator in training). A layout of padded samples makes the
+        padding explicit (e.g. a mask beside the values).
         """
         if request:
             raise ValueError(

@@ -173,8 +173,10 @@ class SampleView:
 
     Built from model space (`backbone`, `x0`, `mask`): `get(request)` calls
     `backbone.decode(x0, mask, **request)` once per distinct request (cached), `backbone.decode_chunk_size`
-    rows at a time, keeping the autograd graph when x0 has one (reward backprop). Built from decoded
-    `samples` (files to score, test doubles): `get` returns them whatever the request.
+    rows at a time, keeping the autograd graph when x0 has one (reward backprop). Padded entries are
+    zeroed first. A non-empty request also gets `generator=` (this view's generator) for backbones that
+    honour random requests (one random frame). Built from decoded `samples` (files to score, test
+    doubles): `get` returns them whatever the request.
     """
 
     def __init__(
@@ -184,10 +186,12 @@ class SampleView:
         mask: Tensor | None = None,
         samples: Any = None,
         size: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         if samples is None and (backbone is None or x0 is None):
             raise ValueError("SampleView needs (backbone, x0) or decoded samples")
         self.backbone, self.x0, self.mask, self.samples = backbone, x0, mask, samples
+        self.generator = generator
         self._size = size if size is not None else (x0.shape[0] if x0 is not None else _num_samples(samples))
         if self._size is None:
             raise ValueError("SampleView: cannot tell the number of samples; pass size")
@@ -212,11 +216,12 @@ class SampleView:
             x0 = self.x0
             if self.mask is not None:  # padding is exactly zero for decoders, and gets no gradient
                 x0 = torch.where(expand_mask(self.mask, x0) > 0, x0, torch.zeros_like(x0))
+            options = {**request, "generator": self.generator} if request else {}
             parts = [
                 self.backbone.decode(
                     x0[i : i + chunk],
                     None if self.mask is None else self.mask[i : i + chunk],
-                    **request,
+                    **options,
                 )
                 for i in range(0, self._size, chunk)
             ]
@@ -229,7 +234,7 @@ class SampleView:
             return SampleView(samples=index_samples(self.samples, idx), size=len(idx))
         rows = torch.as_tensor(list(idx), dtype=torch.long, device=self.x0.device)
         mask = None if self.mask is None else self.mask[rows]
-        return SampleView(self.backbone, self.x0[rows], mask)
+        return SampleView(self.backbone, self.x0[rows], mask, generator=self.generator)
 
 
 def score(reward: Reward, view: SampleView, cond: Cond) -> RewardOutput:

@@ -165,11 +165,13 @@ def sample_batch(
             x0, out_mask, extras = method.sample(policy, cond, reward, generator)
             x0 = x0.detach()
     b = max(1, len(cond))
+    # randomness of decode requests (one random frame) comes from the batch's seeds
+    view_gen = torch.Generator().manual_seed(sum(int(s) for s in seeds) % SEED_BOUND) if seeds else None
     return SampledBatch(
         cond=cond if traj is None else traj.cond,
         x0=x0,
         mask=out_mask,
-        view=SampleView(backbone, x0, out_mask),
+        view=SampleView(backbone, x0, out_mask, generator=view_gen),
         seeds=[int(s) for s in seeds] if seeds is not None else [],
         nfe_per_sample=rows[0] / b,
         trajectory=traj,

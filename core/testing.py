@@ -216,6 +216,7 @@ class PointSetBackbone(Backbone):
         return out
 
     def decode(self, x0: Tensor, mask: Tensor | None = None, **request: Any) -> dict[str, Tensor]:
+        request.pop("generator", None)
         if request:
             raise ValueError(f"PointSetBackbone.decode takes no options, got {sorted(request)}")
         m = mask if mask is not None else torch.ones(x0.shape[:2], device=x0.device)

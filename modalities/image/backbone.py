@@ -210,6 +210,7 @@ class ImageBackbone(Backbone):
     # -- sample layout -------------------------------------------------------------------------------
     def decode(self, x0: Tensor, mask: Tensor | None = None, **request: Any) -> Tensor:
         """Model space → float (B, 3, H, W) in [0, 1] (differentiable; clamps to the range). No options."""
+        request.pop("generator", None)
         if request:
             raise ValueError(f"ImageBackbone.decode takes no options, got {sorted(request)}")
         if self._vae:

@@ -375,6 +375,7 @@ class StableDiffusionBackbone(Backbone):
         Differentiable with respect to the latents (the VAE is frozen, not detached). `SampleView` calls it
         `decode_chunk_size` rows at a time (set it to bound the VAE's memory). No decode options.
         """
+        request.pop("generator", None)
         if request:
             raise ValueError(f"StableDiffusionBackbone.decode takes no options, got {sorted(request)}")
         z = x0.to(self.frozen_dtype) / self.scaling_factor + self.shift_factor

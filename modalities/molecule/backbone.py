@@ -207,6 +207,7 @@ class MoleculeBackbone(Backbone):
     def decode(self, x0: Tensor, mask: Tensor | None = None, **request: Any) -> list[MoleculeSample]:
         """A `MoleculeSample` per row (mol/smiles None and `error` set when bond perception fails).
         No decode options."""
+        request.pop("generator", None)
         if request:
             raise ValueError(f"MoleculeBackbone.decode takes no options, got {sorted(request)}")
         from diffalign.modalities.molecule.chem import build_molecule
