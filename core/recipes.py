@@ -175,17 +175,6 @@ def _parser_text(path: Path) -> str | None:
     return "".join(lines) if len(node.value) > 1 else None
 
 
-def config_args(argv: Sequence[str]) -> list[str]:
-    """The values given to `--config` / `-c` / `--config=` on a command line, in order."""
-    out = []
-    for i, a in enumerate(argv):
-        if a in CONFIG_FLAGS and i + 1 < len(argv):
-            out.append(argv[i + 1])
-        elif a.startswith("--config="):
-            out.append(a.split("=", 1)[1])
-    return out
-
-
 def expand_config_args(argv: Sequence[str], exit_on_error: bool = True) -> tuple[list[str], list[str]]:
     """Resolve and expand every `--config` of a command line (see the module docstring).
 
