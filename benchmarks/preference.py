@@ -86,6 +86,7 @@ def make_feedback(layout: str, work: Path, device: str, quick: bool, reuse: bool
     """`diffalign feedback --config recipes/image/<recipe>.yaml` into work/feedback/<recipe>, on `device`
     (the same parser and `make_preference_dataset`; the CLI itself samples on the CPU)."""
     from diffalign.core.feedback import make_preference_dataset
+    from diffalign.core.recipes import expand_config_args
     from diffalign.core.sample import build_parser
 
     name = FEEDBACK[layout]
@@ -101,7 +102,7 @@ def make_feedback(layout: str, work: Path, device: str, quick: bool, reuse: bool
     argv = ["--config", str(RECIPES / f"{name}.yaml")]
     if quick:
         argv += ["--seeds_per_prompt=2", "--policy.init_args.num_steps=4"]
-    cfg = parser.parse_args(argv)
+    cfg = parser.parse_args(expand_config_args(argv)[0])  # the recipe and its bases
     if cfg.layout != layout:
         raise ValueError(f"{name}.yaml writes layout {cfg.layout!r}, expected {layout!r}")
     init = parser.instantiate_classes(cfg)

@@ -82,10 +82,12 @@ def label(recipe: str) -> str:
 # -- one run (in a subprocess) ----------------------------------------------------------------------
 def build(recipe: str, overrides: list[str]) -> tuple[Any, Any, dict]:
     """The recipe's AlignmentModule, data module and trainer section, parsed as `diffalign fit` does."""
+    import yaml
     from jsonargparse import ActionConfigFile, ArgumentParser
     from lightning import LightningDataModule
 
     from diffalign.core.module import AlignmentModule
+    from diffalign.core.recipes import expand_config_args
 
     parser = ArgumentParser(prog="sample_efficiency", exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
@@ -94,8 +96,12 @@ def build(recipe: str, overrides: list[str]) -> tuple[Any, Any, dict]:
     parser.add_argument("--trainer", type=dict, default={})
     for ignored in ("seed_everything", "run_root", "ckpt_path"):  # set here, or used by `fit` only
         parser.add_argument(f"--{ignored}", type=object, default=None)
-    cfg = parser.parse_args(["--config", recipe, *overrides])
-    trainer_cfg = dict(cfg.get("trainer") or {})
+    argv, files = expand_config_args(["--config", recipe, *overrides])  # the recipe and its bases
+    cfg = parser.parse_args(argv)
+    trainer_cfg: dict = {}  # a dict-typed key is replaced by each file, not merged: merge the files' here
+    for f in files:
+        trainer_cfg.update((yaml.safe_load(Path(f).read_text()) or {}).get("trainer") or {})
+    trainer_cfg.update(cfg.get("trainer") or {})
     backbone_cfg = cfg.model.init_args.policy.init_args.backbone
     trainer_cfg["_backbone"] = backbone_cfg.as_dict() if hasattr(backbone_cfg, "as_dict") else backbone_cfg
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # jsonargparse < 4.49

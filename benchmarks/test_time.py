@@ -35,10 +35,11 @@ FOLDER_NAMES = {"image": "digits"}  # recipes/image/sample_*.yaml sample the 16x
 
 
 def load_recipe(path: str) -> tuple[object, object, list, int, int]:
+    from diffalign.core.recipes import expand_config_args
     from diffalign.core.sample import build_parser
 
     parser = build_parser()
-    cfg = parser.parse_args(["--config", path])
+    cfg = parser.parse_args(expand_config_args(["--config", path])[0])  # the recipe and its bases
     init = parser.instantiate_classes(cfg)
     return init.policy, init.reward, list(cfg.prompts), cfg.seeds_per_prompt, cfg.seed
 

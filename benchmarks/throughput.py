@@ -45,6 +45,7 @@ def build(configs: list[str], overrides: list[str], batch_size: int | None):
     from lightning import LightningDataModule
 
     from diffalign.core.module import AlignmentModule
+    from diffalign.core.recipes import expand_config_args
 
     parser = ArgumentParser(prog="throughput", exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
@@ -52,7 +53,7 @@ def build(configs: list[str], overrides: list[str], batch_size: int | None):
     parser.add_subclass_arguments(LightningDataModule, "data")
     for ignored in ("trainer", "seed_everything", "run_root", "ckpt_path"):  # used by `fit` only
         parser.add_argument(f"--{ignored}", type=object, default=None)
-    args = [a for c in configs for a in ("--config", c)] + list(overrides)
+    args = expand_config_args([a for c in configs for a in ("--config", c)])[0] + list(overrides)
     if batch_size is not None:
         args += ["--data.init_args.batch_size", str(batch_size)]
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # jsonargparse < 4.49

@@ -16,6 +16,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# recipe names, `bases:` composition and the `recipes` listing (re-exported: they used to live here)
+from diffalign.core.recipes import (  # noqa: F401
+    expand_config_args,
+    list_recipes,
+    recipe_command,
+    recipe_description,
+    recipes_command,
+    recipes_root,
+)
+
 # Fail at once on a stray hub id instead of retrying for minutes (no network at run time).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -33,95 +43,6 @@ PLUGIN_COMMANDS = {
         "AI feedback: sample, rank with a reward, write preference pairs",
     ),
 }
-
-
-def recipes_root() -> Path:
-    """recipes/ of the current directory, else the one beside the installed package (editable)."""
-    here = Path.cwd() / "recipes"
-    if here.is_dir():
-        return here
-    return Path(__file__).resolve().parent.parent / "recipes"
-
-
-def recipe_description(path: Path) -> str:
-    """The first comment line of a recipe ("# ..."), which by convention describes it."""
-    for line in path.read_text(encoding="utf-8").splitlines():
-        s = line.strip()
-        if s.startswith("#"):
-            return s.lstrip("#").strip()
-        if s:
-            break
-    return "(no description: start the file with a '# ...' line)"
-
-
-def recipe_command(path: Path) -> str:
-    """Which subcommand runs a recipe: `sample` (has a test-time `method`), `feedback` (has
-    `samples_per_prompt`), else `fit`."""
-    keys = {
-        line.split(":", 1)[0]
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line and not line[0].isspace() and not line.startswith("#") and ":" in line
-    }
-    if "method" in keys:
-        return "sample"
-    if "samples_per_prompt" in keys:
-        return "feedback"
-    return "fit"
-
-
-def list_recipes(root: Path | None = None) -> list[tuple[str, str]]:
-    """(relative path, description) of every recipe YAML, `_base/` fragments excluded."""
-    root = root or recipes_root()
-    if not root.is_dir():
-        raise FileNotFoundError(f"recipes folder not found: {root}")
-    out = []
-    for p in sorted(root.rglob("*.yaml")):
-        rel = p.relative_to(root)
-        if rel.parts[0].startswith("_"):
-            continue
-        out.append((str(Path("recipes") / rel), recipe_description(p)))
-    return out
-
-
-def _recipes_command(argv: Sequence[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="diffalign recipes", description=OWN_COMMANDS["recipes"])
-    parser.add_argument("--root", type=Path, default=None, help="recipes folder (default: ./recipes)")
-    args = parser.parse_args(list(argv))
-    try:
-        rows = list_recipes(args.root)
-    except FileNotFoundError as e:
-        print(f"diffalign recipes: {e}", file=sys.stderr)
-        return 2
-    width = max((len(r) for r, _ in rows), default=0)
-    root = args.root or recipes_root()
-    for rel, desc in rows:
-        command = recipe_command(root / Path(rel).relative_to("recipes"))
-        print(f"{rel:<{width}}  {command:<8}  {desc}")
-    return 0
-
-
-def _check_config_files(argv: Sequence[str]) -> None:
-    """Name a missing --config file plainly before the parser does."""
-    for i, a in enumerate(argv):
-        path = None
-        if a in ("--config", "-c") and i + 1 < len(argv):
-            path = argv[i + 1]
-        elif a.startswith("--config="):
-            path = a.split("=", 1)[1]
-        if path is not None and not Path(path).is_file():
-            raise SystemExit(f"diffalign: config file not found: {path}")
-
-
-def _config_names(argv: Sequence[str]) -> list[str]:
-    names = []
-    for i, a in enumerate(argv):
-        if a in ("--config", "-c") and i + 1 < len(argv):
-            names.append(argv[i + 1])
-        elif a.startswith("--config="):
-            names.append(a.split("=", 1)[1])
-    return names
 
 
 def _offending_keys(message: str) -> list[str]:
@@ -271,7 +192,7 @@ def cli_main(args: Sequence[str] | None = None) -> Any:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and (argv[0] in OWN_COMMANDS or argv[0] in PLUGIN_COMMANDS):
         if argv[0] in OWN_COMMANDS:
-            code = _recipes_command(argv[1:])
+            code = recipes_command(argv[1:])
         else:
             import importlib
 
@@ -280,17 +201,19 @@ def cli_main(args: Sequence[str] | None = None) -> Any:
         if args is None:
             raise SystemExit(code)
         return code
-    _check_config_files(argv)
+    argv, config_files = expand_config_args(argv)  # recipe names and `bases:` -> several --config
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (and warns when given both)
     from jsonargparse import ArgumentError
 
     cli_cls = _build_cli_class()
-    config_files = _config_names(argv)
     try:
         return _run_cli(cli_cls, argv if args is not None else None, config_files)
     except ArgumentError as e:
         if any(a in ("-h", "--help") for a in argv):
             raise
-        print(explain_config_error(str(e), config_files), file=sys.stderr)
+        # last file first: a key set in several files is named where its winning value is
+        print(explain_config_error(str(e), config_files[::-1]), file=sys.stderr)
         print(
             "see 'diffalign fit --help' or 'diffalign fit --config <recipe> --print_config'", file=sys.stderr
         )

@@ -122,10 +122,11 @@ def main(argv: Sequence[str]) -> int:
     """Entry point of `diffalign feedback`."""
     from jsonargparse import ArgumentError
 
-    from diffalign.core.cli import _check_config_files, _config_names, explain_config_error
+    from diffalign.core.cli import explain_config_error
+    from diffalign.core.recipes import expand_config_args
     from diffalign.core.sample import build_parser
 
-    _check_config_files(argv)
+    argv, names = expand_config_args(argv)  # recipe names and `bases:` -> several --config
     parser = build_parser(require_method=False)
     parser.add_argument("--samples_per_prompt", type=int, default=4)
     parser.add_argument("--pairs_per_prompt", type=int, default=1)
@@ -133,14 +134,13 @@ def main(argv: Sequence[str]) -> int:
     try:
         cfg = parser.parse_args(list(argv))
     except ArgumentError as e:
-        print(explain_config_error(str(e), _config_names(argv)), file=sys.stderr)
+        print(explain_config_error(str(e), names[::-1]), file=sys.stderr)
         return 2
     init = parser.instantiate_classes(cfg)
     device = torch.device(cfg.device)
     init.policy.to(device)
     init.reward.to(device)
     prompts = [p for p in cfg.prompts for _ in range(cfg.seeds_per_prompt)]
-    names = _config_names(argv)
     output = Path(cfg.output) if cfg.output else Path("feedback") / (Path(names[-1]).stem if names else "run")
     result = make_preference_dataset(
         init.policy,

@@ -131,14 +131,15 @@ def main(argv: Sequence[str]) -> int:
     """Entry point of `diffalign sample`."""
     from jsonargparse import ArgumentError
 
-    from diffalign.core.cli import _check_config_files, _config_names, explain_config_error
+    from diffalign.core.cli import explain_config_error
+    from diffalign.core.recipes import expand_config_args
 
-    _check_config_files(argv)
+    argv, names = expand_config_args(argv)  # recipe names and `bases:` -> several --config
     parser = build_parser()
     try:
         cfg = parser.parse_args(list(argv))
     except ArgumentError as e:
-        print(explain_config_error(str(e), _config_names(argv)), file=sys.stderr)
+        print(explain_config_error(str(e), names[::-1]), file=sys.stderr)
         return 2
     init = parser.instantiate_classes(cfg)
     policy, reward, method = init.policy, init.reward, init.method
@@ -147,7 +148,6 @@ def main(argv: Sequence[str]) -> int:
     device = torch.device(cfg.device)
     policy.to(device)
     reward.to(device)
-    names = _config_names(argv)
     output = Path(cfg.output) if cfg.output else Path("samples") / (Path(names[-1]).stem if names else "run")
     summary = run_sampling(
         policy,

@@ -20,6 +20,66 @@ def run_fit(config: str | Path, run_root: Path, *overrides: str, extra_configs: 
     return Path(cli.trainer.log_dir)
 
 
+TINY = REPO / "tests" / "recipes" / "tiny.yaml"
+TINY_KEYS = {"config", "prepare", "prepare_args"}
+
+
+def load_tiny() -> dict:
+    """tests/recipes/tiny.yaml: the tiny settings of the recipe test (see its header)."""
+    import yaml
+
+    data = yaml.safe_load(TINY.read_text())
+    return {"fragments": data.get("fragments") or {}, "recipes": data.get("recipes") or {}}
+
+
+def recipe_name(recipe: str | Path) -> str:
+    """`toy/ddpo_mode` for recipes/toy/ddpo_mode.yaml (a path relative to the repo, or absolute)."""
+    path = Path(recipe)
+    path = path.relative_to(REPO) if path.is_absolute() else path
+    return path.relative_to("recipes").with_suffix("").as_posix()
+
+
+def _merged(a: dict, b: dict) -> dict:
+    """`b` over `a` as the parser merges config files: mappings key by key, anything else (lists) whole."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def tiny_configs(recipe: str | Path, folder: Path) -> list[Path]:
+    """The tiny settings of one recipe as a YAML file in `folder/tiny/` (named like the recipe, so the run
+    folder keeps the recipe's name), or none: the entry of each fragment the recipe builds on (its
+    `bases:` chain, in order), then its own exception's `config`."""
+    import yaml
+
+    from diffalign.core.recipes import recipe_chain
+
+    tiny, root, name = load_tiny(), REPO / "recipes", recipe_name(recipe)
+    chain = recipe_chain(root / f"{name}.yaml")[:-1]
+    parts = [tiny["fragments"].get(p.resolve().relative_to(root).as_posix()) for p in chain]
+    parts.append(tiny["recipes"].get(name, {}).get("config"))
+    merged: dict = {}
+    for part in parts:
+        merged = _merged(merged, part or {})
+    if not merged:
+        return []
+    path = folder / "tiny" / f"{Path(name).name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(merged, sort_keys=False))
+    return [path]
+
+
+def prepare_recipe(recipe: str | Path, folder: Path) -> None:
+    """Call the recipe's `prepare` function of tests/recipes/tiny.yaml, if it has one, in `folder`."""
+    import importlib
+
+    entry = load_tiny()["recipes"].get(recipe_name(recipe), {})
+    if entry.get("prepare"):
+        module, _, name = entry["prepare"].rpartition(".")
+        getattr(importlib.import_module(module), name)(folder, **(entry.get("prepare_args") or {}))
+
+
 def quiet_trainer(**kwargs):
     """A CPU `lightning.Trainer` with no logger, checkpoints, progress bar or model summary (kwargs add
     or override)."""
@@ -82,6 +142,56 @@ def write_digit_feedback(cwd: Path, layout: str = "pairs", groups_per_prompt: in
         layout=layout,
     )
     return folder
+
+
+def write_molecule_feedback(cwd: Path) -> Path:
+    """The AI-feedback pairs the molecule DPO recipe reads, made small: the shipped base model with 4
+    sampling steps, 2 groups of 4 molecules per atom count 6..15, ranked by QED (invalid = 0)."""
+    from diffalign.core.feedback import make_preference_dataset
+    from diffalign.core.kernels import DDIMKernel
+    from diffalign.core.policy import DiffusionPolicy
+    from diffalign.modalities.molecule import MoleculeBackbone
+    from diffalign.rewards.molecule import QED
+
+    folder = cwd / "feedback" / "feedback_qed"
+    policy = DiffusionPolicy(MoleculeBackbone(), DDIMKernel(eta=1.0), num_steps=4)
+    result = make_preference_dataset(
+        policy,
+        QED(invalid_value=0.0),
+        list(range(6, 16)) * 2,
+        folder,
+        samples_per_prompt=4,
+        pairs_per_prompt=1,
+    )
+    assert result["rows"] >= 8, result  # two batches of 4 pairs
+    return folder
+
+
+def save_random_digit_scorer(cwd: Path) -> Path:
+    """Random-init DigitScorer weights where `recipes/image/ddpo_learned_digits.yaml` loads its reward
+    model (a test of the plumbing, not of the reward)."""
+    import torch
+
+    from diffalign.core.io import save_state_dict
+    from diffalign.rewards.image import DigitScorer
+
+    torch.manual_seed(0)
+    path = cwd / "reward_models" / "digits_bt.safetensors"
+    save_state_dict(DigitScorer(), path)
+    return path
+
+
+def make_tiny_sd15_folders(cwd: Path) -> None:
+    """What the tiny settings of `recipes/image/sd15_ddpo_aesthetic.yaml` point at: `cwd/tiny_sd`, a tiny
+    SD 1.5-shaped pipeline, and `cwd/tiny_aesthetic`, a tiny CLIPModel plus an aesthetic head."""
+    import torch
+
+    from diffalign.modalities.image.stable_diffusion import make_tiny_sd_pipeline
+    from diffalign.rewards.image_models import AestheticMLP
+
+    make_tiny_sd_pipeline(cwd / "tiny_sd")
+    make_tiny_clip_folder(cwd / "tiny_aesthetic" / "clip", image_size=16, projection_dim=16, layers=1)
+    torch.save(AestheticMLP(16).state_dict(), cwd / "tiny_aesthetic" / "head.pth")
 
 
 def make_tiny_clip_folder(

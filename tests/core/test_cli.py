@@ -33,8 +33,8 @@ def _write_bad(tmp_path, old, new):
     "old,new,key",
     [
         ("clip_range: 0.0001", "clip_rnge: 0.0001", "clip_rnge"),
-        ("num_steps: 10", "num_steps: ten", "num_steps"),
-        ("max_epochs: 40", "max_epoch: 40", "max_epoch"),
+        ("num_inner_epochs: 1", "num_inner_epochs: one", "num_inner_epochs"),
+        ("per_prompt_buffer: 64", "per_prompt_bufer: 64", "per_prompt_bufer"),
     ],
 )
 def test_wrong_key_or_type_names_file_line_and_key(tmp_path, capsys, old, new, key):

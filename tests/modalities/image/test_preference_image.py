@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffalign.rewards.image import DigitScorer, LearnedDigitReward, prompted_digits
-from tests.helpers import REPO, quiet_trainer, run_fit, write_digit_feedback
+from tests.helpers import quiet_trainer, run_fit, tiny_configs, write_digit_feedback
 
 
 def test_digit_scorer_shapes_and_prompt_dependence():
@@ -122,7 +122,7 @@ def test_offline_dpo_on_digit_feedback_logs_implicit_accuracy(cleandir):
         cleandir / "runs",
         "--trainer.max_epochs=4",
         "--data.init_args.batch_size=10",
-        extra_configs=(REPO / "tests/overrides/image/dpo_digit_fidelity.yaml",),
+        extra_configs=tuple(tiny_configs("recipes/image/dpo_digit_fidelity.yaml", cleandir)),
     )
     with open(run / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/implicit_acc")]
