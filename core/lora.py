@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -58,8 +58,12 @@ class LoRABackbone(Backbone):
             adapt, as peft matches them; default: diffusers' attention projections.
         dropout: dropout inside the adapters (keep 0 for policy gradients: dropout makes the re-scored
             log-probabilities differ from the sampled ones).
-        weights: optional safetensors file (path or pkg:// spec) of adapter weights written by
-            `save_adapters`.
+        weights: optional adapter weights to load: a safetensors file (path or pkg:// spec) written by
+            `save_adapters`, or — for a backbone with a `load_lora` method of its own ecosystem's format
+            (Stable Diffusion: diffusers' LoRA files) — a file or folder in that format.
+        base_dtype: cast the frozen weights of the adapted module to this dtype ("bfloat16" halves their
+            memory on a GPU); the adapters stay float32. The backbone must run its denoiser in its weights'
+            dtype (StableDiffusionBackbone does). None keeps them as they are.
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class LoRABackbone(Backbone):
         target_modules: Sequence[str] = DIFFUSERS_ATTENTION,
         dropout: float = 0.0,
         weights: str | None = None,
+        base_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     ) -> None:
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
@@ -102,6 +107,14 @@ class LoRABackbone(Backbone):
                 f"(module names include {names[:20]}): {e}"
             ) from e
         self._layers = _tuner_layers(target)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if base_dtype is not None and base_dtype not in dtype:
+            raise ValueError(f"base_dtype must be one of {sorted(dtype)}, got {base_dtype!r}")
+        for n, p in target.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.float()  # adapters train in float32, even over a low-precision base
+            elif base_dtype is not None:
+                p.data = p.data.to(dtype[base_dtype])
         for n, p in backbone.named_parameters():
             if "lora_" in n:
                 p.requires_grad_(True)
@@ -129,10 +142,15 @@ class LoRABackbone(Backbone):
         from diffalign.core.io import resolve_path
 
         file = resolve_path(path)
+        own = self.adapter_state_dict()
+        if not Path(file).is_file() or set(load_file(str(file))) != set(own):
+            ecosystem = getattr(self.inner, "load_lora", None)
+            if ecosystem is not None:  # e.g. diffusers' LoRA format for Stable Diffusion
+                ecosystem(file)
+                return
         if not Path(file).is_file():
             raise FileNotFoundError(f"LoRA adapter weights not found: {file}")
         state = load_file(str(file))
-        own = self.adapter_state_dict()
         if set(state) != set(own):
             extra, missing = sorted(set(state) - set(own)), sorted(set(own) - set(state))
             raise ValueError(f"adapters in {file} do not fit: unexpected {extra[:3]}, missing {missing[:3]}")

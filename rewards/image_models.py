@@ -9,15 +9,11 @@ ReFL) and guidance work with them.
 Nothing is downloaded: every constructor takes a local folder or file and raises FileNotFoundError
 naming what is missing.
 
-Prompts (text-image rewards). The reward reads the prompt of each sample from `cond`:
-
-1. `cond["prompt"]`: a list of B strings, when present (e.g. when you call the reward yourself:
-   `reward(images, {"prompt": ["a cat", ...]})`);
-2. else `cond["prompt_bytes"]`: the (B, N) uint8 UTF-8 tensor that
-   `StableDiffusionBackbone.encode_condition` puts into the conditioning (tensors survive every core
-   operation, including the `torch.cat` of classifier-free guidance, which a list does not).
-
-A KeyError names both keys when neither is there.
+Prompts (text-image rewards): the reward reads the prompt text of each sample from `cond["prompt"]`,
+a list of B strings — what `Backbone.condition` records for every backbone (Stable Diffusion included),
+and what you pass when you call the reward yourself: `reward(images, {"prompt": ["a cat", ...]})`. The
+core's `Cond` keeps that metadata aligned with the rows through guidance, resampling and re-scoring. A
+KeyError says so when it is missing.
 """
 
 from __future__ import annotations

@@ -24,8 +24,7 @@ smoke runs on a CPU).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,8 +38,8 @@ from diffalign.core.types import Cond
 DType = Literal["float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-"""The attention projections diffusers' LoRA training scripts adapt (and ddpo-pytorch does too)."""
+
+NO_LORA = "{what}: this backbone has no LoRA adapters (wrap it in diffalign.core.lora.LoRABackbone)"
 
 # the files that must be present in each part's folder: (what, any of these names)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -110,16 +109,10 @@ class StableDiffusionBackbone(Backbone):
             FileNotFoundError naming it; nothing is ever downloaded.
         resolution: image side in pixels (512 for SD 1.5, 768 for SD 2.x-v); the latent side is
             resolution / f, f = the VAE's down-sampling factor (8 for SD).
-        dtype: dtype of the frozen parts: VAE, text encoder and, when LoRA is on, the UNet's base
-            weights ("bfloat16" halves their memory on a GPU). LoRA weights, and the whole UNet when it
-            is trained in full, stay float32; `denoise` returns float32.
-        lora_rank: rank r of the LoRA adapters added to the UNet through peft (None or 0: train the
-            whole UNet instead, and `freeze_reference()` keeps a frozen copy of it).
-        lora_alpha: LoRA alpha (scale alpha / r); None means alpha = r (scale 1).
-        lora_target_modules: UNet module names to adapt (default: the attention projections
-            to_q, to_k, to_v, to_out.0).
-        lora_dropout: dropout inside the adapters (keep 0 for policy-gradient methods: dropout makes
-            re-scored log-probs differ from the sampled ones).
+        dtype: dtype of the frozen parts, the VAE and text encoder ("bfloat16" halves their memory on a
+            GPU). The UNet stays float32 (it is what trains); with LoRA (`core.lora.LoRABackbone`, the one
+            LoRA path of every backbone) its frozen base can go to bfloat16 with the wrapper's
+            `base_dtype`. `denoise` runs in the UNet's weight dtype and returns float32.
         gradient_checkpointing: recompute UNet activations in the backward pass (less memory, one more
             forward pass per backward); useful for reward backpropagation at 512 px.
         prediction_type: override the scheduler config's prediction_type ("epsilon" for SD 1.x/2.x-base,
@@ -127,9 +120,10 @@ class StableDiffusionBackbone(Backbone):
         encode_mode: what `encode(images)` returns: "mean" (the VAE posterior mean, deterministic; the
             default) or "sample" (a draw from the posterior, as when training SD; uses torch's global RNG).
         variant: weight-file variant to load, e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors.
-        lora_path: a LOCAL folder (or .safetensors file) of LoRA weights written by `save_lora` (or by
-            diffusers' `StableDiffusionPipeline.save_lora_weights`) to load into the adapters; they must
-            have the shapes of this `lora_rank` / `lora_target_modules`.
+
+    LoRA: wrap the backbone, `LoRABackbone(StableDiffusionBackbone(...), rank=4)`: the adapters go into
+    the UNet (`lora_target`), the VAE and text encoder are `frozen_modules` (shared with the reference,
+    never copied). `save_lora` / `load_lora` read and write the adapters in diffusers' LoRA format.
 
     Parts are loaded with `from_pretrained(<pretrained_path>/<part>, local_files_only=True)`. The VAE and
     the text encoder are frozen and always in eval mode; `train()` only reaches the UNet.
@@ -142,15 +136,10 @@ class StableDiffusionBackbone(Backbone):
         pretrained_path: str,
         resolution: int = 512,
         dtype: DType = "float32",
-        lora_rank: int | None = 4,
-        lora_alpha: float | None = None,
-        lora_target_modules: list[str] | None = None,
-        lora_dropout: float = 0.0,
         gradient_checkpointing: bool = False,
         prediction_type: Literal["epsilon", "v_prediction"] | None = None,
         encode_mode: Literal["mean", "sample"] = "mean",
         variant: str | None = None,
-        lora_path: str | None = None,
     ) -> None:
         super().__init__()
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -158,8 +147,6 @@ class StableDiffusionBackbone(Backbone):
 
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        if lora_rank is not None and lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 1 (or 0/None for full fine-tuning), got {lora_rank}")
         if encode_mode not in ("mean", "sample"):
             raise ValueError(f"encode_mode must be 'mean' or 'sample', got {encode_mode!r}")
         root = Path(pretrained_path).expanduser()
@@ -173,12 +160,10 @@ class StableDiffusionBackbone(Backbone):
         self.pretrained_path = str(root)
         self.frozen_dtype = _DTYPES[dtype]
         self.encode_mode = encode_mode
-        self.use_lora = bool(lora_rank)
         kw: dict[str, Any] = {"local_files_only": True}
         if variant is not None:
             kw["variant"] = variant
-        unet_dtype = self.frozen_dtype if self.use_lora else torch.float32  # a trained UNet stays float32
-        self.unet = UNet2DConditionModel.from_pretrained(str(unet_dir), torch_dtype=unet_dtype, **kw)
+        self.unet = UNet2DConditionModel.from_pretrained(str(unet_dir), torch_dtype=torch.float32, **kw)
         self.vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=self.frozen_dtype, **kw)
         # transformers 5 names it `dtype` (diffusers still `torch_dtype`)
         self.text_encoder = CLIPTextModel.from_pretrained(str(text_dir), dtype=self.frozen_dtype, **kw)
@@ -206,18 +191,8 @@ class StableDiffusionBackbone(Backbone):
         shift = getattr(self.vae.config, "shift_factor", None)
         self.shift_factor = float(shift) if shift is not None else 0.0
 
-        if self.use_lora:
-            self.unet.requires_grad_(False)
-            self._add_lora(int(lora_rank), lora_alpha, lora_target_modules, lora_dropout)
-        if lora_path is not None:
-            if not self.use_lora:
-                raise ValueError("lora_path needs LoRA adapters: set lora_rank")
-            self.load_lora(lora_path)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self._unet_dtype = unet_dtype
-        self._reference_unet: list[nn.Module] = []  # full fine-tuning only; a list hides it from nn.Module
-        self._use_reference_unet = False
         self._null_cache: dict[tuple[str, torch.dtype], Tensor] = {}
 
     # -- construction helpers ------------------------------------------------------------------------
@@ -230,24 +205,6 @@ class StableDiffusionBackbone(Backbone):
         if prediction_type is not None:
             config["prediction_type"] = prediction_type
         return config
-
-    def _add_lora(
-        self, rank: int, alpha: float | None, targets: Sequence[str] | None, dropout: float
-    ) -> None:
-        from peft import LoraConfig
-
-        config = LoraConfig(
-            r=rank,
-            lora_alpha=alpha if alpha is not None else rank,
-            lora_dropout=dropout,
-            init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0: the adapted model starts equal to the base
-            target_modules=list(targets or DEFAULT_LORA_TARGETS),
-        )
-        self.unet.add_adapter(config)
-        for name, p in self.unet.named_parameters():
-            if "lora_" in name:
-                p.data = p.data.float()  # adapters train in float32 even over a bfloat16 base
-                p.requires_grad_(True)
 
     # -- LoRA weights in diffusers' format ------------------------------------------------------------
     LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -263,8 +220,8 @@ class StableDiffusionBackbone(Backbone):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        if not self.use_lora:
-            raise ValueError("save_lora: this backbone has no LoRA adapters (lora_rank is 0/None)")
+        if not self.has_lora:
+            raise ValueError(NO_LORA.format(what="save_lora"))
         state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
         state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
         meta = self.unet.peft_config["default"].to_dict()
@@ -273,11 +230,16 @@ class StableDiffusionBackbone(Backbone):
         )
         return Path(folder) / self.LORA_WEIGHT_NAME
 
-    def load_lora(self, path: str | Path) -> None:
-        """Load LoRA weights saved by `save_lora` (a folder or the .safetensors file) into the adapters.
+    @property
+    def has_lora(self) -> bool:
+        """Whether LoRA adapters are in the UNet (put there by `core.lora.LoRABackbone`)."""
+        adapted = any("lora_" in n for n, _ in self.unet.named_parameters())
+        return hasattr(self.unet, "peft_config") and adapted
 
-        Raises FileNotFoundError naming the path, ValueError when keys or shapes do not fit.
-        """
+    def load_lora(self, path: str | Path) -> None:
+        """Load LoRA weights saved by `save_lora` (or by diffusers; a folder or the .safetensors file) into
+        the UNet's adapters. Raises FileNotFoundError naming the path, ValueError when keys or shapes do
+        not fit."""
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -286,6 +248,8 @@ class StableDiffusionBackbone(Backbone):
         file = p / self.LORA_WEIGHT_NAME if p.is_dir() else p
         if not file.is_file():
             raise FileNotFoundError(f"LoRA weights not found: {file}")
+        if not self.has_lora:
+            raise ValueError(NO_LORA.format(what="load_lora"))
         state = {
             k.removeprefix("unet."): v for k, v in load_file(str(file)).items() if not k.startswith("text_")
         }
@@ -299,7 +263,7 @@ class StableDiffusionBackbone(Backbone):
         try:
             set_peft_model_state_dict(self.unet, state, adapter_name="default")
         except RuntimeError as e:
-            raise ValueError(f"LoRA weights in {file} do not fit this lora_rank: {e}") from e
+            raise ValueError(f"LoRA weights in {file} do not fit these adapters (rank?): {e}") from e
         for n, prm in self.unet.named_parameters():
             if "lora_" in n:
                 prm.data = prm.data.float()
@@ -358,16 +322,13 @@ class StableDiffusionBackbone(Backbone):
         shape = (b, self.latent_channels, self.latent_size, self.latent_size)
         return randn(shape, generator, device=self.device), None
 
-    def _active_unet(self) -> nn.Module:
-        return self._reference_unet[0] if self._use_reference_unet else self.unet
-
     def denoise(self, x_t: Tensor, t: Tensor, cond: Cond, mask: Tensor | None = None) -> Tensor:
         """unet(x_t, t, encoder_hidden_states).sample as float32 (ε or v, per `prediction_type`)."""
         t = torch.as_tensor(t, device=x_t.device)
         t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
-        hs = cond["encoder_hidden_states"].to(self._unet_dtype)
-        out = self._active_unet()(x_t.to(self._unet_dtype), t, encoder_hidden_states=hs).sample
-        return out.float()
+        dtype = self.unet.conv_in.weight.dtype  # float32, or a LoRA wrapper's bfloat16 base
+        hs = cond["encoder_hidden_states"].to(dtype)
+        return self.unet(x_t.to(dtype), t, encoder_hidden_states=hs).sample.float()
 
     def decode(self, x0: Tensor, mask: Tensor | None = None, **request: Any) -> Tensor:
         """Latents → images float32 (B, 3, H, W) in [0, 1]: vae.decode(z / scaling + shift), then x/2 + ½.
@@ -393,54 +354,9 @@ class StableDiffusionBackbone(Backbone):
         z = dist.mean if self.encode_mode == "mean" else dist.sample()
         return ((z.float() - self.shift_factor) * self.scaling_factor).float(), None
 
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        """The LoRA adapter weights (LoRA on), else every UNet parameter. Never the VAE or text encoder."""
-        if self.use_lora:
-            return (p for n, p in self.unet.named_parameters() if "lora_" in n and p.requires_grad)
-        return (p for p in self.unet.parameters() if p.requires_grad)
-
-    def freeze_reference(self) -> None:
-        """LoRA on: nothing to do (the reference is the base UNet with adapters off). Full fine-tuning:
-        keep a frozen copy of the UNet only (the VAE and text encoder are frozen already)."""
-        if self.use_lora:
-            return
-        import copy
-
-        ref = copy.deepcopy(self.unet).requires_grad_(False).eval()
-        self._reference_unet = [ref]
-
-    @contextmanager
-    def reference(self) -> Iterator[StableDiffusionBackbone]:
-        """Yields this backbone computing the frozen base model, under torch.no_grad().
-
-        LoRA on: the adapters are disabled for the duration (no second copy of the weights) and
-        re-enabled after, with their requires_grad flags restored. Full fine-tuning: the UNet copy of
-        `freeze_reference()` is used.
-        """
-        if self.use_lora:
-            flags = {n: p.requires_grad for n, p in self.unet.named_parameters() if "lora_" in n}
-            self.unet.disable_adapters()
-            try:
-                with torch.no_grad():
-                    yield self
-            finally:
-                self.unet.enable_adapters()
-                for n, p in self.unet.named_parameters():
-                    if n in flags:
-                        p.requires_grad_(flags[n])
-            return
-        if not self._reference_unet:
-            raise RuntimeError(
-                "StableDiffusionBackbone has no reference UNet: call freeze_reference() first "
-                "(AlignmentModule does this for algorithms with needs_reference = True)"
-            )
-        self._reference_unet[0].to(self.device)
-        self._use_reference_unet = True
-        try:
-            with torch.no_grad():
-                yield self
-        finally:
-            self._use_reference_unet = False
+    def lora_target(self) -> nn.Module:
+        """LoRA adapters go into the UNet (never the VAE or the text encoder)."""
+        return self.unet
 
     def train(self, mode: bool = True) -> StableDiffusionBackbone:
         """Only the UNet changes mode; the frozen VAE and text encoder stay in eval mode."""
@@ -585,7 +501,6 @@ def make_tiny_sd_pipeline(
 
 
 __all__ = [
-    "DEFAULT_LORA_TARGETS",
     "StableDiffusionBackbone",
     "load_clip_tokenizer",
     "make_tiny_clip_tokenizer",

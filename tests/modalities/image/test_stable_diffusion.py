@@ -21,8 +21,16 @@ def sd_path(tmp_path_factory) -> Path:
     return make_tiny_sd_pipeline(tmp_path_factory.mktemp("sd") / "tiny_sd")
 
 
-def _backbone(path: Path, **kw) -> StableDiffusionBackbone:
-    return StableDiffusionBackbone(str(path), resolution=RES, **kw)
+def _backbone(
+    path: Path, lora_rank: int = 0, lora_alpha: float | None = None, lora_path=None, base_dtype=None, **kw
+):
+    """The tiny SD backbone, wrapped in the core's one LoRA path when `lora_rank` > 0."""
+    from diffalign.core.lora import LoRABackbone
+
+    bb = StableDiffusionBackbone(str(path), resolution=RES, **kw)
+    if not lora_rank:
+        return bb
+    return LoRABackbone(bb, rank=lora_rank, alpha=lora_alpha, weights=lora_path, base_dtype=base_dtype)
 
 
 def _perturb_lora(backbone: StableDiffusionBackbone) -> None:
@@ -76,7 +84,8 @@ def test_check_backbone_contract(sd_path, lora_rank):
 
 
 def test_lora_trains_only_adapters(sd_path):
-    bb = _backbone(sd_path, lora_rank=4, lora_alpha=8)
+    bb = _backbone(sd_path, lora_rank=4, lora_alpha=8, base_dtype="bfloat16")
+    assert bb.unet.conv_in.weight.dtype == torch.bfloat16  # the frozen base in bf16, adapters float32
     trainable = dict((id(p), p) for p in bb.trainable_parameters())
     names = [n for n, p in bb.named_parameters() if id(p) in trainable]
     assert names and all("lora_" in n for n in names)
@@ -95,7 +104,7 @@ def test_reference_is_the_base_model_with_adapters_off(sd_path):
     expected = _denoise_out(base, cond)
     assert torch.allclose(_denoise_out(bb, cond), expected, atol=1e-5)  # B = 0 at init
     bb.freeze_reference()  # a no-op with LoRA: no copy is kept
-    assert not bb._reference_copy and not bb._reference_unet
+    assert not bb._reference_copy and not bb.inner._reference_copy
     _perturb_lora(bb)
     adapted = _denoise_out(bb, cond)
     assert (adapted - expected).abs().max() > 1e-3
@@ -121,13 +130,16 @@ def test_full_finetune_reference_is_a_frozen_unet_copy(sd_path):
     cond = bb.condition({"prompt": PROMPTS})
     before = _denoise_out(bb, cond)
     bb.freeze_reference()
+    (ref_copy,) = bb._reference_copy  # the frozen VAE and text encoder are shared, not copied
+    assert (
+        ref_copy.vae is bb.vae and ref_copy.text_encoder is bb.text_encoder and ref_copy.unet is not bb.unet
+    )
     with torch.no_grad():
         for p in bb.unet.parameters():
             p.mul_(1.1)
     assert (_denoise_out(bb, cond) - before).abs().max() > 1e-4
     with bb.reference() as ref:
         assert torch.allclose(_denoise_out(ref, cond), before, atol=1e-6)
-    assert not bb._use_reference_unet
 
 
 def test_decode_layout_range_and_gradient(sd_path):
@@ -174,7 +186,7 @@ def test_condition_carries_the_prompt_text_and_guidance_works(sd_path):
 
 
 def test_options_bf16_checkpointing_and_v_prediction(sd_path, tmp_path):
-    bb = _backbone(sd_path, dtype="bfloat16", gradient_checkpointing=True)
+    bb = _backbone(sd_path, lora_rank=4, base_dtype="bfloat16", dtype="bfloat16", gradient_checkpointing=True)
     assert bb.unet.is_gradient_checkpointing
     assert bb.vae.dtype == torch.bfloat16 and bb.text_encoder.dtype == torch.bfloat16
     assert bb.unet.conv_in.weight.dtype == torch.bfloat16
@@ -269,7 +281,9 @@ def test_lora_export_loads_in_diffusers_and_back(sd_path, tmp_path):
         ).sample
     assert torch.allclose(out, adapted, atol=1e-5)
 
-    with pytest.raises(ValueError, match="do not fit this lora_rank"):
+    with pytest.raises(ValueError, match="do not fit these adapters"):
         _backbone(sd_path, lora_rank=4, lora_path=str(tmp_path / "lora"))
-    with pytest.raises(FileNotFoundError, match="LoRA weights not found: .*nope"):
+    with pytest.raises(FileNotFoundError, match="not found: .*nope"):
         _backbone(sd_path, lora_rank=2, lora_path=str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        _backbone(sd_path).save_lora(tmp_path / "none")
