@@ -40,21 +40,17 @@ TASKS = {
 @torch.no_grad()
 def side_metrics(module, pairs: list[tuple[str, int]], batch_size: int = 64) -> dict[str, float]:
     """Classifier agreement with the prompt and mean JPEG size (kB) of the policy's samples on `pairs`."""
+    from diffalign.core.sampling import sample_pairs
     from diffalign.rewards.image import DigitFidelity, jpeg_sizes_kb
 
     fidelity = DigitFidelity()
     policy = module.policy
     policy.eval()
     agree, prob, kb = [], [], []
-    for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s : s + batch_size]
-        cond = policy.backbone.condition({"prompt": [p for p, _ in chunk]})
-        traj = policy.rollout(cond, generator=[torch.Generator().manual_seed(int(seed)) for _, seed in chunk])
-        images = policy.backbone.decode(traj.x0)
-        out = fidelity(images, cond)
-        agree.append(out.info["digit_accuracy"])
-        prob.append(out.scores)
-        kb.append(jpeg_sizes_kb(images))
+    for batch in sample_pairs(policy, pairs, batch_size, reward=fidelity):
+        agree.append(batch.scored.info["digit_accuracy"])
+        prob.append(batch.scores)
+        kb.append(jpeg_sizes_kb(batch.samples()))
     return {
         "prompt_following": torch.cat(agree).mean().item(),
         "digit_probability": torch.cat(prob).mean().item(),

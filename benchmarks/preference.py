@@ -144,7 +144,8 @@ def _ema(module: Any):
 @torch.no_grad()
 def sample_and_judge(policy: Any, pairs: list[tuple[str, int]], device: str, batch_size: int = 128) -> dict:
     """DigitFidelity scores, prompt-following and the images of `policy`'s samples on `pairs` (one
-    generator per (prompt, seed), as the recipes' evaluation does)."""
+    generator per (prompt, seed): the project's one sampling path, `core.sampling`)."""
+    from diffalign.core.sampling import sample_pairs
     from diffalign.rewards.image import DigitFidelity
 
     judge = DigitFidelity().to(device)
@@ -152,16 +153,10 @@ def sample_and_judge(policy: Any, pairs: list[tuple[str, int]], device: str, bat
     policy.eval()
     scores, correct, images = [], [], []
     try:
-        for s in range(0, len(pairs), batch_size):
-            chunk = pairs[s : s + batch_size]
-            cond = policy.backbone.condition({"prompt": [p for p, _ in chunk]})
-            gens = [torch.Generator().manual_seed(int(seed)) for _, seed in chunk]
-            traj = policy.rollout(cond, generator=gens)
-            x = policy.backbone.decode(traj.x0, traj.mask)
-            out = judge(x, cond)
-            scores.append(out.scores.float().cpu())
-            correct.append(out.info["digit_accuracy"].float().cpu())
-            images.append(x.float().cpu())
+        for batch in sample_pairs(policy, pairs, batch_size, reward=judge):
+            scores.append(batch.scores.float().cpu())
+            correct.append(batch.scored.info["digit_accuracy"].float().cpu())
+            images.append(batch.samples().float().cpu())
     finally:
         policy.train(was_training)
     return {"scores": torch.cat(scores), "correct": torch.cat(correct), "images": torch.cat(images)}

@@ -105,8 +105,10 @@ def main() -> int:
     reward.to(device)
     reward.freeze()
     guidance = guidance_settings(args.config, args.guidance_scale)
-    pairs = [(p, seed + 1000 * i + j) for i, p in enumerate(prompts) for j in range(seeds_per_prompt)]
     from diffalign.core.guidance import PlainSampling
+    from diffalign.core.sampling import sample_pairs, seed_pairs
+
+    pairs = seed_pairs(prompts, seeds_per_prompt, seed)
 
     rows = []
     for m in args.budgets:
@@ -114,12 +116,9 @@ def main() -> int:
         methods.update(methods_for_budget(m, policy.num_steps, args.fk_lambda, args.dno_lr, guidance))
         for name, method in methods.items():
             scores, nfe, start = [], 0.0, time.perf_counter()
-            for b in range(0, len(pairs), args.batch_size):
-                chunk = pairs[b : b + args.batch_size]
-                cond = policy.backbone.condition({"prompt": [p for p, _ in chunk]})
-                res = method(policy, cond, reward, torch.Generator().manual_seed(int(chunk[0][1])))
-                scores += res.scores.tolist()
-                nfe += res.nfe_per_sample * len(chunk)
+            for batch in sample_pairs(policy, pairs, args.batch_size, reward, method):
+                scores += batch.scores.tolist()
+                nfe += batch.nfe_per_sample * len(batch)
             t = torch.tensor([s for s in scores if math.isfinite(s)])
             rows.append(
                 {

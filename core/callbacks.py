@@ -141,6 +141,12 @@ class RewardEvaluation(Callback):
             "reward_queries": int(getattr(pl_module, "reward_queries", 0)),
             "run_dir": str(folder),
         }
+        guarded = getattr(pl_module, "guarded_reward", None)
+        if guarded is not None:  # samples the on_invalid_reward: drop policy skipped during training
+            summary["reward_dropped"] = int(guarded.dropped)
+        skipped = getattr(trainer.datamodule, "skipped_rows", None)
+        if skipped is not None:  # malformed data rows the on_error: skip policy left out
+            summary["data_skipped_rows"] = int(skipped)
         if getattr(pl_module, "reward", None) is not None:
             ema = getattr(pl_module, "ema_weights", None)
             with ema() if ema is not None else contextlib.nullcontext():

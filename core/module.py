@@ -158,6 +158,9 @@ class AlignmentModule(L.LightningModule):
         if self.guarded_reward is not None:
             logged["reward_queries"] = float(self.guarded_reward.queries)
             logged["reward_dropped_total"] = float(self.guarded_reward.dropped)
+        skipped = getattr(getattr(self._trainer, "datamodule", None), "skipped_rows", None)
+        if skipped is not None:
+            logged["data_skipped_rows"] = float(skipped)
         logged = {k: v for k, v in logged.items() if math.isfinite(v)}
         self.log_dict(
             {f"train/{k}": v for k, v in logged.items()}, on_step=True, on_epoch=False, batch_size=1

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,15 +105,49 @@ def _label(value: Any) -> float:
     return lab
 
 
+#: the keys each of our layouts reads; others must be listed in `extra_keys` (feedback's scores are).
+#: Pick-a-Pic files carry many more columns (user ids, model names, ...): only its five are read.
+LAYOUT_KEYS: dict[str, set[str] | None] = {
+    "pickapic": None,
+    "simple": {"prompt", "winner", "loser", "label"},
+    "unpaired": {"prompt", "sample", "label"},
+    "ranking": {"prompt", "ranking"},
+}
+EXTRA_KEYS = ("winner_score", "loser_score", "score", "id")
+
+
+def check_sample(x: Any, key: str, shape: Sequence[int | None] | None) -> None:
+    """A tensor sample must be finite and (when `shape` is given) of that shape (None: any length)."""
+    if not isinstance(x, torch.Tensor):
+        return
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"'{key}' has {bad} non-finite values (NaN or inf)")
+    if shape is not None:
+        ok = x.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape, strict=True))
+        if not ok:
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"'{key}' has shape {tuple(x.shape)}; expected {want}")
+
+
 class PreferenceDataset(Dataset):
     """Validated rows of a preference file, loaded into memory.
 
+    Every row is checked where it enters: known keys only, labels in [0, 1], sample files that exist
+    and load, tensor samples finite and of the expected shape (`sample_shape`, or the shape of the first
+    row's samples unless `ragged`). A failure names the file and row.
+
     Args:
         path: JSONL or Parquet file.
-        layout: "auto" (from the keys), "pickapic", "simple" or "unpaired".
-        on_error: "raise" or "skip" malformed rows.
+        layout: "auto" (from the keys), "pickapic", "simple", "unpaired" or "ranking".
+        on_error: "raise" or "skip" malformed rows (skipped rows are counted in `skipped`).
         drop_ties: drop pairs labelled 0.5 (Diffusion-DPO does).
         sample_loader: optional dotted path of a function Path -> sample.
+        sample_shape: the shape every tensor sample must have (None in a position: any length there);
+            default: the first row's, unless `ragged`.
+        ragged: samples may differ in shape (variable-size modalities: the backbone pads them).
+        extra_keys: row keys accepted besides the layout's (default: the scores `diffalign feedback`
+            writes, and `id`).
     """
 
     def __init__(
@@ -123,6 +157,9 @@ class PreferenceDataset(Dataset):
         on_error: Literal["raise", "skip"] = "raise",
         drop_ties: bool = True,
         sample_loader: str | None = None,
+        sample_shape: list[int | None] | None = None,
+        ragged: bool = False,
+        extra_keys: Sequence[str] = EXTRA_KEYS,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
@@ -137,11 +174,14 @@ class PreferenceDataset(Dataset):
         self.rows: list[dict[str, Any]] = []
         self.skipped: list[tuple[int, str]] = []
         self.ties = 0
+        self.sample_shape = list(sample_shape) if sample_shape is not None else None
+        self.ragged, self.extra_keys = ragged, set(extra_keys)
         for n, row, err in iter_rows(self.path):
             try:
                 if err is not None:
                     raise ValueError(err)
                 item = self._parse(row, layout, loader)
+                self._check(item)
             except Exception as e:  # noqa: BLE001 - every failure becomes a reported row
                 msg = f"{self.path}:{n}: {e}"
                 if on_error == "raise":
@@ -159,6 +199,16 @@ class PreferenceDataset(Dataset):
             raise PreferenceDataError(
                 f"{self.path}: no usable row ({len(self.skipped)} malformed, {self.ties} ties)"
             )
+
+    def _check(self, item: dict[str, Any]) -> None:
+        for key in ("winner", "loser", "sample"):
+            if key in item:
+                x = item[key]
+                if self.sample_shape is None and not self.ragged and isinstance(x, torch.Tensor):
+                    self.sample_shape = list(x.shape)  # the first row fixes the shape of the file
+                check_sample(x, key, None if self.ragged else self.sample_shape)
+        if "ranking" in item:
+            check_sample(item["ranking"], "ranking", None)
 
     def _file(self, value: Any, loader: Callable[[Path], Any], key: str) -> Any:
         if value is None:
@@ -183,6 +233,11 @@ class PreferenceDataset(Dataset):
                 if "ranking" in row
                 else "unpaired"
             )
+        known_keys = LAYOUT_KEYS[layout]
+        unknown = [] if known_keys is None else sorted(set(row) - known_keys - self.extra_keys)
+        if unknown:
+            known = sorted(known_keys | self.extra_keys)
+            raise ValueError(f"unknown keys {unknown} for the {layout} layout (known: {known})")
         if layout == "ranking":
             if "prompt" not in row or "ranking" not in row:
                 raise ValueError("missing 'prompt' or 'ranking' (ranking layout)")
@@ -249,7 +304,7 @@ class PreferenceDataModule(EvaluationSetMixin, L.LightningDataModule):
 
     Args:
         path: JSONL or Parquet file.
-        layout, on_error, drop_ties, sample_loader: see `PreferenceDataset`.
+        layout, on_error, drop_ties, sample_loader, sample_shape, ragged: see `PreferenceDataset`.
         val_fraction: rows held out (seeded) for `val_dataloader` — the held-out pairs that
             `RewardModelModule` reports pair accuracy on. With 0, validation uses the fixed
             evaluation set of conditions (for `diffalign validate` of an aligned model).
@@ -266,6 +321,8 @@ class PreferenceDataModule(EvaluationSetMixin, L.LightningDataModule):
         on_error: Literal["raise", "skip"] = "raise",
         drop_ties: bool = True,
         sample_loader: str | None = None,
+        sample_shape: list[int | None] | None = None,
+        ragged: bool = False,
         batch_size: int = 16,
         batches_per_epoch: int | None = None,
         seed: int = 0,
@@ -277,7 +334,7 @@ class PreferenceDataModule(EvaluationSetMixin, L.LightningDataModule):
         super().__init__()
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        full = PreferenceDataset(path, layout, on_error, drop_ties, sample_loader)
+        full = PreferenceDataset(path, layout, on_error, drop_ties, sample_loader, sample_shape, ragged)
         self.val_rows: list[dict[str, Any]] = []
         if val_fraction > 0:
             order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -285,6 +342,7 @@ class PreferenceDataModule(EvaluationSetMixin, L.LightningDataModule):
             self.val_rows = [full.rows[i] for i in order[:n_val]]
             full.rows = [full.rows[i] for i in order[n_val:]]
         self.dataset = full
+        self.skipped_rows = len(full.skipped)  # reported in summary.json and the metrics
         self.batch_size, self.seed = batch_size, seed
         self.batches_per_epoch = batches_per_epoch or max(1, len(self.dataset) // batch_size)
         prompts = list(dict.fromkeys(r["prompt"] for r in self.dataset.rows))
