@@ -286,7 +286,8 @@ def explain_construction_error(error: BaseException, config_files: Sequence[str]
     typed = [
         t
         for dotted, value, t in _options(argv)
-        if dotted.split(".")[-1] in words or (value is not None and len(value) > 2 and value in reason)
+        if dotted.split(".")[-1] in words
+        or (value is not None and re.search(r"[A-Za-z/]", value) and len(value) > 2 and value in reason)
     ]
     if not typed and cls:
         typed = [t for _, value, t in _options(argv) if value == cls]
@@ -414,7 +415,7 @@ _BANNER_LOGGERS = (
 
 class _DropBanner(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_BANNER)
+        return not re.sub(r"^\[rank: \d+\] ", "", str(record.msg)).startswith(_BANNER)
 
 
 _DROP_BANNER = _DropBanner()

@@ -130,7 +130,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         cfg = parser.parse_args(list(argv))
     except ArgumentError as e:
-        print(explain_config_error(str(e), _config_names(argv)), file=sys.stderr)
+        print(explain_config_error(str(e), _config_names(argv), argv), file=sys.stderr)
         return 2
     init = parser.instantiate_classes(cfg)
     device = torch.device(cfg.device)

@@ -86,3 +86,12 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def checkpoint_names(run: Path) -> list[str]:
     return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+def tensorboard_curve(run: Path, tag: str = "train/reward_mean") -> list[tuple[int, float]]:
+    """(step, value) of a scalar as TensorBoard shows it, across every event file of the run folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]

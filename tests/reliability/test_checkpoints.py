@@ -117,3 +117,14 @@ def test_resuming_through_another_spelling_keeps_last_ckpt_and_pruning(run, tmp_
     assert checkpoint_names(run) == ["epoch=2-step=12.ckpt", "last.ckpt"]
     assert inspect_checkpoint(ckpt).global_step == 12
     assert [int(r["step"]) for r in metrics(run)] == list(range(6))
+
+
+def test_only_the_temporaries_of_atomic_writes_are_removed(tmp_path):
+    from diffalign.core.io import remove_stale_temporaries
+
+    keep = ["last.ckpt", "notes.tmp", ".hidden", ".last.ckpt.tmp", "epoch=1-step=8.ckpt"]
+    stale = [".last.ckpt.ab_12cd3.tmp", ".epoch=1-step=8.ckpt.x1y2z3w4.tmp", ".summary.json.k9k9k9k9.tmp"]
+    for name in keep + stale:
+        (tmp_path / name).write_text("x")
+    assert sorted(p.name for p in remove_stale_temporaries(tmp_path)) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
