@@ -107,6 +107,7 @@ TINY = [
     "--data.init_args.eval_seeds_per_prompt=2",
     "--trainer.enable_model_summary=false",
 ]
+QUIET_BAR = ["--trainer.enable_progress_bar=false"]
 
 
 @pytest.mark.parametrize(
@@ -168,9 +169,6 @@ def test_a_chosen_logger_comes_on_top_of_csv_and_tensorboard(tmp_path):
     assert run.parent.parent == tmp_path / "runs" and (run / "metrics.csv").is_file()
     assert list(run.glob("events.out.tfevents.*"))
     assert len((extra / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()) == 2
-
-
-QUIET_BAR = ["--trainer.enable_progress_bar=false"]
 
 
 class _Records(logging.Handler):
