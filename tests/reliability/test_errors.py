@@ -69,7 +69,7 @@ def test_a_failing_constructor_shows_its_root_cause(tmp_path, capsys, option, cl
     assert "Union" not in err and "Given value" not in err  # not jsonargparse's dump
 
 
-def test_a_failing_constructor_set_in_a_file_points_at_its_class_path(tmp_path, capsys):
+def test_a_failing_constructor_set_in_a_file_points_at_the_key(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(Path(TOY).read_text().replace("radius: 1.0", "radius: 0.0"))
     err = _fail(["fit", "--config", str(bad), "--run_root", str(tmp_path)], capsys, tmp_path)
