@@ -1,4 +1,5 @@
-"""Callbacks every run gets: a fixed-seed evaluation with `summary.json`, reward curves, weight export."""
+"""Callbacks every run gets: a fixed-seed evaluation with `summary.json`, reward curves, weight export,
+checkpoints and a CSV log that survive being killed and resumed."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import csv
 import logging
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -13,11 +15,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_warn
 
-from diffalign.core.io import save_state_dict, write_json
+from diffalign.core.io import atomic_write, save_state_dict, write_json
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,14 @@ log = logging.getLogger(__name__)
 def run_dir(trainer: L.Trainer) -> Path:
     """The run folder: the first logger's log dir, else the trainer's root dir."""
     return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def print_result(trainer: L.Trainer, text: str) -> None:
+    """Print a result line for the user after finishing the progress bar, so the bar does not come last."""
+    bar = getattr(trainer, "progress_bar_callback", None)
+    if bar is not None and trainer.lightning_module is not None:
+        bar.teardown(trainer, trainer.lightning_module, "fit")  # stops a rich bar; idempotent
+    print(text, flush=True)
 
 
 @torch.no_grad()
@@ -169,12 +180,13 @@ class RewardEvaluation(Callback):
         if self.plot and self.history:
             self._plot(trainer, folder / "reward_curve.png", summary)
         if "reward_after" in summary:
-            print(
+            print_result(
+                trainer,
                 f"\nreward ({summary['reward_name']}) before {summary['reward_before']:.4f} -> "
                 f"after {summary['reward_after']:.4f} over {summary['eval_samples']} fixed samples; "
                 f"{summary['reward_queries']} reward queries, {summary['wall_seconds']:.1f} s\n"
                 f"run folder: {folder}  (summary.json, metrics.csv, config.yaml"
-                f"{', reward_curve.png' if self.plot and self.history else ''})"
+                f"{', reward_curve.png' if self.plot and self.history else ''})",
             )
 
     def _plot(self, trainer: L.Trainer, path: Path, summary: dict[str, Any]) -> None:
@@ -227,15 +239,71 @@ class ExportBackbone(Callback):
         ema = getattr(pl_module, "ema_weights", None)
         with ema() if ema is not None else contextlib.nullcontext():
             out = save_state_dict(pl_module.policy.backbone, self.path)
-        print(f"exported backbone weights to {out}")
+        print_result(trainer, f"exported backbone weights to {out}")
+
+
+def _complete_rows_before(path: Path, step: int | None) -> list[dict[str, str]]:
+    """Rows of a metrics.csv logged before `step` (none when `step` is None); a row cut short by a kill
+    (missing or extra fields, unparsable step) is left out."""
+    if step is None:
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    kept = []
+    for r in rows:
+        if None in r or any(v is None for v in r.values()):
+            continue
+        try:
+            if int(float(r.get("step") or "nan")) < step:
+                kept.append(r)
+        except ValueError:
+            continue
+    return kept
+
+
+def _write_rows(path: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+class _ResumingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing metrics.csv keeps its rows logged before
+    `keep_before_step` instead of being deleted, and every rewrite of the file is atomic."""
+
+    def __init__(self, log_dir: str, keep_before_step: int | None) -> None:
+        self.keep_before_step = keep_before_step
+        super().__init__(log_dir=log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        rows = _complete_rows_before(path, self.keep_before_step)
+        if not rows:
+            path.unlink()
+            return
+        self.metrics_keys = sorted(set().union(*rows))
+        _write_rows(path, self.metrics_keys, rows)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        path = Path(self.metrics_file_path)
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        _write_rows(path, fieldnames, rows)
 
 
 class ResumableCSVLogger(CSVLogger):
     """CSVLogger that keeps the rows of the interrupted run when a run resumes in its own folder.
 
-    Lightning's CSV writer deletes an existing metrics.csv. This logger reads it first and writes back
-    the rows logged before the checkpoint it resumes from (`keep_before_step`); rows logged after that
-    checkpoint are dropped, since the resumed run logs those steps again.
+    Lightning's CSV writer deletes an existing metrics.csv. This logger keeps the rows logged before the
+    checkpoint it resumes from (`keep_before_step`); rows logged after that checkpoint are dropped, since
+    the resumed run logs those steps again. The file is rewritten atomically, so a kill at any moment
+    leaves either the old or the new rows.
     """
 
     def __init__(self, *args: Any, keep_before_step: int | None = None, **kwargs: Any) -> None:
@@ -244,28 +312,56 @@ class ResumableCSVLogger(CSVLogger):
 
     @property
     def experiment(self) -> Any:
-        if self._experiment is not None:
-            return self._experiment
-        path = Path(self.log_dir) / "metrics.csv"
-        old: list[dict[str, str]] = []
-        if self.keep_before_step is not None and path.is_file():
-            with open(path, newline="") as f:
-                old = [
-                    r
-                    for r in csv.DictReader(f)
-                    if r.get("step", "") != "" and int(float(r["step"])) < self.keep_before_step
-                ]
-        with warnings.catch_warnings():  # its "previous log files will be deleted" is untrue here
-            warnings.filterwarnings("ignore", message=".*Previous log files in this directory.*")
-            exp = super().experiment
-        if old:
-            keys = sorted(set().union(*old))
-            exp.metrics_keys = keys
-            with open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=keys)
-                writer.writeheader()
-                writer.writerows(old)
-        return exp
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumingWriter(self.log_dir, self.keep_before_step)
+        return self._experiment
+
+
+_PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint for run folders that are resumed in place.
+
+    Lightning restores its bookkeeping (which file is `last.ckpt`, which epoch file to prune next) only
+    when the checkpoint folder is spelled exactly as at save time; through another spelling (relative
+    then absolute, a moved or symlinked run folder) it writes `last-v1.ckpt` and stops pruning. This
+    callback maps the stored paths onto the current folder instead. Names never get a `-vN` suffix: a
+    resumed run overwrites what the killed run wrote after its checkpoint, which holds the same states.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("enable_version_counter", False)
+        super().__init__(**kwargs)
+
+    @property
+    def state_key(self) -> str:
+        # a plain ModelCheckpoint's key, so runs checkpointed before this class existed resume fully
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__) :]
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        with warnings.catch_warnings():  # a resumed run's folder is not empty, by design
+            warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+            super().setup(trainer, pl_module, stage)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old, new = state_dict.get("dirpath"), self.dirpath
+        if old and new and os.path.normpath(str(old)) != os.path.normpath(str(new)):
+            state_dict = dict(state_dict)
+
+            def moved(path: Any) -> Any:
+                if path and os.path.dirname(os.path.normpath(str(path))) == os.path.normpath(str(old)):
+                    return os.path.join(str(new), os.path.basename(str(path)))
+                return path
+
+            for key in _PATH_KEYS:
+                if key in state_dict:
+                    state_dict[key] = moved(state_dict[key])
+            if "best_k_models" in state_dict:
+                state_dict["best_k_models"] = {moved(k): v for k, v in state_dict["best_k_models"].items()}
+            state_dict["dirpath"] = new
+        super().load_state_dict(state_dict)
 
 
 class RatioConsistencyCheck(Callback):

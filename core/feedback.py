@@ -134,7 +134,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         cfg = parser.parse_args(list(argv))
     except ArgumentError as e:
-        print(explain_config_error(str(e), names[::-1]), file=sys.stderr)
+        print(explain_config_error(str(e), names[::-1], argv), file=sys.stderr)
         return 2
     init = parser.instantiate_classes(cfg)
     device = torch.device(cfg.device)

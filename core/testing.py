@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from diffalign.core.backbone import Backbone, standard_scheduler
 from diffalign.core.functional import Generator, randn
+from diffalign.core.io import AtomicCheckpointIO, atomic_write
 from diffalign.core.reward import Reward, RewardOutput
 from diffalign.core.types import Cond, Trajectory
 
@@ -391,7 +392,7 @@ def check_backbone(
 
 
 class SigkillAt(Callback):
-    """Kills its own process with SIGKILL at (epoch, batch): simulates a crash for resume tests."""
+    """Kills its own process with SIGKILL at the start of (epoch, batch): a crash, for resume tests."""
 
     def __init__(self, epoch: int, batch: int = 0) -> None:
         self.epoch, self.batch = epoch, batch
@@ -399,3 +400,24 @@ class SigkillAt(Callback):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SigkillWhileSaving(AtomicCheckpointIO):
+    """Checkpoint I/O that kills its own process with SIGKILL during its `save`-th checkpoint write, after
+    the temporary file is complete and before it is renamed into place: the worst moment of an atomic
+    write (resume tests; give it as `trainer.plugins`)."""
+
+    def __init__(self, save: int = 1) -> None:
+        super().__init__()
+        self.save, self.count = save, 0
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        self.count += 1
+        if self.count != self.save:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+
+        def write_then_die(tmp: Any) -> None:
+            torch.save(checkpoint, tmp)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        atomic_write(path, write_then_die)

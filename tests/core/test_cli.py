@@ -1,4 +1,9 @@
-"""The `diffalign` command: recipe listing and errors that name the file, line and key."""
+"""The `diffalign` command: recipe listing, errors that name the file, line and key, options that
+manual optimisation cannot honour, help, loggers and a quiet console."""
+
+import logging
+import warnings
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +99,109 @@ def test_console_script_is_installed():
     out = subprocess.run([str(exe), "recipes"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "recipes/toy/ddpo_mode.yaml" in out.stdout
+
+
+TINY = [
+    "--trainer.max_epochs=1",
+    "--data.init_args.batches_per_epoch=1",
+    "--data.init_args.eval_seeds_per_prompt=2",
+    "--trainer.enable_model_summary=false",
+]
+QUIET_BAR = ["--trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.parametrize(
+    "recipe,option,ours",
+    [
+        (
+            "ddpo_mode",
+            "--trainer.gradient_clip_val=1.0",
+            "set model.init_args.max_grad_norm instead (now 1.0)",
+        ),
+        (
+            "ddpo_mode",
+            "--trainer.accumulate_grad_batches=4",
+            "set model.init_args.algorithm.init_args.gradient_accumulation_steps instead",
+        ),
+        (
+            "rwr_mode",
+            "--trainer.accumulate_grad_batches=4",
+            "RWR has no gradient accumulation (DDPO, DPOK and GRPO have "
+            "model.init_args.algorithm.init_args.gradient_accumulation_steps)",
+        ),
+    ],
+)
+def test_trainer_options_manual_optimisation_ignores_name_our_equivalent(
+    tmp_path, capsys, recipe, option, ours
+):
+    args = ["fit", "--config", str(REPO / f"recipes/toy/{recipe}.yaml"), "--run_root", str(tmp_path), option]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ours in err and option.split("=")[0][2:] in err, err
+    assert list(tmp_path.iterdir()) == []  # refused before a run folder is claimed
+
+
+def test_fit_help_points_at_the_model_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "diffalign fit --model.help diffalign.core.module.AlignmentModule" in out
+    assert out.index("--model.help diffalign.core.module.AlignmentModule") < out.index("\noptions:\n")
+
+
+def test_a_chosen_logger_comes_on_top_of_csv_and_tensorboard(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from diffalign.core.callbacks import ResumableCSVLogger
+
+    extra = tmp_path / "extra"
+    cli = cli_main(
+        ["fit", "--config", str(REPO / "recipes/toy/ddpo_mode.yaml"), "--run_root", str(tmp_path / "runs")]
+        + [*QUIET_BAR, *TINY, "--trainer.logger=lightning.pytorch.loggers.CSVLogger"]
+        + [f"--trainer.logger.init_args.save_dir={extra}"]
+    )
+    types = [type(lg) for lg in cli.trainer.loggers]
+    assert types == [ResumableCSVLogger, TensorBoardLogger, CSVLogger]
+    run = Path(cli.trainer.log_dir)
+    assert run.parent.parent == tmp_path / "runs" and (run / "metrics.csv").is_file()
+    assert list(run.glob("events.out.tfevents.*"))
+    assert len((extra / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()) == 2
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_no_banner_no_tip_no_known_warnings_and_the_result_prints_after_the_bar(tmp_path, capsys):
+    from diffalign.core.cli import _BANNER_LOGGERS
+
+    handler = _Records()
+    loggers = [logging.getLogger(n) for n in _BANNER_LOGGERS]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cli_main(
+                ["fit", "--config", str(REPO / "recipes/toy/ddpo_mode.yaml"), "--run_root", str(tmp_path)]
+                + TINY
+            )
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    assert any("`Trainer.fit` stopped" in m for m in handler.messages)  # the handler does see Lightning
+    for banner in ("GPU available", "TPU available", "litlogger", "Seed set to"):
+        assert not any(banner in m for m in handler.messages), handler.messages
+    shown = [str(w.message) for w in caught]
+    assert not any("LeafSpec" in m or "across ranks is zero" in m for m in shown), shown
+    out = capsys.readouterr().out
+    assert "Epoch 0/0" in out and out.rindex("Epoch 0/0") < out.index("reward (target_region) before"), out
+    assert out.rstrip().splitlines()[-1].startswith("run folder: ")

@@ -54,3 +54,28 @@ def test_same_seeds_same_samples():
 def test_image_grid_size():
     grid = image_grid(torch.rand(6, 3, 4, 4), columns=3, row_labels=["x", "y"], scale=1)
     assert grid.size[1] == 2 * (4 + 2) + 2
+
+
+def test_sample_grids_reach_tensorboard_during_training(tmp_path):
+    """A tiny digit run through the CLI: the TensorBoard event file holds the before grid, one grid per
+    epoch but the last (every_n_epochs=1), and the after grid."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.helpers import run_fit, tiny_configs
+
+    run = run_fit(
+        "recipes/image/ddpo_digit_fidelity.yaml",
+        tmp_path,
+        "--trainer.max_epochs=3",
+        "--data.init_args.batches_per_epoch=1",
+        "--trainer.callbacks.init_args.every_n_epochs=1",
+        extra_configs=tuple(tiny_configs("recipes/image/ddpo_digit_fidelity.yaml", tmp_path)),
+    )
+    events = EventAccumulator(str(run), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()["images"]
+    assert {"samples/before", "samples/train", "samples/after", "reward_curve"} == set(tags)
+    assert [e.step for e in events.Images("samples/train")] == [1, 2]  # after epochs 0 and 1 (1 step each)
+    assert [e.step for e in events.Images("samples/before")] == [0]
+    after = events.Images("samples/after")
+    assert [e.step for e in after] == [3] and after[0].width > 0 and after[0].height > 0
