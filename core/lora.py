@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from diffalign.core.backbone import Backbone
+from diffalign.core.extras import require
 from diffalign.core.functional import Generator
 from diffalign.core.types import Cond
 
@@ -70,6 +71,7 @@ class LoRABackbone(Backbone):
         weights: str | None = None,
     ) -> None:
         super().__init__()
+        require("peft", "lora", "LoRABackbone")
         from peft import LoraConfig, inject_adapter_in_model
 
         if rank < 1:

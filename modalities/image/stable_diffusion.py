@@ -37,8 +37,11 @@ import torch
 from torch import Tensor, nn
 
 from diffalign.core.backbone import Backbone
+from diffalign.core.extras import require
 from diffalign.core.functional import Generator, randn
 from diffalign.core.types import Cond
+
+require("transformers", "image-models", "diffalign.modalities.image.stable_diffusion")
 
 DType = Literal["float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -263,6 +266,7 @@ class StableDiffusionBackbone(Backbone):
     def _add_lora(
         self, rank: int, alpha: float | None, targets: Sequence[str] | None, dropout: float
     ) -> None:
+        require("peft", "image-models", "StableDiffusionBackbone(lora_rank=...)")
         from peft import LoraConfig
 
         config = LoraConfig(
