@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE := 1
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q -c constraints.txt --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	$(BIN)/python -m pip check
 	touch $@
