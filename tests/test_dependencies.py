@@ -170,3 +170,28 @@ def test_constraints_pin_every_declared_package_inside_its_range():
             elif not req.specifier.contains(pins[name], prereleases=True):
                 problems.append(f"{name}=={pins[name]} is outside [{group}]'s range {req.specifier}")
     assert not problems, problems
+
+
+def test_lowest_constraints_pin_the_lower_bounds():
+    """constraints-lowest.txt (the tested oldest set) follows pyproject.toml's lower bounds."""
+    core, extras = _requirements()
+    lowest = {}
+    for line in (REPO / "constraints-lowest.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            lowest[canonicalize_name(name)] = version.strip()
+    problems = []
+    for group, reqs in [("dependencies", core), *extras.items()]:
+        for name, req in reqs.items():
+            bounds = [s.version for s in req.specifier if s.operator == ">="]
+            if group == "ray" or not bounds:
+                continue
+            (bound,) = bounds
+            pin = lowest.get(name)
+            parts = len(bound.split("."))
+            if pin is None or pin.split(".")[:parts] != bound.split("."):
+                problems.append(
+                    f"{name}: lower bound {bound} ([{group}]) but constraints-lowest.txt pins {pin}"
+                )
+    assert not problems, problems
