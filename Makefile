@@ -1,8 +1,10 @@
 # diffalign: `make demo` runs the quick start, `make test` runs lint and the test suite.
-# Both create .venv when it is missing and (re)install when pyproject.toml changes.
+# Both create .venv when it is missing and (re)install when pyproject.toml or constraints.txt changes:
+# every extra the demo and the suite need (EXTRAS), at the exact versions pinned in constraints.txt.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+EXTRAS ?= all,dev
 # No network at run time: a stray hub id must fail at once instead of retrying for minutes.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -10,10 +12,11 @@ export HF_DATASETS_OFFLINE := 1
 
 .PHONY: install demo test lint bench clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip check
 	touch $@
 
 install: $(BIN)/.installed

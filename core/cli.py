@@ -108,6 +108,9 @@ def _offending_keys(message: str) -> list[str]:
     keys += re.findall(r"Option '([^']+)' is not accepted", message)
     keys += re.findall(r'Key "([^"]+)" is required', message)
     keys += re.findall(r"does not accept option '([^']+)'", message)
+    # older jsonargparse (4.39) words the last two differently
+    keys += re.findall(r"does not accept nested key '([^']+)'", message)
+    keys += re.findall(r"Key '([^']+)' is not expected", message)
     return [k.split(".")[-1] for k in keys]
 
 

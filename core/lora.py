@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from diffalign.core.backbone import Backbone
+from diffalign.core.extras import require
 from diffalign.core.functional import Generator
 from diffalign.core.types import Cond
 
@@ -77,6 +78,7 @@ class LoRABackbone(Backbone):
         base_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     ) -> None:
         super().__init__()
+        require("peft", "lora", "LoRABackbone")
         from peft import LoraConfig, inject_adapter_in_model
 
         if rank < 1:

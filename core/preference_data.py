@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from diffalign.core.data import EpochSeededSampler, EvaluationSetMixin
+from diffalign.core.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def load_sample_file(path: Path) -> Any:
 def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     """(row number from 1, row dict or None, parse error or None) for a JSONL or Parquet file."""
     if path.suffix.lower() == ".parquet":
+        require("pyarrow", "parquet", f"reading {path.name} (Parquet)")
         import pyarrow.parquet as pq
 
         n = 0

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
+from diffalign.core.extras import MissingExtraError, require
+
 log = logging.getLogger(__name__)
 
 PLUGIN_PACKAGE = "diffalign.rewards"
@@ -166,12 +168,18 @@ def _check_plugin(plugin: Any, where: str) -> None:
         raise ScoreError(f"{where}.SCORING is not a scoring plugin: missing {', '.join(missing)}")
 
 
+#: plugins that the last `discover_plugins` could not load for a missing extra: module -> message
+UNAVAILABLE: dict[str, str] = {}
+
+
 def discover_plugins(package: str = PLUGIN_PACKAGE) -> dict[str, Any]:
     """module name -> SCORING object, for every module of `package` (and entry points) that has one.
 
-    A module that fails to import is skipped with a debug log line.
+    A module that fails to import is skipped with a debug log line; one that lacks an optional package
+    is remembered in `UNAVAILABLE` (module -> the error naming the extra) for the "no plugin" message.
     """
     found: dict[str, Any] = {}
+    UNAVAILABLE.clear()
     try:
         pkg = importlib.import_module(package)
         names = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__, package + "."))
@@ -183,6 +191,9 @@ def discover_plugins(package: str = PLUGIN_PACKAGE) -> dict[str, Any]:
             continue
         try:
             module = importlib.import_module(name)
+        except MissingExtraError as e:
+            UNAVAILABLE[name] = str(e)
+            continue
         except Exception as e:  # noqa: BLE001 - a broken optional module must not stop scoring
             log.debug("scoring: skipping %s (%s: %s)", name, type(e).__name__, e)
             continue
@@ -214,9 +225,10 @@ def plugin_for(path: str | os.PathLike[str], plugin: Any | str | None = None) ->
         except Exception as e:  # noqa: BLE001
             log.debug("scoring: %s.can_read failed: %s", p.name, e)
     known = "; ".join(f"{p.name}: {getattr(p, 'description', '') or '?'}" for p in plugins.values())
+    missing = "".join(f"; not loaded: {msg}" for msg in UNAVAILABLE.values())
     raise ReadError(
         f"{path}: no scoring plugin reads this kind of file (known plugins: {known or 'none found'}); "
-        "use --plugin MODULE to choose one"
+        f"use --plugin MODULE to choose one{missing}"
     )
 
 
@@ -538,6 +550,7 @@ def _write_csv(rows: Iterator[dict[str, Any]], stream: IO[str]) -> int:
 
 
 def _write_parquet(rows: Iterator[dict[str, Any]], path: Path, columns: Sequence[str] | None) -> int:
+    require("pyarrow", "parquet", "writing Parquet")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -692,6 +705,8 @@ def _list_plugins(plugin: str | None) -> int:
         defaults = set(getattr(p, "default_rewards", ()) or ())
         print(f"{p.name}: {getattr(p, 'description', '')}")
         print("  rewards: " + ", ".join(f"{n}{'*' if n in defaults else ''}" for n in p.rewards))
+    for msg in [] if plugin else UNAVAILABLE.values():
+        print(f"not loaded: {msg}")
     print("(* = scored when -r is not given)")
     return 0
 
@@ -736,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         columns += [*resolve_rewards(chosen, args.rewards), "error"]
         counted = _Counting(rows)
         write_rows(counted, output, columns=columns)  # columns: the header of an empty input's output
-    except (ReadError, ScoreError) as e:
+    except (ReadError, ScoreError, MissingExtraError) as e:
         print(f"diffalign score: {e}", file=sys.stderr)
         return 2
     except (OSError, UnicodeError) as e:  # the input became unreadable part-way, or output failed

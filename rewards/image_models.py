@@ -27,8 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffalign.core.extras import require
 from diffalign.core.reward import Reward, RewardOutput
 from diffalign.core.types import Cond
+
+require("transformers", "image-models", "diffalign.rewards.image_models")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -33,9 +33,11 @@ from typing import Any
 
 import torch
 
+from diffalign.core.extras import require
 from diffalign.core.reward import Reward, RewardOutput
 from diffalign.core.types import Cond
 
+require("rdkit", "molecule", "diffalign.rewards.molecule")
 log = logging.getLogger(__name__)
 
 __all__ = [

@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from diffalign.core.extras import require
 from diffalign.core.score import ReadError, Record
 
 log = logging.getLogger(__name__)
@@ -289,6 +290,7 @@ def read_parquet(
     batch_size: int = 8192,
 ) -> Iterator[Record]:
     """Rows of a Parquet file, read `batch_size` rows at a time (only the needed columns)."""
+    require("pyarrow", "parquet", "reading Parquet")
     import pyarrow.parquet as pq
 
     try:

@@ -16,12 +16,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from diffalign.core.data import EpochSeededSampler, EvaluationSetMixin
+from diffalign.core.extras import require
 from diffalign.modalities.image.conditioning import DIGIT_PROMPTS, digit_prompt
 
 
 @lru_cache(maxsize=4)
 def _load(image_size: int) -> tuple[Tensor, Tensor]:
-    from sklearn.datasets import load_digits
+    load_digits = require("sklearn.datasets", "image", "the handwritten digits data").load_digits
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0

@@ -32,8 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from diffalign.core.backbone import Backbone
+from diffalign.core.extras import require
 from diffalign.core.functional import Generator, randn
 from diffalign.core.types import Cond
+
+require("transformers", "image-models", "diffalign.modalities.image.stable_diffusion")
 
 DType = Literal["float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -216,6 +219,7 @@ class StableDiffusionBackbone(Backbone):
         .load_lora_weights(folder)`; so does `StableDiffusionBackbone(..., lora_path=folder)`. The LoRA
         config (rank, alpha, targets) is stored in the file's metadata. Returns the file path.
         """
+        require("peft", "image-models", "StableDiffusionBackbone.save_lora")
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
@@ -240,6 +244,7 @@ class StableDiffusionBackbone(Backbone):
         """Load LoRA weights saved by `save_lora` (or by diffusers; a folder or the .safetensors file) into
         the UNet's adapters. Raises FileNotFoundError naming the path, ValueError when keys or shapes do
         not fit."""
+        require("peft", "image-models", "StableDiffusionBackbone.load_lora")
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file

@@ -4,10 +4,14 @@ Model space: (B, N_max, 3 + K) padded tensors (positions Å, one-hot × 1/4) wit
 `decode` returns a list of `MoleculeSample` (see `sample.py`). See README.md in this folder.
 """
 
-from diffalign.modalities.molecule.backbone import BASE_WEIGHTS, DATASET, MoleculeBackbone
-from diffalign.modalities.molecule.data import ConformerDataset, MoleculeDataModule
-from diffalign.modalities.molecule.sample import ELEMENTS, MoleculeSample
-from diffalign.modalities.molecule.testing import TinyMoleculeBackbone
+from diffalign.core.extras import require
+
+require("rdkit", "molecule", "diffalign.modalities.molecule")
+
+from diffalign.modalities.molecule.backbone import BASE_WEIGHTS, DATASET, MoleculeBackbone  # noqa: E402
+from diffalign.modalities.molecule.data import ConformerDataset, MoleculeDataModule  # noqa: E402
+from diffalign.modalities.molecule.sample import ELEMENTS, MoleculeSample  # noqa: E402
+from diffalign.modalities.molecule.testing import TinyMoleculeBackbone  # noqa: E402
 
 __all__ = [
     "BASE_WEIGHTS",

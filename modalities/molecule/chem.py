@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from diffalign.core.extras import require
 from diffalign.modalities.molecule.sample import ELEMENTS, MoleculeSample
 
 #: normal valence of each element (neutral atoms)
@@ -107,7 +108,7 @@ def build_molecule(
             free[i] -= 2
             free[j] -= 2
     # double bonds: maximum-weight matching over short bonds between atoms with a free valence
-    import networkx as nx
+    nx = require("networkx", "molecule", "bond orders from 3D coordinates")
 
     g = nx.Graph()
     for b in rw.GetBonds():

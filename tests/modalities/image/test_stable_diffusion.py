@@ -273,7 +273,8 @@ def test_lora_export_loads_in_diffusers_and_back(sd_path, tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(
         str(sd_path), local_files_only=True, safety_checker=None, requires_safety_checker=False
     )
-    pipe.load_lora_weights(str(tmp_path / "lora"))  # a stock diffusers pipeline reads the export
+    # a stock diffusers pipeline reads the export (offline, diffusers 0.36 needs the weight_name)
+    pipe.load_lora_weights(str(tmp_path / "lora"), weight_name=file.name)
     x, _ = bb.init_noise(cond, torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = pipe.unet(
