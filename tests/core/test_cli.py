@@ -51,10 +51,11 @@ def test_wrong_key_or_type_names_file_line_and_key(tmp_path, capsys, old, new, k
     assert f"{bad}:{line} (key '{key}')" in err, err
 
 
-def test_missing_config_file_names_the_path(tmp_path):
+def test_missing_config_file_names_the_path(tmp_path, capsys):
     missing = tmp_path / "nope.yaml"
-    with pytest.raises(SystemExit, match=f"config file not found: {missing}"):
+    with pytest.raises(SystemExit) as exc:
         cli_main(["fit", "--config", str(missing)])
+    assert exc.value.code == 2 and f"config file not found: {missing}" in capsys.readouterr().err
 
 
 def test_missing_weights_file_names_the_path(tmp_path):
