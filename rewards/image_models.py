@@ -140,6 +140,8 @@ class _ClipReward(Reward):
     """CLIP image/text towers + preprocessing, with features computed the same way in every version of
     transformers: tower pooler output → projection (what `get_image_features` / `get_text_features` do)."""
 
+    reader = "diffalign.modalities.image.io.ImageReader"
+
     differentiable = True
 
     def __init__(
@@ -244,6 +246,8 @@ class LaionAesthetic(Reward):
 
     Differentiable in the images.
     """
+
+    reader = "diffalign.modalities.image.io.ImageReader"
 
     differentiable = True
 
