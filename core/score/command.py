@@ -381,7 +381,17 @@ def main(argv: Sequence[str] | None = None, names: ScoreNames | None = None) -> 
         print("diffalign score: give an input file or folder (see --help)", file=sys.stderr)
         return 2
     stop = _Stop()
-    output = None
+    stop.install()  # from the start: a signal while the rewards load still stops cleanly
+    try:
+        return _run(args, argv, names, stop)
+    except KeyboardInterrupt:  # a second signal before the scoring loop
+        print("diffalign score: interrupted before scoring started; nothing written", file=sys.stderr)
+        return 128 + int(stop.signum or signal.SIGINT)
+    finally:
+        stop.restore()
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str], names: ScoreNames, stop: _Stop) -> int:
     try:
         options = dict(_option(o) for o in args.reader_option)
         options.update(
@@ -416,7 +426,6 @@ def main(argv: Sequence[str] | None = None, names: ScoreNames | None = None) -> 
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     bar = _progress_bar(show, done)
     start, errors, complete, rows = time.perf_counter(), 0, False, None
-    stop.install()
     try:
         rows = score_records(
             counted,
@@ -445,7 +454,6 @@ def main(argv: Sequence[str] | None = None, names: ScoreNames | None = None) -> 
         if rows is not None:
             rows.close()  # kills the workers: in-flight chunks are discarded
     except (ReadError, ScoreError, OSError, UnicodeError) as e:
-        stop.restore()
         kept = output.close(complete=False)
         print(f"diffalign score: {e}", file=sys.stderr)
         if kept is not None and output.written:
@@ -457,7 +465,6 @@ def main(argv: Sequence[str] | None = None, names: ScoreNames | None = None) -> 
     if not complete:
         stop.writing = False
         return _interrupted(stop, output, counted, done, argv)
-    stop.restore()
     dt = time.perf_counter() - start
     n = output.written - done
     shown = "stdout" if where is None else str(where)
@@ -488,8 +495,6 @@ def _interrupted(stop: _Stop, output: Output, counted: _Counted, done: int, argv
         total = done + counted.n
     except KeyboardInterrupt:
         total, exact = done + counted.n, False
-    finally:
-        stop.restore()
     of = f"{total}" if exact else f"at least {total}"
     name = signal.Signals(signum).name
     if kept is None:

@@ -8,7 +8,7 @@ and moved into place when the last row is written:
 - Parquet: `.OUT.partial/part-000001.parquet`, ... — complete Parquet files, each written under a
   temporary name and renamed, one at least every `flush_seconds` (or 16,384 rows); at the end they are
   joined into OUT in row groups of 65,536 rows, so the file does not depend on where a run stopped;
-- `.OUT.partial/meta.json`: the columns, reader, rewards and input of the run, checked by `--resume`.
+- `.OUT.partial/_meta.json`: the columns, reader, rewards and input of the run, checked by `--resume`.
 
 After SIGINT/SIGTERM the folder holds every completed row, in order, as valid CSV/Parquet. After a
 SIGKILL (or a power cut) the last CSV line may be cut: `--resume` keeps the complete rows and continues
@@ -36,7 +36,7 @@ CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 ROW_GROUP = 65536
 PART_ROWS = 16384
-META = "meta.json"
+META = "_meta.json"  # "_": Parquet dataset readers skip it, so pq.read_table(partial) works
 ROWS_CSV = "rows.csv"
 
 
