@@ -199,12 +199,11 @@ class _Pool:
         if self.executor is None:
             return
         executor, self.executor = self.executor, None
-        executor.shutdown(wait=False, cancel_futures=True)
         if kill:  # discard in-flight chunks now instead of waiting for them
             for p in list((getattr(executor, "_processes", None) or {}).values()):
                 with contextlib.suppress(OSError, AttributeError):
                     p.kill()
-        executor.shutdown(wait=True)
+        executor.shutdown(wait=True, cancel_futures=True)  # joins the workers (dead ones at once)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import csv
 import json
 import math
 import os
+import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -106,6 +108,22 @@ class FromPrompt(Reward):
         if any(p is None for p in prompts):
             raise ValueError("needs prompts")
         return RewardOutput(torch.tensor([float(p) for p in prompts]))
+
+
+class Sleepy(Reward):
+    """Batches holding a value >= 5 take 5 s and then leave a marker file in `folder`."""
+
+    reader = f"{HERE}.LinesReader"
+
+    def __init__(self, folder: str) -> None:
+        super().__init__("sleepy")
+        self.folder = folder
+
+    def forward(self, samples, cond):
+        if (samples[:, 0] >= 5).any():
+            time.sleep(5)
+            (Path(self.folder) / f"finished-{os.getpid()}").touch()
+        return samples[:, 0]
 
 
 class OtherReader(LinesReader):
@@ -371,6 +389,17 @@ def test_stop_keeps_finished_chunks_in_order_and_discards_the_rest(tmp_path):
         rows.append(got)
     full = list(iter_score_file(src, "length", names=NAMES))
     assert rows[0] == full[: len(rows[0])] and rows[1] == full[: len(rows[1])]
+
+
+def test_stop_kills_the_workers_instead_of_waiting_for_in_flight_chunks(tmp_path):
+    src = _write(tmp_path, "a\nab\nabc\n" + "aaaaa\n" * 6)  # one quick chunk, two slow ones
+    p = plan(src, reward_config=f"{{class_path: {HERE}.Sleepy, init_args: {{folder: {str(tmp_path)!r}}}}}")
+    got: list = []
+    for row in score_records(p.records(), p.reader, p.rewards, workers=2, stop=lambda: len(got) >= 3):
+        got.append(row)
+    time.sleep(0.3)
+    assert [r["Sleepy"] for r in got] == [1.0, 2.0, 3.0]
+    assert not list(tmp_path.glob("finished-*"))  # the slow chunks were discarded, not finished
 
 
 def test_reward_spec_builds_frozen_rewards_and_checks_args():
