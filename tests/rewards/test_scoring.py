@@ -292,6 +292,20 @@ def test_image_prompts_option_bad_files_and_mixed_sizes(digit_folder, tmp_path):
     assert rows[0]["digit_fidelity"] is None and "needs the prompts" in rows[0]["error"]
 
 
+def test_image_files_decode_to_the_rgb_layout(tmp_path):
+    from diffalign.modalities.image.io import load_image
+
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    Image.fromarray(gray, mode="L").save(tmp_path / "g.png")
+    Image.fromarray(np.dstack([gray] * 3 + [np.zeros_like(gray)]), mode="RGBA").save(tmp_path / "a.png")
+    Image.fromarray((gray.astype(np.uint16) * 257)).save(tmp_path / "w16.png")  # 16-bit grayscale
+    want = torch.tensor(gray / 255.0, dtype=torch.float32).expand(3, 3, 4)
+    for name in ("g.png", "a.png", "w16.png"):
+        x = load_image(tmp_path / name)
+        assert x.dtype == torch.float32 and x.shape == (3, 3, 4), name
+        assert torch.allclose(x, want, atol=1e-6), name  # alpha dropped; 16-bit scaled from 0-65535
+
+
 # --- fuzzing: the readers and the score path never crash and keep one row per record -------------------
 FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
