@@ -455,6 +455,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str], names: ScoreNames, stop:
             rows.close()  # kills the workers: in-flight chunks are discarded
     except (ReadError, ScoreError, OSError, UnicodeError) as e:
         kept = output.close(complete=False)
+        if kept is not None and not output.written:
+            output.discard()  # nothing worth keeping
         print(f"diffalign score: {e}", file=sys.stderr)
         if kept is not None and output.written:
             print(f"diffalign score: the {output.written} rows written are kept in {kept}", file=sys.stderr)

@@ -305,7 +305,10 @@ def score_records(
         local = scorer
         for chunk in chunks:
             if local is None:
-                local = build_scorer(reader, rewards)
+                try:
+                    local = build_scorer(reader, rewards)
+                except Exception as e:  # noqa: BLE001 - e.g. a weights file that is not there
+                    raise ScoreError(f"cannot build the reader or the rewards: {describe(e)}") from None
             yield from rows_for(chunk, local.score(items(chunk)))
         return
 

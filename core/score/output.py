@@ -316,6 +316,11 @@ class Output:
         shutil.rmtree(self.partial, ignore_errors=True)
         return self.path
 
+    def discard(self) -> None:
+        """Remove the partial folder (a run that wrote no row)."""
+        if self.partial is not None:
+            shutil.rmtree(self.partial, ignore_errors=True)
+
     def _join_parts(self) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq

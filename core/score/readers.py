@@ -101,7 +101,12 @@ class Reader:
     @classmethod
     def describe(cls) -> str:
         """For messages: the class name and what it reads."""
-        what = ", ".join("folders" if s == "/" else s for s in cls.suffixes) or "any path"
+        shown = [
+            "folders" if s == "/" else (s + "[.gz]" if s + ".gz" in cls.suffixes else s)
+            for s in cls.suffixes
+            if not (s.endswith(".gz") and s[:-3] in cls.suffixes)
+        ]
+        what = ", ".join(shown) or "any path"
         return f"{cls.__name__} ({what})"
 
     def check(self, path: Path) -> None:

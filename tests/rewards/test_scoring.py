@@ -19,7 +19,7 @@ from rdkit import Chem
 from rdkit.Chem import QED, AllChem, Crippen
 
 from diffalign.core.cli import cli_main
-from diffalign.core.score import ReadError, plan
+from diffalign.core.score import ReadError, partial_path, plan
 from diffalign.core.types import Cond
 from diffalign.modalities.image import load_digit_images
 from diffalign.rewards import molecule as M
@@ -298,12 +298,23 @@ def test_image_files_decode_to_the_rgb_layout(tmp_path):
     gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
     Image.fromarray(gray, mode="L").save(tmp_path / "g.png")
     Image.fromarray(np.dstack([gray] * 3 + [np.zeros_like(gray)]), mode="RGBA").save(tmp_path / "a.png")
-    Image.fromarray((gray.astype(np.uint16) * 257)).save(tmp_path / "w16.png")  # 16-bit grayscale
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "w16.png")  # 16-bit grayscale
     want = torch.tensor(gray / 255.0, dtype=torch.float32).expand(3, 3, 4)
     for name in ("g.png", "a.png", "w16.png"):
         x = load_image(tmp_path / name)
         assert x.dtype == torch.float32 and x.shape == (3, 3, 4), name
         assert torch.allclose(x, want, atol=1e-6), name  # alpha dropped; 16-bit scaled from 0-65535
+
+
+def test_a_reward_that_cannot_be_built_stops_the_run_with_its_reason(digit_folder, tmp_path, capsys):
+    cfg = "{class_path: diffalign.rewards.image.DigitFidelity, init_args: {weights: /nowhere/c.safetensors}}"
+    for workers in ("1", "2"):
+        out = tmp_path / f"o{workers}.csv"
+        args = ["score", str(digit_folder), "--reward-config", cfg, "-o", str(out), "--workers", workers]
+        assert cli_main(args) == 2
+        err = capsys.readouterr().err
+        assert "could not build" in err or "cannot build" in err
+        assert "/nowhere/c.safetensors" in err and not out.exists() and not partial_path(out).exists()
 
 
 # --- fuzzing: the readers and the score path never crash and keep one row per record -------------------
