@@ -18,6 +18,7 @@ run cleanly: rows of chunks already done are yielded, in-flight chunks are disca
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -257,7 +258,6 @@ def score_records(
     first_record: int = 1,
     stop: Callable[[], bool] | None = None,
     progress: Any = None,
-    scorer: Scorer | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Score records lazily; yields one row dict per record, in input order.
 
@@ -266,8 +266,9 @@ def score_records(
     no score) and `error` (None when all went well; else why, "; "-separated).
 
     `workers` > 1 scores in a process pool with at most `max_in_flight` (default 2 × workers) chunks of
-    `chunk_size` records (default: the reader's) outstanding; 1 scores in this process (with `scorer`
-    when given, else one built here). `stop()` is polled between chunks (see the module docstring).
+    `chunk_size` records (default: the reader's) outstanding; 1 scores in this process, and so does an
+    input of one chunk (not worth starting processes). `stop()` is polled between chunks (see the module
+    docstring).
     `progress` is an optional object with `update(n)` (a tqdm bar).
     """
     built = reader.build()
@@ -301,8 +302,10 @@ def score_records(
         return [(r.payload, r.prompt) for r in chunk if r.error is None]
 
     chunks = _chunks(records, chunk_size, stop)
-    if workers == 1:
-        local = scorer
+    head = [c for c in (next(chunks, None), next(chunks, None)) if c is not None]
+    chunks = itertools.chain(head, chunks)
+    if workers == 1 or len(head) < 2:
+        local = None
         for chunk in chunks:
             if local is None:
                 try:
