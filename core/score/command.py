@@ -392,6 +392,7 @@ def main(argv: Sequence[str] | None = None, names: ScoreNames | None = None) -> 
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str], names: ScoreNames, stop: _Stop) -> int:
+    output: Output | None = None
     try:
         options = dict(_option(o) for o in args.reader_option)
         options.update(
@@ -415,11 +416,11 @@ def _run(args: argparse.Namespace, argv: Sequence[str], names: ScoreNames, stop:
         _skip_done(records, output, done)
         if done:
             print(f"diffalign score: resuming after record {done} ({output.partial})", file=sys.stderr)
-    except (ReadError, ScoreError) as e:
-        print(f"diffalign score: {e}", file=sys.stderr)
-        return 2
-    except (OSError, UnicodeError) as e:
-        print(f"diffalign score: {args.input}: {e}", file=sys.stderr)
+    except (ReadError, ScoreError, OSError, UnicodeError) as e:
+        if output is not None:
+            output.close(complete=False)  # what a partial output holds stays as it was
+        where = "" if isinstance(e, (ReadError, ScoreError)) else f"{args.input}: "
+        print(f"diffalign score: {where}{e}", file=sys.stderr)
         return 2
     counted = _Counted(records)
     workers = (os.cpu_count() or 1) if args.workers is None else args.workers
