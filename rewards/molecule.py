@@ -384,8 +384,8 @@ class MoleculeReward(Reward):
                 f"{self.name} expects a list of molecules (Mol, SMILES, MoleculeSample or None), "
                 f"got {type(samples).__name__}"
             )
-        scores = torch.empty(len(samples), dtype=torch.float32)
-        invalid = torch.zeros(len(samples), dtype=torch.float32)
+        scores: list[float] = []  # Python lists, one tensor at the end: no per-element tensor writes
+        invalid = [0.0] * len(samples)
         reasons: dict[int, str] = {}
         for i, sample in enumerate(samples):
             try:
@@ -396,7 +396,7 @@ class MoleculeReward(Reward):
                 reasons[i] = str(e) if isinstance(e, InvalidMolecule) else f"{type(e).__name__}: {e}"
                 value = self.invalid_value
                 invalid[i] = 1.0
-            scores[i] = value
+            scores.append(value)
         self.last_invalid_reasons = reasons
         if reasons:
             kinds = Counter(r.split(":")[0].split(" '")[0] for r in reasons.values())
@@ -408,7 +408,10 @@ class MoleculeReward(Reward):
                 self.invalid_value,
                 ", ".join(f"{n}× {k}" for k, n in kinds.most_common()),
             )
-        return RewardOutput(scores=scores, info={"invalid": invalid})
+        return RewardOutput(
+            scores=torch.tensor(scores, dtype=torch.float32),
+            info={"invalid": torch.tensor(invalid, dtype=torch.float32)},
+        )
 
 
 class Validity(MoleculeReward):
