@@ -194,17 +194,24 @@ def reward_specs_from_config(source: str) -> list[RewardSpec]:
     """Reward columns from a YAML/JSON file, or inline YAML/JSON text.
 
     Accepted shapes: one recipe-style block (`class_path`, `init_args`; column: the `name` init arg,
-    else the class name); `reward: <block>`; or `rewards: {column: <block>, ...}`.
+    else the class name); `reward: <block>`; `rewards: {column: <block>, ...}`; or a recipe whose
+    `model.init_args.reward` names its class_path.
     """
     import yaml
 
     path = Path(source)
     try:
-        text = path.read_text(encoding="utf-8") if path.is_file() else source
-        data = yaml.safe_load(text)
+        is_file = path.is_file()
+    except (OSError, ValueError):  # inline text too long for a file name
+        is_file = False
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8") if is_file else source)
     except (OSError, yaml.YAMLError) as e:
         raise ScoreError(f"cannot read the reward config {source!r}: {e}") from None
-    where = str(path) if path.is_file() else "--reward-config"
+    where = str(path) if is_file else "--reward-config"
+    recipe_model = data.get("model") if isinstance(data, Mapping) else None
+    if isinstance(recipe_model, Mapping):  # a recipe: its model.init_args.reward
+        data = dict(recipe_model.get("init_args") or {})
     if isinstance(data, Mapping) and "rewards" in data and isinstance(data["rewards"], Mapping):
         blocks = list(data["rewards"].items())
     elif isinstance(data, Mapping) and "reward" in data:

@@ -25,6 +25,7 @@ from diffalign.modalities.image import load_digit_images
 from diffalign.rewards import molecule as M
 from diffalign.rewards.image import DigitFidelity, JpegIncompressibility
 from diffalign.rewards.scoring import NAMES, REWARDS, iter_score_file, score_file
+from tests.helpers import REPO
 
 MIXED_SMI = (
     b"CCO ethanol\n"
@@ -267,6 +268,19 @@ def test_png_folder_scores_digit_fidelity_and_jpeg_size_through_the_same_rewards
     assert fid == pytest.approx(direct, rel=1e-5, abs=1e-7)
     kb = JpegIncompressibility()(images, cond).scores.tolist()
     assert [_f32(float(r["jpeg_kb"])) for r in rows] == [_f32(k) for k in kb]
+
+
+def test_a_recipe_or_a_long_inline_config_names_the_reward(digit_folder):
+    recipe = REPO / "recipes" / "image" / "ddpo_compressibility.yaml"  # model.init_args.reward
+    rows = score_file(digit_folder, reward_config=str(recipe), workers=1)
+    assert list(rows[0])[4] == "JpegCompressibility"
+    kb = [r["jpeg_kb"] for r in score_file(digit_folder, "jpeg_kb", workers=1)]
+    assert [r["JpegCompressibility"] for r in rows] == [-k for k in kb]
+    block = "{class_path: diffalign.rewards.image.JpegIncompressibility, init_args: {quality: %d}}"
+    inline = "rewards: {" + ", ".join(f"q{q}: " + block % q for q in (50, 60, 70, 80, 90)) + "}"
+    assert len(inline) > 300
+    rows = score_file(digit_folder, reward_config=inline, workers=1)
+    assert all(r["q50"] < r["q90"] for r in rows)  # lower quality, smaller file
 
 
 def test_image_prompts_option_bad_files_and_mixed_sizes(digit_folder, tmp_path):
