@@ -40,7 +40,11 @@ log = logging.getLogger(__name__)
 OWN_COMMANDS = {"recipes": "list the recipes under recipes/ with their one-line descriptions"}
 # Subcommands implemented in their own module: name -> ("module:function(argv) -> int", description).
 PLUGIN_COMMANDS = {
-    "score": ("diffalign.core.score:main", "score a file of samples with rewards, one output row per input"),
+    # the engine is diffalign.core.score; diffalign.rewards.scoring adds the short names (qed, image, ...)
+    "score": (
+        "diffalign.rewards.scoring:main",
+        "score a file or folder of samples with rewards, one output row per input record",
+    ),
     "sample": (
         "diffalign.core.sample:main",
         "test-time alignment: sample with a method from a sampling recipe",

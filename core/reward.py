@@ -120,10 +120,13 @@ class Reward(nn.Module):
             the whole sample).
         reduction: for a reward that returns per-element scores (B, E): how they reduce to (B,)
             ("mean", "min", "max", "sum"); None means scores must be (B,).
+        reader: class path of the reader that loads files into this reward's sample layout, for
+            `diffalign score` (e.g. "diffalign.modalities.image.io.ImageReader"); None: give --reader.
     """
 
     differentiable: bool = False
     reduction: Reduction | None = None
+    reader: str | None = None
 
     def __init__(self, name: str | None = None, request: Mapping[str, Any] | None = None) -> None:
         super().__init__()
@@ -412,39 +415,9 @@ class GuardedReward:
         self.dropped = 0
 
     def __call__(self, samples: SampleView | Any, cond: Cond, batch_size: int | None = None) -> ScoredBatch:
-        view = SampleView.of(samples, batch_size)
-        n = len(view)
-        cond = as_cond(cond, n)
+        scored = evaluate_rows(self.reward, samples, cond, batch_size)
+        n, reasons = len(scored.keep), scored.reasons
         self.queries += n
-        reasons: dict[int, str] = {}
-        info: dict[str, Tensor] = {}
-        elements = None
-        try:
-            out = self.reward.evaluate(view, cond)
-            scores, info, elements = out.scores, out.info, out.elements
-        except RewardShapeError:
-            raise
-        except Exception as batch_error:  # find the failing rows one by one
-            scores = torch.full((n,), float("nan"))
-            for i in range(n):
-                try:
-                    s = self.reward.evaluate(view.rows([i]), cond[[i]]).scores
-                    scores[i] = s[0].detach().float().cpu()
-                except RewardShapeError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - any reward failure is reported per sample
-                    reasons[i] = f"{type(e).__name__}: {e}"
-            if not reasons:  # fails only in batch: treat the whole batch as failed
-                reasons = {i: f"{type(batch_error).__name__}: {batch_error}" for i in range(n)}
-                scores[:] = float("nan")
-        finite = torch.isfinite(scores.detach()).cpu()
-        if elements is not None:
-            finite &= torch.isfinite(elements.detach()).all(dim=1).cpu()
-        for i in (~finite).nonzero().flatten().tolist():
-            what = f"score is {scores[i].item()}"
-            if elements is not None and torch.isfinite(scores[i]).item():
-                what = "a per-element score is not finite"
-            reasons.setdefault(i, what)
         if reasons:
             first = min(reasons)
             msg = (
@@ -457,11 +430,64 @@ class GuardedReward:
                 raise RewardError(msg + " — every sample in the batch failed, nothing to train on")
             log.warning("%s; dropping them", msg)
             self.dropped += len(reasons)
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[list(reasons)] = False
-        return ScoredBatch(
-            scores=scores, keep=keep.to(scores.device), info=info, reasons=reasons, elements=elements
-        )
+        return scored
+
+
+def evaluate_rows(
+    reward: Reward,
+    samples: SampleView | Any,
+    cond: Cond | Mapping[str, Any] | None,
+    batch_size: int | None = None,
+) -> ScoredBatch:
+    """Score a batch and say, per row, why a row has no score (no policy: `GuardedReward` adds one).
+
+    A row fails when its score (or one of its element scores) is NaN/inf; the reason is then the one the
+    reward gives in `last_invalid_reasons` ({row: reason}, for rewards that score failures as a value),
+    else "score is nan". When the reward raises on the batch, each row is scored alone to find the
+    failing ones (reason: the exception). A wrong shape raises `RewardShapeError`.
+    """
+    view = SampleView.of(samples, batch_size)
+    n = len(view)
+    cond = as_cond(cond if cond is not None else Cond.empty(n), n)
+    reasons: dict[int, str] = {}
+    info: dict[str, Tensor] = {}
+    elements = None
+    own: dict[int, str] = {}
+    try:
+        out = reward.evaluate(view, cond)
+        scores, info, elements = out.scores, out.info, out.elements
+        own = dict(getattr(reward, "last_invalid_reasons", None) or {})
+    except RewardShapeError:
+        raise
+    except Exception as batch_error:  # find the failing rows one by one
+        scores = torch.full((n,), float("nan"))
+        for i in range(n):
+            try:
+                s = reward.evaluate(view.rows([i]), cond[[i]]).scores
+                scores[i] = s[0].detach().float().cpu()
+                why = (getattr(reward, "last_invalid_reasons", None) or {}).get(0)
+                if why is not None:
+                    own[i] = why
+            except RewardShapeError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any reward failure is reported per sample
+                reasons[i] = f"{type(e).__name__}: {e}"
+        if not reasons:  # fails only in batch: treat the whole batch as failed
+            reasons = {i: f"{type(batch_error).__name__}: {batch_error}" for i in range(n)}
+            scores[:] = float("nan")
+    finite = torch.isfinite(scores.detach()).cpu()
+    if elements is not None:
+        finite &= torch.isfinite(elements.detach()).all(dim=1).cpu()
+    for i in (~finite).nonzero().flatten().tolist():
+        what = own.get(i) or f"score is {scores[i].item()}"
+        if elements is not None and torch.isfinite(scores[i]).item():
+            what = "a per-element score is not finite"
+        reasons.setdefault(i, what)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[list(reasons)] = False
+    return ScoredBatch(
+        scores=scores, keep=keep.to(scores.device), info=info, reasons=reasons, elements=elements
+    )
 
 
 def reward_metrics(scored: ScoredBatch, prefix: str = "reward/") -> dict[str, float]:

@@ -23,6 +23,9 @@ from torch import Tensor, nn
 from diffalign.core.reward import LearnedReward, Reward, RewardOutput
 from diffalign.core.types import Cond
 
+#: the reader of image files for `diffalign score` (every reward here declares it)
+IMAGE_READER = "diffalign.modalities.image.io.ImageReader"
+
 
 def _check_images(samples: Tensor, who: str) -> Tensor:
     if not isinstance(samples, Tensor) or samples.dim() != 4 or samples.shape[1] not in (1, 3):
@@ -52,6 +55,8 @@ class JpegCompressibility(Reward):
     Args:
         quality: JPEG quality (DDPO uses 95).
     """
+
+    reader = IMAGE_READER
 
     def __init__(self, quality: int = 95) -> None:
         super().__init__("jpeg_compressibility")
@@ -88,6 +93,8 @@ class DigitFidelity(Reward):
         log_prob: score with the log-probability instead of the probability.
     """
 
+    reader = IMAGE_READER
+
     differentiable = True
 
     def __init__(self, weights: str | None = None, log_prob: bool = False) -> None:
@@ -114,6 +121,8 @@ class Brightness(Reward):
     Args:
         target: the wanted mean intensity in [0, 1], one value or one per channel.
     """
+
+    reader = IMAGE_READER
 
     differentiable = True
 
@@ -212,6 +221,8 @@ class LearnedDigitReward(LearnedReward):
         network: the trained architecture (default `DigitScorer()`).
         name: reward name for logs.
     """
+
+    reader = IMAGE_READER
 
     def __init__(
         self, weights: str, network: nn.Module | None = None, name: str = "learned_digit_reward"

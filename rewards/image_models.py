@@ -139,6 +139,8 @@ class _ClipReward(Reward):
     """CLIP image/text towers + preprocessing, with features computed the same way in every version of
     transformers: tower pooler output → projection (what `get_image_features` / `get_text_features` do)."""
 
+    reader = "diffalign.modalities.image.io.ImageReader"
+
     differentiable = True
 
     def __init__(
@@ -243,6 +245,8 @@ class LaionAesthetic(Reward):
 
     Differentiable in the images.
     """
+
+    reader = "diffalign.modalities.image.io.ImageReader"
 
     differentiable = True
 

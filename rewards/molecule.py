@@ -3,29 +3,32 @@
 Two layers share one implementation:
 
 - **plain per-molecule functions** (`qed(mol)`, `sa_score(mol)`, `logp(mol)`, …) that take a sanitized
-  RDKit `Mol` and return a float. They are top-level functions, so `diffalign score` can send them to
-  worker processes; the scoring plugin `SCORING` at the bottom of this module names them.
-- **`Reward` classes** (`QED`, `SAScore`, `LogP`, …) for alignment recipes. `forward(samples, cond)` takes a
-  list whose items are RDKit `Mol`s, SMILES strings, objects with `.mol` / `.smiles` / `.error` attributes
-  (the molecule modality's `MoleculeSample`), or `None`. An item that yields no valid molecule scores
-  `invalid_value`; the reason is logged, kept in `last_invalid_reasons` ({row: reason}) and counted in
-  `RewardOutput.info["invalid"]` (1.0 per invalid row, so its logged mean is the invalid fraction).
+  RDKit `Mol` and return a float;
+- **`Reward` classes** (`QED`, `SAScore`, `LogP`, …), what recipes train with and `diffalign score`
+  scores files with. `forward(samples, cond)` takes a list whose items are RDKit `Mol`s, SMILES strings,
+  objects with `.mol` / `.smiles` / `.error` attributes (the molecule modality's `MoleculeSample`), or
+  `None`. An item that yields no valid molecule scores `invalid_value`; the reason is logged, kept in
+  `last_invalid_reasons` ({row: reason}) and counted in `RewardOutput.info["invalid"]` (1.0 per invalid
+  row, so its logged mean is the invalid fraction). Their files are read by
+  `diffalign.modalities.molecule.io.MoleculeReader` (`MoleculeReward.reader`).
 
 Signs: QED, validity, Lipinski and the stabilities are "higher is better". `SAScore` returns
 (10 − SA)/9 in [0, 1] by default (higher = easier to synthesise; `normalize=False` gives the raw SA
 score, 1 easy … 10 hard). `MMFFEnergy` returns **minus** the MMFF94 energy per atom (kcal/mol/atom), so
-higher is better; the plain function `mmff_energy` and the `mmff_energy` scoring column are the energy
-itself (lower is better). See docs/rewards/molecule.md.
+higher is better; the plain function `mmff_energy` is the energy itself (lower is better). See
+docs/rewards/molecule.md.
 
 RDKit is imported lazily (inside functions), as for every heavy reward dependency.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
 import os
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
@@ -38,6 +41,16 @@ from diffalign.core.reward import Reward, RewardOutput
 from diffalign.core.types import Cond
 
 require("rdkit", "molecule", "diffalign.rewards.molecule")
+
+from diffalign.modalities.molecule.chem import (  # noqa: E402
+    InvalidMolecule,
+    block_logs,
+    is_sanitized,
+    mark_sanitized,
+    parse_molblock,
+    parse_smiles,
+)
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -66,70 +79,9 @@ __all__ = [
 ]
 
 
-class InvalidMolecule(ValueError):
-    """A sample that yields no (valid) molecule; the message is the reason."""
-
-
 # ---------------------------------------------------------------------------------------------------
-# Parsing (shared by the Reward classes and the scoring plugin's worker-side `prepare`)
+# Samples -> molecules (parsing lives with the modality: diffalign.modalities.molecule.chem)
 # ---------------------------------------------------------------------------------------------------
-def _block_logs() -> Any:
-    from rdkit import rdBase
-
-    return rdBase.BlockLogs()
-
-
-def parse_smiles(smiles: str, sanitize: bool = True) -> Any:
-    """SMILES -> RDKit Mol; raises `InvalidMolecule` with RDKit's reason (syntax or valence error)."""
-    from rdkit import Chem
-
-    if not isinstance(smiles, str):
-        raise InvalidMolecule(f"expected a SMILES string, got {type(smiles).__name__}")
-    s = smiles.strip()
-    if not s:
-        raise InvalidMolecule("empty SMILES")
-    if "\x00" in s:
-        raise InvalidMolecule("SMILES contains a NUL character")
-    with _block_logs():
-        mol = Chem.MolFromSmiles(s, sanitize=sanitize)
-        if mol is not None:
-            return mol
-        raw = Chem.MolFromSmiles(s, sanitize=False)
-        if raw is None:
-            raise InvalidMolecule(f"unparsable SMILES {_short(s)}")
-        try:
-            Chem.SanitizeMol(raw)
-        except Exception as e:  # noqa: BLE001 - RDKit raises several exception types
-            raise InvalidMolecule(f"invalid molecule {_short(s)}: {e}") from None
-        return raw  # pragma: no cover - MolFromSmiles failed but sanitizing succeeded
-
-
-def parse_molblock(block: str, sanitize: bool = True) -> Any:
-    """MDL mol block (one SDF record) -> RDKit Mol with its hydrogens and conformer kept."""
-    from rdkit import Chem
-
-    if not isinstance(block, str) or not block.strip():
-        raise InvalidMolecule("empty SDF record")
-    if "\x00" in block:
-        raise InvalidMolecule("SDF record contains a NUL character")
-    with _block_logs():
-        mol = Chem.MolFromMolBlock(block, sanitize=sanitize, removeHs=False)
-        if mol is not None:
-            return mol
-        raw = Chem.MolFromMolBlock(block, sanitize=False, removeHs=False)
-        if raw is None:
-            raise InvalidMolecule("unparsable SDF record (bad mol block)")
-        try:
-            Chem.SanitizeMol(raw)
-        except Exception as e:  # noqa: BLE001
-            raise InvalidMolecule(f"invalid molecule in SDF record: {e}") from None
-        return raw  # pragma: no cover
-
-
-def _short(s: str, n: int = 60) -> str:
-    return repr(s if len(s) <= n else s[: n - 3] + "...")
-
-
 def _is_mol(x: Any) -> bool:
     from rdkit import Chem
 
@@ -139,20 +91,24 @@ def _is_mol(x: Any) -> bool:
 def to_mol(sample: Any) -> Any:
     """A sanitized RDKit Mol from a Mol / SMILES / object with .mol/.smiles/.error; else `InvalidMolecule`.
 
-    A Mol is sanitized on a copy (the caller's object is never modified).
+    A Mol is sanitized on a copy (the caller's object is never modified), except one that `parse_smiles`
+    / `parse_molblock` made (or this function returned), which is used as it is: every reward of a batch
+    then sees the same object, and `logp` reuses the logP `qed` computed for it.
     """
     from rdkit import Chem
 
     if sample is None:
         raise InvalidMolecule("sample is None")
     if _is_mol(sample):
+        if is_sanitized(sample):
+            return sample
         mol = Chem.Mol(sample)
-        with _block_logs():
+        with block_logs():
             try:
                 Chem.SanitizeMol(mol)
             except Exception as e:  # noqa: BLE001
                 raise InvalidMolecule(f"RDKit sanitization failed: {e}") from None
-        return mol
+        return mark_sanitized(mol)
     if isinstance(sample, str):
         return parse_smiles(sample)
     error = getattr(sample, "error", None)
@@ -189,7 +145,7 @@ def to_graph(sample: Any) -> Any:
         except InvalidMolecule:
             if not sample.strip() or "\x00" in sample:
                 raise
-            with _block_logs():
+            with block_logs():
                 raw = Chem.MolFromSmiles(sample.strip(), sanitize=False)
             if raw is None:
                 raise
@@ -226,10 +182,10 @@ def validity(mol: Any) -> float:
     return 1.0
 
 
-#: (molecule, its QED descriptor set) of the last `qed` call: `logp` on the same Mol object reuses QED's
-#: ALOGP (Crippen logP of the heavy-atom graph) instead of computing it again — a quarter of the CPU
-#: time of scoring "qed,sa,logp".
-_LAST_QED: list[Any] = [None, None]
+#: molecule -> the ALOGP (Crippen logP of the heavy-atom graph) `qed` computed for it: `logp` of the same
+#: Mol object reuses it instead of computing it again (a fifth of the CPU time of scoring "qed,sa,logp").
+#: Keyed weakly by identity, so entries go with their molecules.
+_QED_ALOGP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def qed(mol: Any) -> float:
@@ -237,7 +193,8 @@ def qed(mol: Any) -> float:
     from rdkit.Chem import QED as _QED
 
     props = _QED.properties(mol)  # removes explicit hydrogens itself
-    _LAST_QED[0], _LAST_QED[1] = mol, props
+    with contextlib.suppress(TypeError):  # an object that takes no weak reference is not remembered
+        _QED_ALOGP[mol] = float(props.ALOGP)
     return float(_QED.qed(mol, qedProperties=props))
 
 
@@ -267,8 +224,9 @@ def sa_score(mol: Any) -> float:
 
 def logp(mol: Any) -> float:
     """Wildman–Crippen logP (RDKit `Crippen.MolLogP`)."""
-    if _LAST_QED[0] is mol:  # scored by `qed` just before: the same number, already computed
-        return float(_LAST_QED[1].ALOGP)
+    cached = _QED_ALOGP.get(mol)
+    if cached is not None:  # `qed` scored this very molecule: the same number, already computed
+        return cached
     from rdkit.Chem import Crippen
 
     return float(Crippen.MolLogP(_heavy(mol)))
@@ -407,8 +365,11 @@ class MoleculeReward(Reward):
 
     Subclasses set `score`; `to_molecule` (default `to_mol`, which requires RDKit validity) turns a sample
     into a Mol. A sample that is invalid, whose score raises, or whose score is NaN/inf gets
-    `invalid_value` (NaN there lets `GuardedReward`'s raise/drop policy decide).
+    `invalid_value` (NaN there lets `GuardedReward`'s raise/drop policy decide, and `diffalign score`
+    leave the cell empty with the reason in its error column).
     """
+
+    reader = "diffalign.modalities.molecule.io.MoleculeReader"
 
     def __init__(self, invalid_value: float = 0.0, name: str | None = None) -> None:
         super().__init__(name)
@@ -427,8 +388,8 @@ class MoleculeReward(Reward):
                 f"{self.name} expects a list of molecules (Mol, SMILES, MoleculeSample or None), "
                 f"got {type(samples).__name__}"
             )
-        scores = torch.empty(len(samples), dtype=torch.float32)
-        invalid = torch.zeros(len(samples), dtype=torch.float32)
+        scores: list[float] = []  # Python lists, one tensor at the end: no per-element tensor writes
+        invalid = [0.0] * len(samples)
         reasons: dict[int, str] = {}
         for i, sample in enumerate(samples):
             try:
@@ -439,7 +400,7 @@ class MoleculeReward(Reward):
                 reasons[i] = str(e) if isinstance(e, InvalidMolecule) else f"{type(e).__name__}: {e}"
                 value = self.invalid_value
                 invalid[i] = 1.0
-            scores[i] = value
+            scores.append(value)
         self.last_invalid_reasons = reasons
         if reasons:
             kinds = Counter(r.split(":")[0].split(" '")[0] for r in reasons.values())
@@ -451,7 +412,10 @@ class MoleculeReward(Reward):
                 self.invalid_value,
                 ", ".join(f"{n}× {k}" for k, n in kinds.most_common()),
             )
-        return RewardOutput(scores=scores, info={"invalid": invalid})
+        return RewardOutput(
+            scores=torch.tensor(scores, dtype=torch.float32),
+            info={"invalid": torch.tensor(invalid, dtype=torch.float32)},
+        )
 
 
 class Validity(MoleculeReward):
@@ -575,47 +539,3 @@ class MMFFEnergy(MoleculeReward):
 
     def score(self, mol: Any) -> float:
         return -mmff_energy(mol, optimize=self.optimize, max_iters=self.max_iters, seed=self.seed)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Scoring plugin for `diffalign score` (discovered by diffalign.core.score through the SCORING attribute)
-# ---------------------------------------------------------------------------------------------------
-def prepare(item: Any) -> Any:
-    """Worker side: turn a reader's item ("smiles", text) / ("molblock", text) into a sanitized Mol."""
-    kind, text = item
-    if kind == "smiles":
-        return parse_smiles(text)
-    if kind == "molblock":
-        return parse_molblock(text)
-    raise InvalidMolecule(f"unknown item kind {kind!r}")
-
-
-def _make_plugin() -> Any:
-    from diffalign.core.score import ScoringPlugin
-    from diffalign.rewards import molecule_io
-
-    return ScoringPlugin(
-        name="molecule",
-        can_read=molecule_io.can_read,
-        read=molecule_io.read,
-        prepare=prepare,
-        rewards={
-            "validity": validity,
-            "qed": qed,
-            "sa": sa_score,
-            "logp": logp,
-            "mw": molecular_weight,
-            "lipinski": lipinski,
-            "atom_stability": atom_stability,
-            "mol_stability": mol_stability,
-            "mmff_energy": mmff_energy,
-        },
-        default_rewards=("validity", "qed", "sa", "logp", "mw", "lipinski"),
-        invalid_values={"validity": 0.0},
-        source_column="smiles",
-        warmup=_sascorer,
-        description="SMILES (.smi/.smiles/.txt), CSV/TSV, SDF (.sdf/.sd/.mol), Parquet; .gz for text formats",
-    )
-
-
-SCORING = _make_plugin()

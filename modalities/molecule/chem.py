@@ -11,17 +11,25 @@
 
 Every failure is reported as a reason string instead of an exception. `embed_smiles` goes the other
 way: SMILES -> RDKit ETKDG conformer (with hydrogens) -> MMFF optimisation -> heavy-atom positions.
+
+`parse_smiles` / `parse_molblock` read molecules from text (files, rewards given SMILES) and raise
+`InvalidMolecule` with RDKit's reason. The molecules they return are sanitised, and `is_sanitized`
+remembers them (weakly, by identity), so rewards use them as they are instead of sanitising a copy.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from diffalign.core.extras import require
-from diffalign.modalities.molecule.sample import ELEMENTS, MoleculeSample
+
+require("rdkit", "molecule", "diffalign.modalities.molecule.chem")
+
+from diffalign.modalities.molecule.sample import ELEMENTS, MoleculeSample  # noqa: E402
 
 #: normal valence of each element (neutral atoms)
 VALENCE = {"C": 4, "N": 3, "O": 2, "F": 1, "S": 2, "Cl": 1, "Br": 1, "P": 3, "H": 1}
@@ -193,3 +201,86 @@ def check_elements(atom_types: Sequence[str], elements: Sequence[str] = ELEMENTS
     bad = sorted(set(atom_types) - set(elements))
     if bad:
         raise ValueError(f"elements {bad} are not in the model's atom types {list(elements)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Molecules from text
+# ---------------------------------------------------------------------------------------------------
+class InvalidMolecule(ValueError):
+    """A sample that yields no (valid) molecule; the message is the reason."""
+
+
+_SANITIZED: weakref.WeakSet = weakref.WeakSet()
+
+
+def is_sanitized(mol: Any) -> bool:
+    """True for a molecule `parse_smiles` / `parse_molblock` sanitised (the very object)."""
+    try:
+        return mol in _SANITIZED
+    except TypeError:
+        return False
+
+
+def mark_sanitized(mol: Any) -> Any:
+    """Remember `mol` as sanitised (only for molecules nobody modifies afterwards); returns it."""
+    _SANITIZED.add(mol)
+    return mol
+
+
+def block_logs() -> Any:
+    """A context that silences RDKit's log while parsing."""
+    from rdkit import rdBase
+
+    return rdBase.BlockLogs()
+
+
+def short_text(s: str, n: int = 60) -> str:
+    """`s` quoted for a message, cut to `n` characters."""
+    return repr(s if len(s) <= n else s[: n - 3] + "...")
+
+
+def parse_smiles(smiles: str, sanitize: bool = True) -> Any:
+    """SMILES -> RDKit Mol; raises `InvalidMolecule` with RDKit's reason (syntax or valence error)."""
+    from rdkit import Chem
+
+    if not isinstance(smiles, str):
+        raise InvalidMolecule(f"expected a SMILES string, got {type(smiles).__name__}")
+    s = smiles.strip()
+    if not s:
+        raise InvalidMolecule("empty SMILES")
+    if "\x00" in s:
+        raise InvalidMolecule("SMILES contains a NUL character")
+    with block_logs():
+        mol = Chem.MolFromSmiles(s, sanitize=sanitize)
+        if mol is not None:
+            return mark_sanitized(mol) if sanitize else mol
+        raw = Chem.MolFromSmiles(s, sanitize=False)
+        if raw is None:
+            raise InvalidMolecule(f"unparsable SMILES {short_text(s)}")
+        try:
+            Chem.SanitizeMol(raw)
+        except Exception as e:  # noqa: BLE001 - RDKit raises several exception types
+            raise InvalidMolecule(f"invalid molecule {short_text(s)}: {e}") from None
+        return mark_sanitized(raw)  # pragma: no cover - MolFromSmiles failed but sanitizing succeeded
+
+
+def parse_molblock(block: str, sanitize: bool = True) -> Any:
+    """MDL mol block (one SDF record) -> RDKit Mol with its hydrogens and conformer kept."""
+    from rdkit import Chem
+
+    if not isinstance(block, str) or not block.strip():
+        raise InvalidMolecule("empty SDF record")
+    if "\x00" in block:
+        raise InvalidMolecule("SDF record contains a NUL character")
+    with block_logs():
+        mol = Chem.MolFromMolBlock(block, sanitize=sanitize, removeHs=False)
+        if mol is not None:
+            return mark_sanitized(mol) if sanitize else mol
+        raw = Chem.MolFromMolBlock(block, sanitize=False, removeHs=False)
+        if raw is None:
+            raise InvalidMolecule("unparsable SDF record (bad mol block)")
+        try:
+            Chem.SanitizeMol(raw)
+        except Exception as e:  # noqa: BLE001
+            raise InvalidMolecule(f"invalid molecule in SDF record: {e}") from None
+        return mark_sanitized(raw)  # pragma: no cover

@@ -53,7 +53,7 @@ def test_require_keeps_the_error_of_a_broken_package(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "package, module, extra",
     [
-        ("rdkit", "diffalign.modalities.molecule", "molecule"),
+        ("rdkit", "diffalign.modalities.molecule.chem", "molecule"),
         ("rdkit", "diffalign.rewards.molecule", "molecule"),
         ("transformers", "diffalign.modalities.image.stable_diffusion", "image-models"),
         ("transformers", "diffalign.rewards.image_models", "image-models"),
@@ -94,7 +94,7 @@ def test_bond_orders_without_networkx(monkeypatch):
 
 
 def test_score_to_parquet_without_pyarrow(tmp_path, monkeypatch, capsys):
-    from diffalign.core.score import main
+    from diffalign.rewards.scoring import main
 
     smi = tmp_path / "mols.smi"
     smi.write_text("CCO\nc1ccccc1\n")
@@ -105,12 +105,12 @@ def test_score_to_parquet_without_pyarrow(tmp_path, monkeypatch, capsys):
 
 
 def test_score_without_rdkit_says_which_extra(tmp_path, monkeypatch, capsys):
-    from diffalign.core.score import main
+    from diffalign.rewards.scoring import main
 
     smi = tmp_path / "mols.smi"
     smi.write_text("CCO\n")
     _missing(monkeypatch, "rdkit", "diffalign.rewards.molecule")
     assert main([str(smi), "-r", "qed", "--workers", "1"]) == 2
     err = capsys.readouterr().err
-    assert "no scoring plugin reads" in err
-    assert "diffalign.rewards.molecule needs rdkit: pip install 'diffalign[molecule]'" in err
+    assert "cannot import 'diffalign.rewards.molecule.QED'" in err
+    assert "needs rdkit: pip install 'diffalign[molecule]'" in err

@@ -211,18 +211,14 @@ def test_weighted_sum_composes_molecule_rewards():
     assert out.scores[3] == 0.0
 
 
-def test_scoring_plugin_names_the_plain_functions():
-    from diffalign.core.score import ScoringPluginProtocol
-
-    assert isinstance(M.SCORING, ScoringPluginProtocol)
-    assert set(M.SCORING.rewards) == {
-        "qed", "sa", "logp", "mw", "lipinski", "validity", "atom_stability", "mol_stability", "mmff_energy",
-    }  # fmt: skip
-    assert M.SCORING.rewards["qed"] is M.qed and M.SCORING.rewards["sa"] is M.sa_score
-    mol = M.SCORING.prepare(("smiles", "CCO"))
-    assert M.SCORING.rewards["logp"](mol) == pytest.approx(Crippen.MolLogP(mol))
+def test_parsed_molecules_are_used_as_they_are_others_are_sanitized_on_a_copy():
+    parsed = M.parse_smiles("c1ccccc1O")
+    assert M.to_mol(parsed) is parsed and M.to_mol(MoleculeSample(mol=parsed)) is parsed
+    raw = Chem.MolFromSmiles("c1ccccc1O", sanitize=False)
+    copy = M.to_mol(raw)
+    assert copy is not raw and M.to_mol(copy) is copy  # sanitized once, then used as it is
     with pytest.raises(ValueError, match="unparsable"):
-        M.SCORING.prepare(("smiles", "C1CC("))
+        M.parse_smiles("C1CC(")
 
 
 @settings(max_examples=60, deadline=None, database=None)
