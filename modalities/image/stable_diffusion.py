@@ -216,8 +216,8 @@ class StableDiffusionBackbone(Backbone):
         """Write the adapters as `<folder>/pytorch_lora_weights.safetensors` in diffusers' LoRA format.
 
         A stock diffusers pipeline loads it: `StableDiffusionPipeline.from_pretrained(sd_path)
-        .load_lora_weights(folder)`; so does `StableDiffusionBackbone(..., lora_path=folder)`. The LoRA
-        config (rank, alpha, targets) is stored in the file's metadata. Returns the file path.
+        .load_lora_weights(folder)`; so does `LoRABackbone(StableDiffusionBackbone(...), weights=folder)`.
+        The LoRA config (rank, alpha, targets) is stored in the file's metadata. Returns the file path.
         """
         require("peft", "image-models", "StableDiffusionBackbone.save_lora")
         from diffusers import StableDiffusionPipeline
