@@ -17,6 +17,7 @@ from diffalign.modalities.video.backbone import (
     moving_digits_backbone,
     to_clip_layout,
 )
+from diffalign.modalities.video.conditioner import MotionConditioner
 from diffalign.modalities.video.conditions import (
     DIRECTIONS,
     SPEED_PIXELS,
@@ -26,7 +27,6 @@ from diffalign.modalities.video.conditions import (
     parse_condition,
     parse_conditions,
 )
-from diffalign.modalities.video.conditioner import MotionConditioner
 from diffalign.modalities.video.data import (
     ALL_PROMPTS,
     COM_WALLS,

@@ -72,7 +72,9 @@ def decode_frames(x0: Tensor, request: dict[str, Any], to_frames) -> Tensor:
     if request:
         raise ValueError(f"video decode takes the option 'frames' only, got {sorted(request)}")
     idx = frame_indices(spec, x0.shape[2], x0.shape[0], generator, x0.device)
-    selected = rearrange(gather_frames(rearrange(x0, "b c f h w -> b f c h w"), idx), "b f c h w -> b c f h w")
+    selected = rearrange(
+        gather_frames(rearrange(x0, "b c f h w -> b f c h w"), idx), "b f c h w -> b c f h w"
+    )
     return to_frames(selected)
 
 
@@ -192,7 +194,9 @@ class VideoBackbone(Backbone):
         """`{"prompt": [text | dict | int, ...]}` → `{"motion_ids": (B, 3)}`; the conditions themselves
         reach rewards as metadata under "prompt" (`Backbone.condition`)."""
         if "prompt" not in batch:
-            raise KeyError(f"VideoBackbone needs conditions under batch key 'prompt'; got keys {sorted(batch)}")
+            raise KeyError(
+                f"VideoBackbone needs conditions under batch key 'prompt'; got keys {sorted(batch)}"
+            )
         prompts = batch["prompt"]
         if isinstance(prompts, (str, Mapping)):
             prompts = [prompts]
@@ -262,4 +266,6 @@ def moving_digits_backbone(
     ("flow" or "epsilon") unless `weights` names others (None: random)."""
     if weights == "shipped":
         weights = FLOW_BASE_WEIGHTS if prediction_type == "flow" else BASE_WEIGHTS
-    return VideoBackbone(**{**MOVING_DIGITS_CONFIG, **overrides}, prediction_type=prediction_type, weights=weights)
+    return VideoBackbone(
+        **{**MOVING_DIGITS_CONFIG, **overrides}, prediction_type=prediction_type, weights=weights
+    )

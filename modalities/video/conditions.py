@@ -99,7 +99,9 @@ def _from_text(text: str) -> MotionCondition:
 def _from_dict(d: Mapping[str, Any]) -> MotionCondition:
     unknown = set(d) - {"digit", "direction", "speed"}
     if unknown:
-        raise KeyError(f"a video condition dict has keys digit, direction, speed; got unknown {sorted(unknown)}")
+        raise KeyError(
+            f"a video condition dict has keys digit, direction, speed; got unknown {sorted(unknown)}"
+        )
     digit = d.get("digit")
     direction, speed = d.get("direction"), d.get("speed")
     try:
@@ -127,7 +129,9 @@ def parse_condition(prompt: Any) -> MotionCondition:
     raise TypeError(f"a video condition is text, a dict or an int digit, got {type(prompt).__name__}")
 
 
-def parse_conditions(prompts: Any, batch_size: int | None = None, who: str = "video") -> list[MotionCondition]:
+def parse_conditions(
+    prompts: Any, batch_size: int | None = None, who: str = "video"
+) -> list[MotionCondition]:
     """`parse_condition` of every row of `cond["prompt"]`, checked against the batch size."""
     if prompts is None:
         raise ValueError(

@@ -52,7 +52,9 @@ def fold(p: Tensor, lo: float, hi: float) -> Tensor:
     return lo + torch.where(q > span, 2 * span - q, q)
 
 
-def bouncing_trajectory(start: Tensor, velocity: Tensor, num_frames: int, walls: tuple[float, float]) -> Tensor:
+def bouncing_trajectory(
+    start: Tensor, velocity: Tensor, num_frames: int, walls: tuple[float, float]
+) -> Tensor:
     """Centres (…, F, 2) of a point starting at `start` (…, 2) moving by `velocity` (…, 2) (row, column)
     pixels per frame and bouncing off `walls` on both axes."""
     t = torch.arange(num_frames, dtype=start.dtype, device=start.device)
@@ -68,7 +70,9 @@ def _digits() -> tuple[Tensor, Tensor]:
     return torch.tensor(d.images, dtype=torch.float32) / 16.0, torch.tensor(d.target, dtype=torch.long)
 
 
-def load_digits_8x8(split: str = "all", holdout_fraction: float = 0.2, split_seed: int = 0) -> tuple[Tensor, Tensor]:
+def load_digits_8x8(
+    split: str = "all", holdout_fraction: float = 0.2, split_seed: int = 0
+) -> tuple[Tensor, Tensor]:
     """scikit-learn's digits at their native 8×8, in [0, 1], (N, 8, 8), and labels (N,).
 
     `split`: "train", "test" (a seeded held-out `holdout_fraction`) or "all".
@@ -114,7 +118,11 @@ def render_clip(digit: Tensor, centres: Tensor, frame_size: int = FRAME_SIZE) ->
 
 
 def make_clip(
-    digit: Tensor, condition: MotionCondition, start: Tensor, num_frames: int = NUM_FRAMES, frame_size: int = FRAME_SIZE
+    digit: Tensor,
+    condition: MotionCondition,
+    start: Tensor,
+    num_frames: int = NUM_FRAMES,
+    frame_size: int = FRAME_SIZE,
 ) -> Tensor:
     """One clip (F, 1, S, S) of `digit` moving as `condition` says from centre of mass `start` (2,)."""
     if condition.velocity is None:
@@ -251,7 +259,12 @@ class MovingDigitsDataModule(EvaluationSetMixin, L.LightningDataModule):
         super().__init__()
         images, labels = load_digits_8x8("train", holdout_fraction, split_seed)
         self.dataset = MovingDigits(
-            images, labels, num_frames=num_frames, frame_size=frame_size, caption_noise=caption_noise, seed=seed
+            images,
+            labels,
+            num_frames=num_frames,
+            frame_size=frame_size,
+            caption_noise=caption_noise,
+            seed=seed,
         )
         self.batch_size, self.batches_per_epoch, self.seed = batch_size, batches_per_epoch, seed
         self.eval_prompts = list(eval_prompts) if eval_prompts else list(EVAL_PROMPTS)

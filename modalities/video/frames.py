@@ -46,7 +46,11 @@ def frame_indices(
             raise ValueError(f"frames = k (every k-th frame) needs k >= 1, got {spec}")
         idx = torch.arange(0, num_frames, spec)
     elif isinstance(spec, Sequence) and not isinstance(spec, str) and spec:
-        bad = [i for i in spec if not isinstance(i, int) or isinstance(i, bool) or not -num_frames <= i < num_frames]
+        bad = [
+            i
+            for i in spec
+            if not isinstance(i, int) or isinstance(i, bool) or not -num_frames <= i < num_frames
+        ]
         if bad:
             raise ValueError(f"frame indices must be ints in [-{num_frames}, {num_frames}), got {bad}")
         idx = torch.tensor([i % num_frames for i in spec])

@@ -111,14 +111,21 @@ def contact_sheet(
     for r, (label, clip) in enumerate(lines):
         y = top + pad + r * (cell_h + pad)
         for f, frame in enumerate(clip):
-            canvas.paste(Image.fromarray(frame).resize((cell_w, cell_h), Image.NEAREST), (label_w + pad + f * (cell_w + pad), y))
+            canvas.paste(
+                Image.fromarray(frame).resize((cell_w, cell_h), Image.NEAREST),
+                (label_w + pad + f * (cell_w + pad), y),
+            )
         if label:
             draw.text((4, y + cell_h // 2 - 5), label, fill="black")
     return canvas
 
 
 def write_clip_pictures(
-    rows: Sequence[tuple[str, Tensor]], folder: str | Path, stem: str, title: str | None = None, scale: int = 4
+    rows: Sequence[tuple[str, Tensor]],
+    folder: str | Path,
+    stem: str,
+    title: str | None = None,
+    scale: int = 4,
 ) -> tuple[Path, Path]:
     """`folder/<stem>.gif` (the animated grid) and `folder/<stem>.png` (the contact sheet) of `rows`."""
     folder = Path(folder)
@@ -145,7 +152,9 @@ class ClipGridWriter:
         self.rows: dict[str, list[Tensor]] = {}
         self.count = 0
 
-    def __call__(self, samples: Tensor, folder: str | Path, prompts: Sequence[Any], start_index: int = 0) -> Path:
+    def __call__(
+        self, samples: Tensor, folder: str | Path, prompts: Sequence[Any], start_index: int = 0
+    ) -> Path:
         """Add a batch (`samples` (B, F, 3, H, W) in [0, 1], its B prompts); returns the GIF's path."""
         if samples.dim() != 5 or samples.shape[0] != len(prompts):
             raise ValueError(

@@ -86,7 +86,9 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
         return (model(x).argmax(-1) == y).float().mean().item()
 
 
-def train(steps: int = 600, seed: int = 0, batch_size: int = 64, lr: float = 2e-3) -> tuple[MotionClassifier, dict]:
+def train(
+    steps: int = 600, seed: int = 0, batch_size: int = 64, lr: float = 2e-3
+) -> tuple[MotionClassifier, dict]:
     """Train on clips of the training digits; returns the model and a report with held-out accuracy."""
     from diffalign.modalities.video.data import MovingDigits, load_digits_8x8
 
@@ -134,7 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     model, report = train(args.steps, args.seed)
     out = save_state_dict(model, args.out)
     write_json(Path(args.out).with_suffix(".json"), report)
-    print(f"held-out accuracy {report['heldout_accuracy']:.4f} ({report['heldout_clips']} clips); wrote {out}")
+    print(
+        f"held-out accuracy {report['heldout_accuracy']:.4f} ({report['heldout_clips']} clips); wrote {out}"
+    )
 
 
 if __name__ == "__main__":

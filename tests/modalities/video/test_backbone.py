@@ -69,8 +69,13 @@ def test_decode_layout_and_round_trip():
 
 @pytest.mark.parametrize(
     "spec, expected",
-    [("all", [0, 1, 2, 3, 4, 5, 6, 7]), ("first_middle_last", [0, 4, 7]), (2, [0, 2, 4, 6]), (3, [0, 3, 6]),
-     ([1, -1], [1, 7])],
+    [
+        ("all", [0, 1, 2, 3, 4, 5, 6, 7]),
+        ("first_middle_last", [0, 4, 7]),
+        (2, [0, 2, 4, 6]),
+        (3, [0, 3, 6]),
+        ([1, -1], [1, 7]),
+    ],
 )
 def test_frame_selection(spec, expected):
     idx = frame_indices(spec, 8, 2)

@@ -1,4 +1,4 @@
-"""Video conditions: text, dicts and ints parse to the same digit / direction / speed; errors name the part."""
+"""Video conditions: text, dicts and ints parse to one digit / direction / speed; errors name the part."""
 
 import pytest
 import torch

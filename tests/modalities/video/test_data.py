@@ -23,7 +23,13 @@ def test_bouncing_trajectory_matches_hand_computed_path():
     start, v = torch.tensor([6.0, 10.0]), torch.tensor([0.0, 2.0])  # right, fast
     path = bouncing_trajectory(start, v, 5, COM_WALLS)
     assert path[:, 0].tolist() == [6.0] * 5
-    assert path[:, 1].tolist() == [10.0, 10.0, 8.0, 6.0, 6.0]  # 10 → 12 reflects off 11 to 10, ... 4 off 5 to 6
+    assert path[:, 1].tolist() == [
+        10.0,
+        10.0,
+        8.0,
+        6.0,
+        6.0,
+    ]  # 10 → 12 reflects off 11 to 10, ... 4 off 5 to 6
 
 
 def test_rendered_frames_have_their_centre_of_mass_exactly_where_asked():
