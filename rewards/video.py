@@ -15,6 +15,8 @@ digit / direction / speed) and asks `decode` for the frames it needs (`request`)
 - `MotionAgreement`: how closely the centre-of-mass trajectory follows the prompted direction and
   speed, bouncing off the data's walls: mean over t ≥ 1 of exp(−‖c_t − c*_t‖² / 2σ²), c*_t the ideal
   trajectory from the clip's first centre. Differentiable.
+- `FrameImageReward`: any image reward (the image layout (B, 3, H, W)) applied to the selected frames, per
+  frame, with a mean or min: the image half of the image + temporal reward mixes of T2V-Turbo / VADER.
 - `MotionClassifierReward`: probability the in-project motion classifier (trained on generated clips,
   `modalities/video/train_motion_classifier.py`) gives the prompted (direction, speed). Differentiable.
 
@@ -28,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 from diffalign.core.reward import Reward, RewardOutput
@@ -148,6 +151,45 @@ class FrameDigitFidelity(Reward):
         scores = chosen if self.log_prob else chosen.exp()
         accuracy = (logp.argmax(-1) == digit[:, None]).float().mean(1).detach()
         return RewardOutput(scores=scores, info={"digit_accuracy": accuracy})
+
+
+class FrameImageReward(Reward):
+    """An image reward scored on the frames of clips: each selected frame is one image (the image sample
+    layout (N, 3, H, W) in [0, 1]) with its clip's condition; per-frame scores (B, F') reduce by
+    `aggregate`. Differentiable when the image reward is. Per-image `info` entries are averaged per clip.
+
+    Args:
+        reward: the image reward (e.g. `rewards.image_models.LaionAesthetic` from local weights).
+        frames: which frames to decode and score (default one random frame per clip: VADER's cheapest).
+        aggregate: "mean" or "min" over the scored frames.
+    """
+
+    def __init__(
+        self,
+        reward: Reward,
+        frames: Any = "random",
+        aggregate: Literal["mean", "min"] = "mean",
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name or f"{reward.name}_frames", {"frames": frames})
+        if aggregate not in ("mean", "min"):
+            raise ValueError(f"aggregate must be 'mean' or 'min', got {aggregate!r}")
+        self.image_reward = reward
+        self.reduction = aggregate
+        self.differentiable = reward.differentiable
+
+    def forward(self, samples: Tensor, cond: Cond) -> RewardOutput:
+        clips = _check_clips(samples, self.name)
+        b, f = clips.shape[:2]
+        images = rearrange(clips, "b f c h w -> (b f) c h w")
+        out = self.image_reward(images, cond.repeat_interleave(f))
+        scores = rearrange(out.scores, "(b f) -> b f", b=b)
+        info = {
+            k: rearrange(torch.as_tensor(v).float(), "(b f) -> b f", b=b).mean(1)
+            for k, v in out.info.items()
+            if torch.as_tensor(v).dim() == 1 and len(v) == b * f
+        }
+        return RewardOutput(scores=scores, info=info)
 
 
 class TemporalFlicker(Reward):

@@ -12,6 +12,7 @@ from diffalign.modalities.video.data import make_clip, render_clip
 from diffalign.modalities.video.testing import tiny_video_backbone
 from diffalign.rewards.video import (
     FrameDigitFidelity,
+    FrameImageReward,
     MotionAgreement,
     SubjectConsistency,
     TemporalFlicker,
@@ -181,3 +182,55 @@ def test_ink_centres_ignore_faint_background():
     assert ink_centres(torch.zeros(1, 16, 16))[0].tolist() == [7.5, 7.5]  # no ink: the frame centre
     shifted = render_clip(torch.ones(2, 2), torch.tensor([[3.25, 9.75]]))[0]
     assert ink_centres(shifted, floor=0.0)[0].tolist() == pytest.approx([3.25, 9.75], abs=1e-5)
+
+
+# -- image rewards on frames ----------------------------------------------------------------------
+def test_frame_image_reward_scores_each_selected_frame_with_its_clips_condition():
+    from diffalign.core.reward import FunctionReward
+
+    backbone = tiny_video_backbone()
+    clips = torch.rand(3, 4, 3, 8, 8)
+    clips[1] *= 0.2  # a darker clip
+    x0, _ = backbone.encode(clips)
+    cond = backbone.condition({"prompt": ["a 1", "a 2", "a 3"]})
+    brightness = FunctionReward("tests.rewards.test_video_rewards.mean_brightness", differentiable=True)
+    reward = FrameImageReward(brightness, frames="first_middle_last", aggregate="min")
+    out = reward.evaluate(SampleView(backbone, x0), cond)
+    decoded = backbone.decode(x0)[:, [0, 2, 3]]
+    assert torch.allclose(out.elements, decoded.mean(dim=(2, 3, 4)), atol=1e-6)
+    assert torch.allclose(out.scores, out.elements.min(1).values) and out.scores.argmin() == 1
+    assert reward.differentiable and reward.name == "mean_brightness_frames"
+    one = FrameImageReward(brightness).evaluate(SampleView(backbone, x0), cond)  # one random frame
+    assert one.elements.shape == (3, 1)
+
+
+def mean_brightness(images, cond):
+    assert (
+        images.dim() == 4 and len(cond["prompt"]) == images.shape[0]
+    )  # one image per frame, with its prompt
+    return images.mean(dim=(1, 2, 3))
+
+
+# -- the motion classifier ------------------------------------------------------------------------
+def test_shipped_motion_classifier_reads_direction_and_speed_of_heldout_clips():
+    import json
+    from pathlib import Path
+
+    from diffalign.modalities.video.data import MovingDigits
+    from diffalign.modalities.video.train_motion_classifier import labelled_clips
+    from diffalign.rewards.video import MotionClassifierReward
+
+    images, labels = load_digits_8x8("test")
+    clips, _ = labelled_clips(MovingDigits(images, labels, seed=2), 0, 64)
+    truths = [MovingDigits(images, labels, seed=2)[i][2] for i in range(64)]
+    reward = MotionClassifierReward()
+    right = reward(rgb(clips[:, :, 0]), {"prompt": [t.text() for t in truths]})
+    assert right.info["motion_accuracy"].mean() > 0.95 and right.scores.mean() > 0.9
+    flipped = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    wrong = [MotionCondition(t.digit, flipped[t.direction], t.speed).text() for t in truths]
+    assert reward(rgb(clips[:, :, 0]), {"prompt": wrong}).scores.mean() < 0.1
+    report = json.loads((Path(__file__).parents[2] / "modalities/video/motion_classifier.json").read_text())
+    assert report["heldout_accuracy"] > 0.95
+    grad_clips = rgb(clips[:2, :, 0]).clone().requires_grad_()
+    reward(grad_clips, {"prompt": [t.text() for t in truths[:2]]}).scores.sum().backward()
+    assert grad_clips.grad.abs().sum() > 0
