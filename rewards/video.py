@@ -342,3 +342,100 @@ class MotionClassifierReward(Reward):
         return RewardOutput(
             scores=chosen if self.log_prob else chosen.exp(), info={"motion_accuracy": correct}
         )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring plugin for `diffalign score` (discovered by diffalign.core.score through the SCORING attribute)
+# ---------------------------------------------------------------------------------------------------
+#: reward name → the class `diffalign score` scores it with (default arguments)
+SCORING_REWARDS = {
+    "temporal_flicker": TemporalFlicker,
+    "subject_consistency": SubjectConsistency,
+    "motion_agreement": MotionAgreement,
+    "frame_digit_fidelity": FrameDigitFidelity,
+    "motion_classifier": MotionClassifierReward,
+}
+_SCORERS: dict[str, Reward] = {}
+
+
+def _can_read(path: Any) -> bool:
+    from pathlib import Path
+
+    from diffalign.modalities.video.io import PROMPTS_FILE
+
+    p = Path(path)
+    return p.suffix.lower() == ".gif" or p.name == PROMPTS_FILE
+
+
+def _read(path: Any, **opts: Any) -> Any:
+    """Records of a `.gif` (one clip, its prompt the file name) or of a clip folder's `prompts.json`
+    manifest (every clip it lists, with its prompt). Clips are loaded in the workers (`_prepare`)."""
+    from pathlib import Path
+
+    from diffalign.core.score import Record
+    from diffalign.modalities.video.io import PROMPTS_FILE, manifest_clips
+
+    p = Path(path)
+    rows = manifest_clips(p) if p.name == PROMPTS_FILE else [(p, p.stem)]
+    for clip, prompt in rows:
+        yield Record(id=clip.name, item=(str(clip), prompt), source=str(prompt))
+
+
+def _prepare(item: Any) -> tuple[Tensor, Any]:
+    from diffalign.modalities.video.io import read_clip
+
+    path, prompt = item
+    return read_clip(path), prompt
+
+
+def _score(name: str, obj: tuple[Tensor, Any]) -> float:
+    if name not in _SCORERS:
+        _SCORERS[name] = SCORING_REWARDS[name]().freeze()
+    clip, prompt = obj
+    with torch.no_grad():
+        return float(_SCORERS[name](clip[None], {"prompt": [prompt]}).scores[0])
+
+
+def score_temporal_flicker(obj: tuple[Tensor, Any]) -> float:
+    return _score("temporal_flicker", obj)
+
+
+def score_subject_consistency(obj: tuple[Tensor, Any]) -> float:
+    return _score("subject_consistency", obj)
+
+
+def score_motion_agreement(obj: tuple[Tensor, Any]) -> float:
+    return _score("motion_agreement", obj)
+
+
+def score_frame_digit_fidelity(obj: tuple[Tensor, Any]) -> float:
+    return _score("frame_digit_fidelity", obj)
+
+
+def score_motion_classifier(obj: tuple[Tensor, Any]) -> float:
+    return _score("motion_classifier", obj)
+
+
+def _make_plugin() -> Any:
+    from diffalign.core.score import ScoringPlugin
+
+    return ScoringPlugin(
+        name="video",
+        can_read=_can_read,
+        read=_read,
+        prepare=_prepare,
+        rewards={
+            "temporal_flicker": score_temporal_flicker,
+            "subject_consistency": score_subject_consistency,
+            "motion_agreement": score_motion_agreement,
+            "frame_digit_fidelity": score_frame_digit_fidelity,
+            "motion_classifier": score_motion_classifier,
+        },
+        default_rewards=("temporal_flicker", "subject_consistency"),
+        source_column="prompt",
+        description="an animated GIF (its prompt the file name), or a clip folder's prompts.json "
+        "(GIFs, .pt clip tensors, folders of frames; what `diffalign sample` writes under clips/)",
+    )
+
+
+SCORING = _make_plugin()

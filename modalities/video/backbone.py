@@ -249,14 +249,14 @@ class VideoBackbone(Backbone):
     def save_samples(
         self, samples: Tensor, folder: str | Path, prompts: Sequence[Any], start_index: int = 0
     ) -> Path:
-        """Write the decoded clips of `diffalign sample` as `folder/samples.gif` (an animated grid, one row
+        """Write the decoded clips of `diffalign sample`: `folder/samples.gif` (an animated grid, one row
         per prompt, one column per seed) and `folder/samples.png` (its contact sheet), rewritten after
-        every batch with all clips so far (`gifs.ClipGridWriter`)."""
-        from diffalign.modalities.video.gifs import ClipGridWriter
+        every batch with all clips so far (`gifs.ClipGridWriter`), and each clip as
+        `folder/clips/clip_<index>.gif` with its prompt in `folder/clips/prompts.json` (what
+        `diffalign score folder/clips/prompts.json` reads)."""
+        from diffalign.modalities.video.gifs import save_sample_clips
 
-        if getattr(self, "_grid_writer", None) is None:
-            self._grid_writer = ClipGridWriter()
-        return self._grid_writer(samples, folder, prompts, start_index=start_index)
+        return save_sample_clips(self, samples, folder, prompts, start_index, scale=4)
 
 
 def moving_digits_backbone(

@@ -172,3 +172,24 @@ class ClipGridWriter:
         title = f"{folder.name}: {self.count} clips"
         gif, _ = write_clip_pictures(rows, folder, self.stem, title, self.scale)
         return gif
+
+
+def save_sample_clips(
+    owner: Any,
+    samples: Tensor,
+    folder: str | Path,
+    prompts: Sequence[Any],
+    start_index: int = 0,
+    scale: int = 4,
+) -> Path:
+    """What the video backbones' `save_samples` write for `diffalign sample`: `folder/samples.gif` and
+    `folder/samples.png` (all clips so far, `ClipGridWriter`, kept on `owner` between batches) and each clip
+    as `folder/clips/clip_<index>.gif` with its prompt in `folder/clips/prompts.json`."""
+    from diffalign.modalities.video.io import write_clips
+
+    writer = getattr(owner, "_grid_writer", None)
+    if writer is None:
+        writer = ClipGridWriter(scale=scale)
+        owner._grid_writer = writer
+    write_clips(samples, Path(folder) / "clips", prompts, start_index)
+    return writer(samples, folder, prompts, start_index=start_index)

@@ -252,12 +252,11 @@ class WanBackbone(Backbone):
     def save_samples(
         self, samples: Tensor, folder: str | Path, prompts: Sequence[Any], start_index: int = 0
     ) -> Path:
-        """`samples.gif` and `samples.png` of the clips so far (`gifs.ClipGridWriter`)."""
-        from diffalign.modalities.video.gifs import ClipGridWriter
+        """`samples.gif` / `samples.png` of the clips so far and one GIF per clip under `clips/`
+        (`gifs.save_sample_clips`)."""
+        from diffalign.modalities.video.gifs import save_sample_clips
 
-        if getattr(self, "_grid_writer", None) is None:
-            self._grid_writer = ClipGridWriter(scale=1)
-        return self._grid_writer(samples, folder, prompts, start_index=start_index)
+        return save_sample_clips(self, samples, folder, prompts, start_index, scale=1)
 
 
 #: the words of the tiny tokenizer (the moving-digit prompts and a few more)
