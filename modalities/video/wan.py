@@ -268,10 +268,13 @@ TINY_WORDS = [
 ]
 
 
-def save_tiny_wan_pipeline(folder: str | Path, seed: int = 0) -> Path:
+def save_tiny_wan_pipeline(
+    folder: str | Path, seed: int = 0, vae_base_dim: int = 3, num_heads: int = 2, num_layers: int = 2
+) -> Path:
     """Write a random-weight `WanPipeline` (tiny UMT5, VAE and transformer, a word-level tokenizer built
     offline) to `folder`; `WanBackbone(folder, num_frames=9, height=32, width=32, max_sequence_length=8)`
-    runs it on a CPU in a fraction of a second per step."""
+    runs it on a CPU in a fraction of a second per step. `vae_base_dim`, `num_heads` (of width 8) and
+    `num_layers` make it larger (the memory benchmark)."""
     from diffusers import (
         AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,
@@ -303,7 +306,7 @@ def save_tiny_wan_pipeline(folder: str | Path, seed: int = 0) -> Path:
         )
     )
     vae = AutoencoderKLWan(
-        base_dim=3,
+        base_dim=vae_base_dim,
         z_dim=4,
         dim_mult=[1, 1, 1, 1],
         num_res_blocks=1,
@@ -313,14 +316,14 @@ def save_tiny_wan_pipeline(folder: str | Path, seed: int = 0) -> Path:
     )
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2),
-        num_attention_heads=2,
+        num_attention_heads=num_heads,
         attention_head_dim=8,
         in_channels=4,
         out_channels=4,
         text_dim=16,
         freq_dim=32,
-        ffn_dim=32,
-        num_layers=2,
+        ffn_dim=16 * num_heads,
+        num_layers=num_layers,
         rope_max_seq_len=32,
     )
     pipe = WanPipeline(
