@@ -289,12 +289,18 @@ def machine() -> dict:
 
 
 def _save(section: str, rows: list[dict], key: str) -> None:
-    data = json.loads(OUT.read_text()) if OUT.is_file() else {}
-    ran = {r[key] for r in rows}
-    kept = [r for r in data.get(section, []) if r.get(key) not in ran]
-    data[section] = kept + rows
+    """Merge `rows` into OUT's `section` (rows of other tasks kept), under a lock: tasks may run in
+    parallel processes."""
+    import fcntl
+
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(data, indent=2) + "\n")
+    with open(Path(tempfile.gettempdir()) / "diffalign_video_alignment.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(OUT.read_text()) if OUT.is_file() else {}
+        ran = {r[key] for r in rows}
+        kept = [r for r in data.get(section, []) if r.get(key) not in ran]
+        data[section] = kept + rows
+        OUT.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {OUT} ({section})")
 
 

@@ -1,11 +1,12 @@
 """Wan 2.1 text-to-video from a local diffusers folder, as a `Backbone` (flow matching, latent space).
 
-`WanBackbone(pretrained_path=...)` loads a `WanPipeline` folder with `from_pretrained(local_dir)` (nothing
-downloads): the `WanTransformer3DModel` is the denoiser (trainable; `lora_target()`), the
-`AutoencoderKLWan` and the UMT5 text encoder are frozen (`frozen_modules`, kept out of the state dict
-and shared with the reference model). Model space is the normalised VAE latent (B, z, T, h, w) with
-T = (F − 1) / 4 + 1; the transformer predicts the rectified-flow velocity v = ε − x0, so the core's
-`FlowSDEKernel` (Flow-GRPO / DanceGRPO's SDE) samples and aligns it.
+`WanBackbone(pretrained_path=...)` loads the parts of a `WanPipeline` folder, each with
+`from_pretrained(local_dir)` (nothing downloads): the `WanTransformer3DModel` is the denoiser
+(trainable; `lora_target()`), the `AutoencoderKLWan` and the UMT5 text encoder are frozen
+(`frozen_modules`, kept out of the state dict and shared with the reference model). Model space is the
+normalised VAE latent (B, z, T, h, w) with T = (F − 1) / 4 + 1; the transformer predicts the
+rectified-flow velocity v = ε − x0, so the core's `FlowSDEKernel` (Flow-GRPO / DanceGRPO's SDE) samples
+and aligns it.
 
 Memory levers (what makes full-size video alignment fit):
 
@@ -98,16 +99,21 @@ class WanBackbone(Backbone):
         decode_chunk_size: int | None = 1,
     ) -> None:
         super().__init__()
-        from diffusers import WanPipeline
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        from transformers import AutoTokenizer, UMT5EncoderModel
 
         folder = _check_folder(pretrained_path)
-        pipe = WanPipeline.from_pretrained(str(folder), local_files_only=True)
-        self.transformer = pipe.transformer.to(getattr(torch, dtype))
-        vae = pipe.vae.requires_grad_(False).eval()
-        text_encoder = pipe.text_encoder.requires_grad_(False).eval()
-        self._vae: list[nn.Module] = [vae]  # lists keep frozen parts out of state_dict and checkpoints
-        self._text_encoder: list[nn.Module] = [text_encoder]
-        self.tokenizer = pipe.tokenizer
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        # torch_dtype (not .to) keeps the modules Wan needs in float32 (rope, time embedder, norms)
+        self.transformer = WanTransformer3DModel.from_pretrained(
+            str(folder), subfolder="transformer", torch_dtype=getattr(torch, dtype), local_files_only=True
+        )
+        vae = AutoencoderKLWan.from_pretrained(str(folder), subfolder="vae", local_files_only=True)
+        text_encoder = UMT5EncoderModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
+        self._vae: list[nn.Module] = [vae.requires_grad_(False).eval()]  # lists keep frozen parts out of
+        self._text_encoder: list[nn.Module] = [text_encoder.requires_grad_(False).eval()]  # the state dict
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
         if len(self.tokenizer) < 3:
             raise ValueError(
                 f"the tokenizer in {folder / 'tokenizer'} has {len(self.tokenizer)} tokens: broken files?"
