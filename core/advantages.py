@@ -7,7 +7,7 @@ rewards (and the condition key or group of each row) to advantages, and does not
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -61,6 +61,27 @@ def group_advantages(
             continue
         adv[rows] = (r - r.mean()) / (std + eps)
     return adv, zero / max(1, len(ids))
+
+
+def term_group_advantages(
+    terms: Mapping[str, Tensor],
+    weights: Mapping[str, float],
+    groups: Tensor,
+    std_scope: Literal["group", "global"] = "group",
+    eps: float = 1e-4,
+) -> tuple[Tensor, dict[str, float]]:
+    """Σₖ wₖ·Aₖ with Aₖ = `group_advantages` of reward term k alone: each term is normalised within its
+    group before the weighted sum (DanceGRPO's separate visual/motion-quality advantages; GDPO), so a
+    term with a large spread cannot drown the others. Returns the advantages and each term's fraction
+    of flat groups."""
+    missing = sorted(set(weights) - set(terms))
+    if missing:
+        raise KeyError(f"per-term advantages: the reward reported no term {missing}; it has {sorted(terms)}")
+    total, zero = None, {}
+    for name, w in weights.items():
+        adv, zero[name] = group_advantages(terms[name].float(), groups, std_scope, eps)
+        total = w * adv if total is None else total + w * adv
+    return total, zero
 
 
 class PerPromptNormalizer:

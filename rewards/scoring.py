@@ -28,6 +28,7 @@ from diffalign.core.score import main as _main
 NAN = float("nan")
 _MOL = "diffalign.rewards.molecule."
 _IMG = "diffalign.rewards.image."
+_VID = "diffalign.rewards.video."
 
 REWARDS: dict[str, ShortName] = {
     # molecules (RDKit): SMILES, SDF, CSV/Parquet tables
@@ -45,11 +46,18 @@ REWARDS: dict[str, ShortName] = {
     "jpeg_kb": ShortName(_IMG + "JpegIncompressibility"),
     "jpeg_compressibility": ShortName(_IMG + "JpegCompressibility"),
     "brightness": ShortName(_IMG + "Brightness"),
+    # video: GIFs, .pt clips, folders of frames, a clips/prompts.json manifest
+    "temporal_flicker": ShortName(_VID + "TemporalFlicker"),
+    "subject_consistency": ShortName(_VID + "SubjectConsistency"),
+    "motion_agreement": ShortName(_VID + "MotionAgreement"),
+    "frame_digit_fidelity": ShortName(_VID + "FrameDigitFidelity"),
+    "motion_classifier": ShortName(_VID + "MotionClassifierReward"),
 }
 
 READERS: dict[str, ShortName] = {
     "molecule": ShortName("diffalign.modalities.molecule.io.MoleculeReader"),
     "image": ShortName("diffalign.modalities.image.io.ImageReader"),
+    "video": ShortName("diffalign.modalities.video.io.ClipReader"),
 }
 
 NAMES = ScoreNames(rewards=REWARDS, readers=READERS)

@@ -139,7 +139,9 @@ def _smiles_files(tmp: Path) -> dict[str, str]:
     rng = np.random.default_rng(0)
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(digits / f"{i}.png")
-    (digits / "prompts.csv").write_text("file,prompt\n0.png,a handwritten 3\n1.png,a handwritten 7\n2.png,a handwritten 0\n")
+    prompts = ["a handwritten 3", "a handwritten 7", "a handwritten 0"]
+    rows = "".join(f"{i}.png,{p}\n" for i, p in enumerate(prompts))
+    (digits / "prompts.csv").write_text("file,prompt\n" + rows)
     (tmp / "mols.smi").write_text("CC(=O)Oc1ccccc1C(=O)O aspirin\nCCO ethanol\nnot-a-smiles bad\n")
     (tmp / "big.smi").write_text(
         "".join(f"{s} m{i}\n" for i, s in enumerate(["CCO", "c1ccccc1", "CCN"] * 10))

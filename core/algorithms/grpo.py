@@ -7,7 +7,13 @@ its reward minus its group's mean, divided by the group's std (or the whole batc
 to the reference (Flow-GRPO's β = 0.04). With `FlowSDEKernel` on a flow-matching backbone this is
 Flow-GRPO; with `DDIMKernel` on an ε backbone it is GRPO on a DDPM-family model.
 
-Logs `zero_std_ratio`, the fraction of groups whose rewards are all equal (they carry no signal).
+With `advantage_terms: per_term` and a `WeightedSum` reward, each term's rewards are normalised within
+the group on their own and the advantages are then weighted and summed (DanceGRPO's separate
+visual/motion-quality advantages, GDPO's per-reward normalisation): a term whose spread is large no
+longer drowns the others. `advantage_terms: sum` (default) normalises the weighted sum.
+
+Logs `zero_std_ratio`, the fraction of groups whose rewards are all equal (they carry no signal), and
+with per-term advantages `zero_std_ratio/<term>` for each term.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from diffalign.core.advantages import group_advantages
+from diffalign.core.advantages import group_advantages, term_group_advantages
 from diffalign.core.algorithms.ddpo import DDPO
+from diffalign.core.reward import term_weights
 from diffalign.core.rollouts import AlignContext, collect_rollouts
 from diffalign.core.types import Trajectory
 
@@ -29,6 +36,8 @@ class GRPO(DDPO):
         shared_noise: start a group's samples from the same initial noise.
         std_scope: normalise by each group's std ("group") or the batch's ("global").
         kl_coef: β of the per-step KL to the reference (0 disables it and the reference copy).
+        advantage_terms: "sum" normalises the (weighted-sum) reward; "per_term" normalises each term of a
+            `WeightedSum` reward within its group, then weights and sums the advantages.
     """
 
     def __init__(
@@ -43,11 +52,14 @@ class GRPO(DDPO):
         num_inner_epochs: int = 1,
         train_batch_size: int | None = None,
         gradient_accumulation_steps: int = 1,
+        advantage_terms: Literal["sum", "per_term"] = "sum",
     ) -> None:
         if group_size < 2:
             raise ValueError(f"GRPO needs group_size >= 2, got {group_size}")
         if std_scope not in ("group", "global"):
             raise ValueError(f"std_scope must be 'group' or 'global', got {std_scope!r}")
+        if advantage_terms not in ("sum", "per_term"):
+            raise ValueError(f"advantage_terms must be 'sum' or 'per_term', got {advantage_terms!r}")
         super().__init__(
             clip_range=clip_range,
             adv_clip_max=adv_clip_max,
@@ -61,10 +73,18 @@ class GRPO(DDPO):
         self.group_size = group_size
         self.shared_noise = shared_noise
         self.std_scope = std_scope
+        self.advantage_terms = advantage_terms
 
     def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Trajectory, dict[str, float]]:
         traj, metrics = collect_rollouts(ctx, batch, self.group_size, self.shared_noise)
-        adv, zero_ratio = group_advantages(traj.rewards.cpu(), traj.extras["group"], self.std_scope)
+        groups = traj.extras["group"]
+        if self.advantage_terms == "per_term":
+            terms = {k: v.cpu() for k, v in traj.extras["reward_terms"].items()}
+            adv, zero_terms = term_group_advantages(terms, term_weights(ctx.reward), groups, self.std_scope)
+            metrics.update({f"zero_std_ratio/{k}": v for k, v in zero_terms.items()})
+            _, zero_ratio = group_advantages(traj.rewards.cpu(), groups, self.std_scope)
+        else:
+            adv, zero_ratio = group_advantages(traj.rewards.cpu(), groups, self.std_scope)
         traj.advantages = adv.clamp(-self.adv_clip_max, self.adv_clip_max).to(traj.states.device)
         metrics["zero_std_ratio"] = zero_ratio
         return traj, metrics

@@ -1,0 +1,359 @@
+"""Video alignment on CPU: reward before/after per recipe, test-time methods at equal NFE, and the memory and
+time of reward backprop with one decoded frame vs all frames.
+
+    python benchmarks/video_alignment.py alignment                 # every fit recipe below
+    python benchmarks/video_alignment.py alignment --tasks grpo_motion --max-epochs 2
+    python benchmarks/video_alignment.py test_time                 # plain vs best-of-4 vs FK (4 particles)
+    python benchmarks/video_alignment.py memory                    # one frame vs all frames, two backbones
+
+alignment: each task runs its recipe through the CLI (`diffalign fit`, in-process) into a temporary run
+folder and reads `summary.json` (the recipe's reward before/after over its fixed evaluation set, 16
+prompts × 8 seeds = 128 clips). On the same (prompt, seed) pairs it then scores the base and the aligned
+model with every video reward — per-frame digit fidelity and accuracy, motion agreement, the motion
+classifier, temporal flicker, subject consistency — and the motion magnitude (pixels per frame), so a gain
+bought by static or collapsed clips shows. `dpo_motion` first makes its AI-feedback pairs with
+`diffalign feedback` (recipes/video/feedback_motion.yaml).
+
+test_time: `diffalign sample` with recipes/video/sample_{plain,best_of_n,fk}.yaml (MotionAgreement), the
+same 128 (prompt, seed) pairs; reward, NFE per clip, wall time, and the other metrics of the chosen clips.
+
+memory: one DRaFT-1 step (sample with the graph through the last step, decode, score, backward) per
+configuration, each in a fresh process; peak resident memory above the process's state before the step
+(ru_maxrss) and CPU time of the step. Backbones: the shipped moving-digit model (8 × 16 × 16, batch 16,
+`FrameDigitFidelity`) and a random-weight Wan 2.1 pipeline of the real classes (33 frames of 128 × 128,
+batch 2, a per-frame brightness reward), decoding one random frame vs all frames.
+
+Writes benchmarks/results/video_alignment.json (rows of tasks not run this time are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+OUT = RESULTS / "video_alignment.json"
+TASKS = {
+    "grpo_motion": "recipes/video/grpo_motion.yaml",
+    "draft_frame_fidelity": "recipes/video/draft_frame_fidelity.yaml",
+    "alignprop_frame_fidelity": "recipes/video/alignprop_frame_fidelity.yaml",
+    "dpo_motion": "recipes/video/dpo_motion.yaml",
+    "grpo_multi_reward": "recipes/video/grpo_multi_reward.yaml",
+}
+TEST_TIME = {
+    "plain": "recipes/video/sample_plain.yaml",
+    "best_of_4": "recipes/video/sample_best_of_n.yaml",
+    "fk_4_particles": "recipes/video/sample_fk.yaml",
+}
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def _mean_se(values: torch.Tensor) -> tuple[float, float]:
+    v = values.float()
+    return float(v.mean()), float(v.std(unbiased=True) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+@torch.no_grad()
+def clip_metrics_of(clips: torch.Tensor, prompts: list) -> dict[str, list[float]]:
+    """Every video reward (and its diagnostics) of decoded clips (N, F, 3, H, W): name → [mean, SE]."""
+    from diffalign.rewards.video import (
+        FrameDigitFidelity,
+        MotionAgreement,
+        MotionClassifierReward,
+        SubjectConsistency,
+        TemporalFlicker,
+    )
+
+    cond = {"prompt": list(prompts)}
+    out: dict[str, torch.Tensor] = {}
+    fid = FrameDigitFidelity(frames="all")(clips, cond)
+    out["frame_digit_fidelity"], out["digit_accuracy"] = fid.scores, fid.info["digit_accuracy"]
+    mot = MotionAgreement()(clips, cond)
+    out["motion_agreement"], out["motion_px"], out["com_error_px"] = (
+        mot.scores,
+        mot.info["motion_px"],
+        mot.info["com_error_px"],
+    )
+    cls = MotionClassifierReward()(clips, cond)
+    out["motion_classifier"], out["motion_accuracy"] = cls.scores, cls.info["motion_accuracy"]
+    out["temporal_flicker"] = TemporalFlicker()(clips, cond).scores
+    out["subject_consistency"] = SubjectConsistency()(clips, cond).scores
+    out["pixel_mean"] = clips.float().mean(dim=(1, 2, 3, 4))  # over-exposure shows here
+    return {k: list(_mean_se(v)) for k, v in out.items()}
+
+
+@torch.no_grad()
+def policy_metrics(policy, pairs: list, batch_size: int = 32) -> dict[str, list[float]]:
+    from diffalign.core.sampling import sample_pairs
+
+    policy.eval()
+    clips, prompts = [], []
+    for batch in sample_pairs(policy, pairs, batch_size):
+        clips.append(batch.samples().float().cpu())
+        prompts += list(batch.cond.prompts)
+    return clip_metrics_of(torch.cat(clips), prompts)
+
+
+def _start_weights(run: Path) -> str:
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    args = cfg["model"]["init_args"]["policy"]["init_args"]["backbone"].get("init_args") or {}
+    return args["weights"]
+
+
+def make_feedback(folder: Path) -> Path:
+    from diffalign.core.cli import cli_main
+
+    out = folder / "feedback_motion"
+    assert (
+        cli_main(
+            ["feedback", "--config", str(REPO / "recipes/video/feedback_motion.yaml"), "--output", str(out)]
+        )
+        == 0
+    )
+    return out / "pairs.jsonl"
+
+
+def run_alignment(name: str, extra: list[str], tmp: Path, base_cache: dict) -> dict:
+    from diffalign.core.cli import cli_main
+    from diffalign.core.io import load_state_dict
+
+    recipe = TASKS[name]
+    args = ["fit", "--config", str(REPO / recipe), "--run_root", str(tmp / "runs"), *QUIET, *extra]
+    if name == "dpo_motion":
+        args.append(f"--data.init_args.path={make_feedback(tmp)}")
+    t0 = time.perf_counter()
+    cli = cli_main(args)
+    wall = time.perf_counter() - t0
+    run = Path(cli.trainer.log_dir)
+    summary = json.loads((run / "summary.json").read_text())
+    pairs = cli.datamodule.evaluation_set()
+    after = policy_metrics(cli.model.policy, pairs)
+    weights = _start_weights(run)
+    if weights not in base_cache:
+        base = copy.deepcopy(cli.model.policy)
+        load_state_dict(base.backbone, weights)
+        base_cache[weights] = policy_metrics(base, pairs)
+    n = summary["eval_samples"]
+    se = math.sqrt(summary["reward_before_std"] ** 2 / n + summary["reward_after_std"] ** 2 / n)
+    return {
+        "task": name,
+        "recipe": recipe,
+        "reward": summary["reward_name"],
+        "reward_before": summary["reward_before"],
+        "reward_after": summary["reward_after"],
+        "gain": summary["reward_after"] - summary["reward_before"],
+        "gain_standard_error": se,
+        "eval_samples": n,
+        "reward_queries": summary["reward_queries"],
+        "optimizer_steps": summary["global_step"],
+        "train_wall_seconds": summary["wall_seconds"],
+        "total_wall_seconds": round(wall, 1),
+        "base_weights": weights,
+        "before": base_cache[weights],
+        "after": after,
+    }
+
+
+def run_test_time(name: str, tmp: Path) -> dict:
+    from diffalign.core.cli import cli_main
+    from diffalign.modalities.video.io import iter_clips
+
+    out = tmp / name
+    t0 = time.perf_counter()
+    assert (
+        cli_main(
+            ["sample", "--config", str(REPO / TEST_TIME[name]), "--output", str(out), "--progress", "false"]
+        )
+        == 0
+    )
+    wall = time.perf_counter() - t0
+    results = json.loads((out / "results.json").read_text())
+    rows = [(clip, prompt) for _, clip, prompt in iter_clips(out / "clips")]  # the chosen clips, as GIFs
+    clips = torch.stack([c for c, _ in rows])
+    rewards = torch.tensor([r["reward"] for r in results["rows"]])
+    return {
+        "method": name,
+        "recipe": TEST_TIME[name],
+        "results": {k: v for k, v in results.items() if not isinstance(v, list)},
+        "reward_mean_se": list(_mean_se(rewards)),
+        "metrics": clip_metrics_of(clips, [p for _, p in rows]),
+        "wall_seconds": round(wall, 1),
+    }
+
+
+# -- memory: one reward-backprop step per fresh process -------------------------------------------
+def memory_worker(backbone: str, frames: str, folder: str | None) -> dict:
+    import resource
+
+    torch.set_num_threads(1)
+    from diffalign.core.policy import DiffusionPolicy
+    from diffalign.core.reward import GuardedReward
+    from diffalign.core.reward_backprop import reward_loss
+    from diffalign.core.sampling import sample_batch
+
+    if backbone == "moving_digits":
+        from diffalign.modalities.video import EVAL_PROMPTS, moving_digits_backbone
+        from diffalign.rewards.video import FrameDigitFidelity
+
+        bb = moving_digits_backbone("flow")
+        prompts = list(EVAL_PROMPTS)
+        reward = FrameDigitFidelity(frames=frames)
+        steps = 10
+    else:
+        from diffalign.core.reward import FunctionReward
+        from diffalign.modalities.video.wan import WanBackbone
+        from diffalign.rewards.video import FrameImageReward
+
+        bb = WanBackbone(folder, num_frames=33, height=128, width=128, max_sequence_length=8)
+        prompts = ["a cat video", "a dog video"]
+        brightness = FunctionReward("benchmarks.video_alignment.frame_brightness", differentiable=True)
+        reward = FrameImageReward(brightness, frames=frames)
+        steps = 4
+    from diffalign.core.kernels import FlowSDEKernel
+
+    policy = DiffusionPolicy(bb, FlowSDEKernel(0.7), num_steps=steps)
+    cond = bb.condition({"prompt": prompts})
+    seeds = list(range(len(prompts)))
+    guarded = GuardedReward(reward)
+    with torch.no_grad():  # warm up every path once, so the step measures activations, not lazy setup
+        sample_batch(policy, cond[:1], seeds[:1]).view.get(reward.request)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.process_time()
+    sampled = sample_batch(policy, cond, seeds, grad_steps=1)
+    out = reward_loss(policy, guarded, sampled.x0, sampled.mask, sampled.cond, 1.0)
+    out["loss"].backward()
+    cpu = time.process_time() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "backbone": backbone,
+        "frames": frames,
+        "batch": len(prompts),
+        "peak_extra_mb": round((peak - before) / 1024, 1),
+        "step_cpu_seconds": round(cpu, 2),
+    }
+
+
+def frame_brightness(images, cond):
+    """A differentiable per-image reward for the memory benchmark (mean intensity)."""
+    return images.mean(dim=(1, 2, 3))
+
+
+def run_memory(tmp: Path) -> list[dict]:
+    from diffalign.modalities.video.wan import save_tiny_wan_pipeline
+
+    folder = save_tiny_wan_pipeline(tmp / "wan_bench", vae_base_dim=16, num_heads=4, num_layers=2)
+    rows = []
+    for backbone in ("moving_digits", "wan_random"):
+        for frames in ("random", "all"):
+            cmd = [sys.executable, __file__, "_memory_worker", backbone, frames, str(folder)]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
+    for backbone in ("moving_digits", "wan_random"):
+        one, every = (
+            next(r for r in rows if r["backbone"] == backbone and r["frames"] == f) for f in ("random", "all")
+        )
+        one["memory_ratio_one_vs_all"] = round(one["peak_extra_mb"] / max(every["peak_extra_mb"], 1e-9), 3)
+        one["time_ratio_one_vs_all"] = round(
+            one["step_cpu_seconds"] / max(every["step_cpu_seconds"], 1e-9), 3
+        )
+    return rows
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def _save(section: str, rows: list[dict], key: str) -> None:
+    """Merge `rows` into OUT's `section` (rows of other tasks kept), under a lock: tasks may run in
+    parallel processes."""
+    import fcntl
+
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    with open(Path(tempfile.gettempdir()) / "diffalign_video_alignment.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(OUT.read_text()) if OUT.is_file() else {}
+        ran = {r[key] for r in rows}
+        kept = [r for r in data.get(section, []) if r.get(key) not in ran]
+        data[section] = kept + rows
+        OUT.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {OUT} ({section})")
+
+
+def _fmt(m: list[float]) -> str:
+    return f"{m[0]:.3f} ± {m[1]:.3f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "_memory_worker":
+        print(json.dumps(memory_worker(argv[1], argv[2], argv[3] if len(argv) > 3 else None)))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("part", choices=["alignment", "test_time", "memory"])
+    ap.add_argument("--tasks", nargs="+", default=None)
+    ap.add_argument("--max-epochs", type=int, default=None, help="override the recipes' trainer.max_epochs")
+    args, overrides = ap.parse_known_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.part == "alignment":
+            extra = [f"--trainer.max_epochs={args.max_epochs}"] if args.max_epochs else []
+            base_cache: dict = {}
+            rows = [run_alignment(t, extra + overrides, tmp, base_cache) for t in args.tasks or list(TASKS)]
+            for r in rows:
+                r.update(machine=machine(), max_epochs_override=args.max_epochs, overrides=overrides)
+            print("\n| task | reward | before | after | gain (±2 SE) | motion px/frame before → after |")
+            print("|---|---|---|---|---|---|")
+            for r in rows:
+                print(
+                    f"| {r['task']} | {r['reward']} | {r['reward_before']:.4f} | {r['reward_after']:.4f} | "
+                    f"{r['gain']:+.4f} (±{2 * r['gain_standard_error']:.4f}) | "
+                    f"{_fmt(r['before']['motion_px'])} → {_fmt(r['after']['motion_px'])} |"
+                )
+            _save("alignment", rows, "task")
+        elif args.part == "test_time":
+            rows = [run_test_time(t, tmp) for t in args.tasks or list(TEST_TIME)]
+            for r in rows:
+                r["machine"] = machine()
+                m = r["metrics"]
+                print(
+                    r["method"],
+                    r["results"].get("nfe_per_sample"),
+                    _fmt(m["motion_agreement"]),
+                    _fmt(m["motion_px"]),
+                )
+            _save("test_time", rows, "method")
+        else:
+            rows = run_memory(tmp)
+            for r in rows:
+                r["machine"] = machine()
+            _save("memory", [dict(r, key=f"{r['backbone']}/{r['frames']}") for r in rows], "key")
+
+
+if __name__ == "__main__":
+    main()
