@@ -22,9 +22,7 @@ clips share its batch.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -34,6 +32,7 @@ from torch import Tensor, nn
 from diffalign.core.backbone import Backbone, standard_scheduler
 from diffalign.core.functional import Generator, masked_noise, pad_stack
 from diffalign.core.types import Cond
+from diffalign.modalities.audio.io import AudioOutputs
 from diffalign.modalities.audio.layout import AudioSamples, apply_request, resample
 from diffalign.modalities.audio.mel import MelCodec
 from diffalign.modalities.audio.prompts import MAX_NOTES, NoteConditioner, num_notes, tokenize
@@ -54,7 +53,7 @@ def _check_prediction_type(prediction_type: str) -> None:
         )
 
 
-class AudioBackbone(Backbone):
+class AudioBackbone(AudioOutputs, Backbone):
     """What both audio backbones share: conditions, durations, the layout, grouping by length.
 
     Subclasses set `variable_axis`, `multiple` (the length granularity the UNet needs) and implement
@@ -215,23 +214,6 @@ class AudioBackbone(Backbone):
         mask = self.mask_of(self.units(lengths.to(self.device)))
         x = self.to_model(audio)
         return torch.where(mask.expand_as(x) > 0, x, torch.zeros_like(x)), mask
-
-    def save_samples(
-        self,
-        samples: AudioSamples,
-        folder: str | os.PathLike[str],
-        prompts: Sequence[Any],
-        start_index: int = 0,
-    ) -> Path:
-        """What `diffalign sample` writes: `folder/wav/<index>.wav` per sample (soundfile, 16-bit PCM at
-        `sample_rate`, cut to its length) and `folder/spectrograms.png`, a grid of log-mel spectrograms,
-        one row per prompt (rewritten after every batch with all samples so far)."""
-        from diffalign.modalities.audio.io import SpectrogramGridWriter, write_wavs
-
-        write_wavs(samples, Path(folder) / "wav", start_index)
-        if getattr(self, "_grid_writer", None) is None:
-            self._grid_writer = SpectrogramGridWriter()
-        return self._grid_writer(samples, folder, prompts, start_index)
 
 
 def run_by_length(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, units: Tensor, multiple: int) -> Tensor:

@@ -194,3 +194,22 @@ class SpectrogramGridWriter:
 
         image = spectrogram_grid(rows, self.sample_rate, title)
         return atomic_write(folder / self.filename, lambda p: image.save(p, format="PNG"))
+
+
+class AudioOutputs:
+    """Mixin of every audio backbone: what `diffalign sample` writes for a batch of decoded clips."""
+
+    def save_samples(
+        self,
+        samples: AudioSamples,
+        folder: str | os.PathLike[str],
+        prompts: Sequence[Any],
+        start_index: int = 0,
+    ) -> Path:
+        """`folder/wav/<index>.wav` per sample (16-bit PCM at the samples' rate, cut to its length) and
+        `folder/spectrograms.png`, log-mel spectrograms with one row per prompt (rewritten after every
+        batch with all samples so far)."""
+        write_wavs(samples, Path(folder) / "wav", start_index)
+        if getattr(self, "_grid_writer", None) is None:
+            self._grid_writer = SpectrogramGridWriter()
+        return self._grid_writer(samples, folder, prompts, start_index)

@@ -1,10 +1,11 @@
 """The mel-spectrogram representation and its fixed inverse.
 
 Forward (`MelCodec.encode`): mono audio (B, 1, L) → the power STFT (Hann window of `n_fft` samples,
-hop `hop_length`, centred frames, unnormalised) → a triangular HTK mel filterbank of `n_mels` bands
-between `f_min` and `f_max` → dB (10·log10) → clipped to [`db_min`, `db_max`] and mapped linearly
-onto [−1, 1] (−1 is silence). A clip of L samples gives T = ⌈L / hop_length⌉ frames (the centred frame
-at sample T·hop is dropped, so a note of 2048 samples is exactly 16 frames).
+hop `hop_length`, centred frames, zeros before the start and after the end, unnormalised) → a
+triangular HTK mel filterbank of `n_mels` bands between `f_min` and `f_max` → dB (10·log10) → clipped
+to [`db_min`, `db_max`] and mapped linearly onto [−1, 1] (−1 is silence). A clip of L samples gives
+T = ⌈L / hop_length⌉ frames (the centred frame at sample T·hop is dropped, so a note of 2048 samples
+is exactly 16 frames).
 
 Inverse (`MelCodec.decode`), fixed and deterministic: [−1, 1] → dB → power (minus the floor's power,
 so −1 decodes to exact silence) → torchaudio's `InverseMelScale` (the least-squares linear spectrogram
@@ -57,6 +58,7 @@ class MelCodec(nn.Module):
             f_min=f_min,
             f_max=f_max,
             power=2.0,
+            pad_mode="constant",
         )
         self.inverse_mel = torchaudio.transforms.InverseMelScale(
             n_fft // 2 + 1, n_mels, sample_rate, f_min, f_max

@@ -223,3 +223,40 @@ def test_timbre_fidelity_is_differentiable():
     x = synthesize("a C4 square note, loud")[0].requires_grad_(True)
     TimbreFidelity()(samples(x), cond("a C4 square note")).scores.sum().backward()
     assert x.grad.abs().sum() > 0
+
+
+# -- CLAP -------------------------------------------------------------------------------------------
+def test_clap_score_is_the_cosine_of_clap_embeddings(tmp_path):
+    from diffalign.modalities.audio.testing import make_tiny_clap_folder
+    from diffalign.rewards.audio_models import CLAPScore
+
+    make_tiny_clap_folder(tmp_path / "clap")
+    reward = CLAPScore(str(tmp_path / "clap"), scale=2.0)
+    assert reward.request == {"sample_rate": 48000}  # decode resamples to the feature extractor's rate
+    clips = [synthesize(p)[0] for p in ("a C4 sine note", "a G4 square note")]
+    s = samples(*clips)
+    out = reward(s, cond("a C4 sine note", "a G4 square note"))
+    # the same numbers from the model's own feature functions
+    from diffalign.modalities.audio import resample
+
+    s48 = resample(s, 48000)
+    feats = reward.features(
+        [c.mean(0).numpy() for c in s48.clips()], sampling_rate=48000, return_tensors="pt"
+    )
+    text = reward.tokenizer(["a C4 sine note", "a G4 square note"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        a = reward.model.get_audio_features(input_features=feats["input_features"]).pooler_output
+        t = reward.model.get_text_features(**text).pooler_output
+    cosine = torch.nn.functional.cosine_similarity(a, t)
+    assert torch.allclose(out.info["clap_cosine"], cosine, atol=1e-5)
+    assert torch.allclose(out.scores, 2.0 * cosine, atol=1e-5) and out.scores.abs().max() <= 2.0
+
+
+def test_clap_needs_a_local_folder(tmp_path):
+    from diffalign.rewards.audio_models import CLAPScore
+
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        CLAPScore(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        CLAPScore(str(tmp_path / "empty"))
