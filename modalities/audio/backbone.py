@@ -172,8 +172,12 @@ class AudioBackbone(AudioOutputs, Backbone):
     def decode(self, x0: Tensor, mask: Tensor | None = None, **request: Any) -> AudioSamples:
         """Model space → `AudioSamples` (audio (B, 1, L) in [−1, 1] at `sample_rate`, lengths, padding
         zero); honours `window`, `random_window` and `sample_rate` requests (see `layout.apply_request`)."""
-        audio = self.from_model(x0)
-        samples = AudioSamples(audio, self.sample_rate, self.lengths_of(mask, x0.shape[0], x0.device))
+        lengths = self.lengths_of(mask, x0.shape[0], x0.device)
+        # decode only up to the longest clip of the batch (Griffin–Lim costs per frame), then pad back
+        units = int(self.units(int(lengths.max()))) if len(lengths) else self.max_units
+        audio = self.from_model(x0[..., : max(1, units)])
+        audio = F.pad(audio, (0, self.max_samples - audio.shape[-1]))[..., : self.max_samples]
+        samples = AudioSamples(audio, self.sample_rate, lengths)
         return apply_request(samples, request) if request else samples
 
     def encode(self, samples: Any) -> tuple[Tensor, Tensor]:

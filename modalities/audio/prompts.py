@@ -193,11 +193,14 @@ class NoteConditioner(nn.Module):
 
     def __init__(self, embed_dim: int = 32, max_notes: int = MAX_NOTES) -> None:
         super().__init__()
+        if not 1 <= max_notes <= MAX_NOTES:
+            raise ValueError(f"max_notes must be in [1, {MAX_NOTES}], got {max_notes}")
         self.embed_dim, self.max_notes = embed_dim, max_notes
         self.timbre = nn.Embedding(len(TIMBRES) + 1, embed_dim)
         self.loudness = nn.Embedding(len(LOUDNESS) + 1, embed_dim)
         self.note = nn.Embedding(NUM_NOTE_TOKENS, embed_dim)
-        self.position = nn.Parameter(torch.zeros(2 + max_notes, embed_dim))
+        # room for MAX_NOTES slots whatever max_notes is, so weights load into models of fewer notes
+        self.position = nn.Parameter(torch.zeros(2 + MAX_NOTES, embed_dim))
         self.mlp = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, embed_dim), nn.SiLU())
         nn.init.normal_(self.position, std=0.02)
 
@@ -212,12 +215,12 @@ class NoteConditioner(nn.Module):
         h = torch.cat(
             [self.timbre(tokens[:, :1]), self.loudness(tokens[:, 1:2]), self.note(tokens[:, 2:])], dim=1
         )
-        h = h + self.position
+        h = h + self.position[: h.shape[1]]
         return h + self.mlp(h)
 
     def note_embedding(self, tokens: Tensor) -> Tensor:
         self._check(tokens)
-        return self.note(tokens[:, 2:]) + self.position[2:]
+        return self.note(tokens[:, 2:]) + self.position[2 : 2 + self.max_notes]
 
     def global_embedding(self, tokens: Tensor) -> Tensor:
         self._check(tokens)
