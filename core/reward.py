@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from diffalign.core.functional import expand_mask
-from diffalign.core.types import Cond, _cat, as_cond
+from diffalign.core.types import Batch, Cond, _cat, as_cond
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +380,10 @@ class LearnedReward(Reward):
 # Guarding against NaN, crashing and misshapen rewards
 # ---------------------------------------------------------------------------------------------------
 def index_samples(samples: Any, idx: Sequence[int]) -> Any:
-    """Select rows `idx` of a batch of decoded samples (tensor, list/tuple, or dict of those)."""
+    """Select rows `idx` of a batch of decoded samples (tensor, list/tuple, dict of those, or a `Batch`/
+    `Cond` layout, which keeps its class and its pass-through values such as a sample rate)."""
+    if isinstance(samples, (Batch, Cond)):
+        return samples.index(list(idx))
     if isinstance(samples, Tensor):
         return samples[torch.as_tensor(list(idx), dtype=torch.long, device=samples.device)]
     if isinstance(samples, Mapping):

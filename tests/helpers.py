@@ -268,3 +268,50 @@ def make_tiny_wan_folders(cwd: Path) -> None:
     save_tiny_wan_pipeline(cwd / "tiny_wan")
     make_tiny_clip_folder(cwd / "tiny_aesthetic" / "clip", image_size=16, projection_dim=16, layers=1)
     torch.save(AestheticMLP(16).state_dict(), cwd / "tiny_aesthetic" / "head.pth")
+
+
+def write_audio_feedback(cwd: Path) -> Path:
+    """The pairs `recipes/audio/dpo_pitch.yaml` reads, made small: the shipped mel model with 2 sampling
+    steps, 8 prompts × 4 samples, ranked by the RMS loudness proxy (a 2-step sample has barely a pitch, and a
+    continuous score leaves no ties: the recipe test needs pairs, not good ones)."""
+    from diffalign.core.feedback import make_preference_dataset
+    from diffalign.core.policy import DiffusionPolicy
+    from diffalign.modalities.audio import MelBackbone, note_prompts
+    from diffalign.rewards.audio import RMSLoudness
+
+    folder = cwd / "feedback" / "feedback_pitch"
+    policy = DiffusionPolicy(MelBackbone(), num_steps=2)
+    result = make_preference_dataset(
+        policy, RMSLoudness(), note_prompts(["sine"]), folder, samples_per_prompt=4, pairs_per_prompt=1
+    )
+    assert result["rows"] >= 8, result  # two batches of 4 pairs
+    return folder
+
+
+def make_tiny_audioldm_folders(cwd: Path) -> None:
+    """What the tiny settings of the AudioLDM recipes point at: `cwd/tiny_audioldm`, a tiny AudioLDM-shaped
+    pipeline, and `cwd/tiny_clap`, a tiny ClapModel with its tokenizer and feature extractor."""
+    from diffalign.modalities.audio.audioldm import make_tiny_audioldm_pipeline
+    from diffalign.modalities.audio.testing import make_tiny_clap_folder
+
+    make_tiny_audioldm_pipeline(cwd / "tiny_audioldm")
+    make_tiny_clap_folder(cwd / "tiny_clap")
+
+
+def write_audioldm_feedback(cwd: Path) -> Path:
+    """The tiny folders plus the CLAP-ranked pairs `recipes/audio/audioldm_dpo_clap.yaml` reads (the tiny
+    AudioLDM with 2 steps, 4 prompts × 2 groups × 4 samples)."""
+    from diffalign.core.feedback import make_preference_dataset
+    from diffalign.core.policy import DiffusionPolicy
+    from diffalign.modalities.audio.audioldm import AudioLDMBackbone
+    from diffalign.rewards.audio_models import CLAPScore
+
+    make_tiny_audioldm_folders(cwd)
+    folder = cwd / "feedback" / "audioldm_clap"
+    policy = DiffusionPolicy(AudioLDMBackbone(str(cwd / "tiny_audioldm"), audio_length_s=0.032), num_steps=2)
+    prompts = ["a dog barking", "rain on a roof", "a piano", "birds singing"] * 2
+    result = make_preference_dataset(
+        policy, CLAPScore(str(cwd / "tiny_clap")), prompts, folder, samples_per_prompt=4, pairs_per_prompt=1
+    )
+    assert result["rows"] >= 4, result
+    return folder

@@ -118,3 +118,27 @@ def test_evaluation_counts_failed_rewards_instead_of_crashing():
     broken = FlakyReward(LinearReward(), raise_rows=[0, 1, 2, 3])
     res = evaluate_reward(SimpleNamespace(policy=policy, reward=broken), pairs)
     assert res["count"] == 0 and res["failed"] == 4
+
+
+def test_guard_retries_rows_of_a_batch_layout_with_pass_through_values():
+    """A decoded layout that is a `Batch` (named rows plus a pass-through value, like an audio batch's
+    sample rate) keeps its class and that value when the guard re-scores rows one by one."""
+    from diffalign.core.reward import Reward, index_samples
+    from diffalign.core.types import Batch
+
+    class Layout(Batch):
+        pass
+
+    class FailsOnRowOne(Reward):
+        def forward(self, samples, cond):
+            assert isinstance(samples, Layout) and samples.rate == 8000
+            if len(samples) > 1:
+                raise ValueError("batch fails")
+            if float(samples.x[0]) == 1.0:
+                raise ValueError("row 1 fails")
+            return samples.x.float()
+
+    layout = Layout(x=torch.tensor([0.0, 1.0, 2.0]), rate=8000)
+    assert isinstance(index_samples(layout, [2]), Layout) and index_samples(layout, [2]).rate == 8000
+    out = GuardedReward(FailsOnRowOne(), on_invalid="drop")(layout, Cond.empty(3))
+    assert out.keep.tolist() == [True, False, True] and out.scores[2] == 2.0

@@ -1,0 +1,321 @@
+"""Audio alignment on CPU: reward before/after per recipe over fixed (prompt, seed) pairs, every term of the
+multi-reward run, a did-it-collapse number, test-time methods at equal NFE, and mel vs waveform samples/s.
+
+    python benchmarks/audio_alignment.py --tasks ddpo_pitch               # one task at a time
+    python benchmarks/audio_alignment.py --tasks dpo_pitch draft_loudness ddpo_multi
+    python benchmarks/audio_alignment.py --tasks test_time throughput
+
+Fit tasks run their recipe through the CLI (`diffalign fit`, in-process) into a temporary folder and read
+`summary.json` (reward before/after over the recipe's evaluation set, its standard deviations, queries,
+wall time); `dpo_pitch` first makes its AI-feedback pairs with `diffalign feedback`
+(recipes/audio/feedback_pitch.yaml). On the same evaluation pairs the base and the aligned model are then
+sampled again to report, per model: every reward term of `ddpo_multi` (pitch accuracy, timbre fidelity,
+LUFS error), the note accuracy (share of notes within 50 cents) and the LUFS level, and the diversity of
+each prompt's samples (mean pairwise L1 distance of their log-mel spectrograms in dB; a gain bought by
+collapsing onto one sample shows as a drop). `test_time` samples the sampling recipes' pairs with plain
+sampling (10 NFE), best-of-4 and FK steering with 4 particles (both 40 NFE). `throughput` times
+sampling + decoding of 32 single notes (10 steps) with each backbone. Prints markdown tables and writes
+benchmarks/results/audio_alignment.json (rows of tasks not run this time are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+FIT_TASKS = {
+    "ddpo_pitch": "recipes/audio/ddpo_pitch.yaml",
+    "dpo_pitch": "recipes/audio/dpo_pitch.yaml",
+    "draft_loudness": "recipes/audio/draft_loudness.yaml",
+    "ddpo_multi": "recipes/audio/ddpo_multi.yaml",
+}
+TASKS = [*FIT_TASKS, "test_time", "throughput"]
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def log_mel_db(samples) -> torch.Tensor:
+    """(B, 32, T) log-mel in dB (the mel codec's filterbank) of decoded clips, for the diversity measure."""
+    from diffalign.modalities.audio import MelCodec
+
+    codec = MelCodec()
+    power = codec.mel(samples.audio.float())[..., : codec.frames(samples.audio.shape[-1])]
+    return 10 * torch.log10(power + 1e-6)[:, 0]
+
+
+@torch.no_grad()
+def side_metrics(policy, pairs: list[tuple[str, int]], batch_size: int = 32) -> dict[str, float]:
+    """Reward terms, note accuracy, LUFS and per-prompt diversity of `policy`'s samples on `pairs`."""
+    from diffalign.core.sampling import sample_pairs
+    from diffalign.rewards.audio import LoudnessLUFS, PitchAccuracy, TimbreFidelity
+
+    terms = {
+        "pitch_accuracy": PitchAccuracy(),
+        "timbre_fidelity": TimbreFidelity(),
+        "lufs_error": LoudnessLUFS(),
+    }
+    policy.eval()
+    values: dict[str, list[torch.Tensor]] = {k: [] for k in [*terms, "note_accuracy", "lufs"]}
+    mels: dict[str, list[torch.Tensor]] = {}
+    for batch in sample_pairs(policy, pairs, batch_size):
+        samples = batch.samples()
+        for name, reward in terms.items():
+            out = reward(samples, batch.cond)
+            values[name].append(out.scores.cpu())
+            if name == "pitch_accuracy":
+                values["note_accuracy"].append(out.info["note_accuracy"].cpu())
+            if name == "lufs_error":
+                values["lufs"].append(out.info["lufs"].cpu())
+        for prompt, mel in zip(batch.cond.prompts, log_mel_db(samples).cpu(), strict=True):
+            mels.setdefault(str(prompt), []).append(mel)
+    out = {k: torch.cat(v).mean().item() for k, v in values.items()}
+    out["lufs_error"] = -out["lufs_error"]  # the reward is −|error|: report the error in LU
+    dists = []
+    for group in mels.values():
+        stack = torch.stack(group)
+        for i in range(len(stack)):
+            for j in range(i + 1, len(stack)):
+                dists.append((stack[i] - stack[j]).abs().mean().item())
+    out["diversity_db"] = sum(dists) / max(1, len(dists))
+    return out
+
+
+def _backbone_weights(config: dict) -> str:
+    backbone = config["model"]["init_args"]["policy"]["init_args"]["backbone"]
+    weights = (backbone.get("init_args") or {}).get("weights")
+    if not weights:
+        raise ValueError("the run's backbone has no `weights` to compare against")
+    return weights
+
+
+def make_feedback(folder: Path, extra: list[str]) -> Path:
+    from diffalign.core.cli import cli_main
+
+    out = folder / "feedback_pitch"
+    rc = cli_main(
+        [
+            "feedback",
+            "--config",
+            str(REPO / "recipes/audio/feedback_pitch.yaml"),
+            "--output",
+            str(out),
+            *extra,
+        ]
+    )
+    if rc != 0:
+        raise RuntimeError(f"diffalign feedback failed with {rc}")
+    return out / "pairs.jsonl"
+
+
+def run_fit(name: str, extra: list[str], feedback_extra: list[str], root: Path) -> dict:
+    import yaml
+
+    from diffalign.core.cli import cli_main
+    from diffalign.core.io import load_state_dict
+
+    recipe = FIT_TASKS[name]
+    args = ["fit", "--config", str(REPO / recipe), "--run_root", str(root / "runs"), *QUIET, *extra]
+    t0 = time.perf_counter()
+    if name == "dpo_pitch":
+        pairs = make_feedback(root, feedback_extra)
+        args.append(f"--data.init_args.path={pairs}")
+    cli = cli_main(args)
+    wall = time.perf_counter() - t0
+    run = Path(cli.trainer.log_dir)
+    summary = json.loads((run / "summary.json").read_text())
+    pairs = cli.datamodule.evaluation_set()
+    after = side_metrics(cli.model.policy, pairs)
+    base = copy.deepcopy(cli.model.policy)
+    load_state_dict(base.backbone, _backbone_weights(yaml.safe_load((run / "config.yaml").read_text())))
+    before = side_metrics(base, pairs)
+    n = summary["eval_samples"]
+    se = math.sqrt((summary["reward_before_std"] ** 2 + summary["reward_after_std"] ** 2) / n)
+    return {
+        "task": name,
+        "recipe": recipe,
+        "reward": summary["reward_name"],
+        "reward_before": summary["reward_before"],
+        "reward_after": summary["reward_after"],
+        "gain": summary["reward_after"] - summary["reward_before"],
+        "gain_standard_error": se,
+        "eval_samples": n,
+        "reward_queries": summary["reward_queries"],
+        "optimizer_steps": summary["global_step"],
+        "train_wall_seconds": summary["wall_seconds"],
+        "total_wall_seconds": round(wall, 1),
+        "before": before,
+        "after": after,
+    }
+
+
+def run_test_time(extra: list[str], root: Path) -> list[dict]:
+    from diffalign.core.cli import cli_main
+
+    rows = []
+    for name in ("sample_plain", "sample_best_of_n", "sample_fk"):
+        out = root / name
+        args = ["sample", "--config", str(REPO / f"recipes/audio/{name}.yaml"), "--output", str(out)]
+        if cli_main([*args, "--progress", "false", *extra]) != 0:
+            raise RuntimeError(f"diffalign sample {name} failed")
+        res = json.loads((out / "results.json").read_text())
+        scores = torch.tensor([r["reward"] for r in res["rows"] if math.isfinite(r["reward"])])
+        rows.append(
+            {
+                "task": "test_time",
+                "method": name,
+                "reward": res["reward_name"],
+                "reward_mean": res["reward_mean"],
+                "reward_standard_error": scores.std().item() / math.sqrt(len(scores)),
+                "samples": res["samples"],
+                "nfe_per_sample": res["nfe_per_sample"],
+                "wall_seconds": res["wall_seconds"],
+            }
+        )
+    return rows
+
+
+@torch.no_grad()
+def run_throughput(batch_size: int = 32, repeats: int = 2) -> list[dict]:
+    from diffalign.core.kernels import DDIMKernel, FlowSDEKernel
+    from diffalign.core.policy import DiffusionPolicy
+    from diffalign.core.sampling import sample_batch
+    from diffalign.modalities.audio import MelBackbone, WaveformBackbone, note_prompts
+
+    prompts = (note_prompts() * 2)[:batch_size]
+    rows = []
+    for name, backbone, kernel in (
+        ("mel (UNet2D + Griffin-Lim)", MelBackbone(), DDIMKernel(eta=1.0)),
+        ("waveform (UNet1D)", WaveformBackbone(), FlowSDEKernel(noise_level=0.7)),
+    ):
+        policy = DiffusionPolicy(backbone, kernel, num_steps=10).eval()
+        cond = backbone.condition({"prompt": prompts})
+        times, decode_times = [], []
+        for r in range(repeats + 1):
+            t0 = time.perf_counter()
+            batch = sample_batch(policy, cond, list(range(r * 1000, r * 1000 + batch_size)))
+            t1 = time.perf_counter()
+            batch.samples()
+            t2 = time.perf_counter()
+            if r:  # the first run warms up
+                times.append(t2 - t0)
+                decode_times.append(t2 - t1)
+        rows.append(
+            {
+                "task": "throughput",
+                "backbone": name,
+                "parameters": sum(p.numel() for p in backbone.parameters()),
+                "batch_size": batch_size,
+                "num_steps": 10,
+                "samples_per_second": batch_size / (sum(times) / len(times)),
+                "audio_seconds_per_second": batch_size * 0.256 / (sum(times) / len(times)),
+                "decode_share": sum(decode_times) / sum(times),
+            }
+        )
+    return rows
+
+
+def print_tables(rows: list[dict]) -> None:
+    fits = [r for r in rows if r["task"] in FIT_TASKS]
+    if fits:
+        head = (
+            "| task | reward | before | after | gain (±2 SE) | pitch acc. | note acc. | timbre "
+            "| LUFS error (LU) | diversity (dB) | samples | steps | wall s |"
+        )
+        print("\n" + head + "\n|" + "---|" * (head.count("|") - 1))
+        for r in fits:
+            b, a = r["before"], r["after"]
+            print(
+                f"| {r['task']} | {r['reward']} | {r['reward_before']:.4f} | {r['reward_after']:.4f} | "
+                f"{r['gain']:+.4f} (±{2 * r['gain_standard_error']:.4f}) | "
+                f"{b['pitch_accuracy']:.3f} → {a['pitch_accuracy']:.3f} | "
+                f"{b['note_accuracy']:.3f} → {a['note_accuracy']:.3f} | "
+                f"{b['timbre_fidelity']:.3f} → {a['timbre_fidelity']:.3f} | "
+                f"{b['lufs_error']:.2f} → {a['lufs_error']:.2f} | "
+                f"{b['diversity_db']:.2f} → {a['diversity_db']:.2f} | "
+                f"{r['eval_samples']} | {r['optimizer_steps']} | {r['train_wall_seconds']:.0f} |"
+            )
+    tt = [r for r in rows if r["task"] == "test_time"]
+    if tt:
+        print(
+            "\n| method | reward | mean (±2 SE) | NFE per sample | samples | wall s |"
+            "\n|---|---|---|---|---|---|"
+        )
+        for r in tt:
+            print(
+                f"| {r['method']} | {r['reward']} | "
+                f"{r['reward_mean']:.4f} (±{2 * r['reward_standard_error']:.4f}) | "
+                f"{r['nfe_per_sample']:.0f} | {r['samples']} | {r['wall_seconds']:.0f} |"
+            )
+    tp = [r for r in rows if r["task"] == "throughput"]
+    if tp:
+        print("\n| backbone | parameters | samples/s | audio s per s | decode share |\n|---|---|---|---|---|")
+        for r in tp:
+            print(
+                f"| {r['backbone']} | {r['parameters']:,} | {r['samples_per_second']:.2f} | "
+                f"{r['audio_seconds_per_second']:.2f} | {r['decode_share']:.0%} |"
+            )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", nargs="+", default=["ddpo_pitch"], choices=TASKS)
+    ap.add_argument(
+        "--max-epochs", type=int, default=None, help="override the fit recipes' trainer.max_epochs"
+    )
+    ap.add_argument(
+        "--feedback-seeds", type=int, default=None, help="override feedback_pitch's seeds_per_prompt"
+    )
+    ap.add_argument("--out", default=str(RESULTS / "audio_alignment.json"))
+    ap.add_argument("overrides", nargs="*", help="extra `diffalign fit` arguments (after --)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    extra = [f"--trainer.max_epochs={args.max_epochs}"] if args.max_epochs else []
+    extra += list(args.overrides)
+    feedback_extra = [f"--seeds_per_prompt={args.feedback_seeds}"] if args.feedback_seeds else []
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.tasks:
+            if name in FIT_TASKS:
+                rows.append(run_fit(name, extra, feedback_extra, Path(tmp) / name))
+            elif name == "test_time":
+                rows += run_test_time([], Path(tmp))
+            else:
+                rows += run_throughput()
+    print_tables(rows)
+    machine = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg()[0],
+    }
+    for r in rows:
+        r.update(machine=machine, max_epochs_override=args.max_epochs, overrides=list(args.overrides))
+    out_path = Path(args.out)
+    kept = []
+    if out_path.is_file():  # rows of tasks not rerun now are kept
+        ran = {r["task"] for r in rows}
+        kept = [r for r in json.loads(out_path.read_text()).get("rows", []) if r.get("task") not in ran]
+    out = {"rows": sorted(kept + rows, key=lambda r: TASKS.index(r["task"]))}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
