@@ -43,7 +43,7 @@ class Camera:
 
     azimuth: float = 30.0
     elevation: float = 35.0
-    extent: float = 1.4
+    extent: float = 1.1
 
     def rotation(self) -> Tensor:
         """(3, 3) world → camera rotation; rows are the camera's u (right), v (up) and depth axes."""
@@ -63,6 +63,8 @@ VIEW_SETS: dict[str, tuple[Camera, ...]] = {
     "front": (Camera(30.0, 35.0),),
     "pair": (Camera(30.0, 35.0), Camera(120.0, 35.0)),
     "quad": tuple(Camera(a, 35.0) for a in (30.0, 120.0, 210.0, 300.0)),
+    # four turns, alternately low and high (a box's corners and a cylinder's round top both show)
+    "orbit": tuple(Camera(a, e) for a, e in ((30.0, 25.0), (120.0, 65.0), (210.0, 25.0), (300.0, 65.0))),
     "six": tuple(Camera(a, 35.0) for a in range(0, 360, 60)),
     "top": (Camera(0.0, 90.0),),
 }
@@ -71,7 +73,7 @@ VIEW_SETS: dict[str, tuple[Camera, ...]] = {
 def parse_views(spec: Any, generator: torch.Generator | None = None) -> list[Camera]:
     """Cameras from a request's `views` entry:
 
-    - a name of `VIEW_SETS` ("front", "pair", "quad", "six", "top");
+    - a name of `VIEW_SETS` ("front", "pair", "quad", "orbit", "six", "top");
     - a list of cameras or dicts `{"azimuth": deg, "elevation": deg, "extent": units}`;
     - `{"random": n, "elevation": [lo, hi]}`: n cameras at uniform azimuths and elevations in
       [lo, hi] (default [15, 50]) drawn from `generator` (the same cameras for every row of a batch).
