@@ -73,7 +73,25 @@ class ShapeBackbone(Backbone):
         image_size, sigma: default size (pixels) and splat width of rendered views.
         backend: geometry/render backend ("auto": pytorch3d when installed, else torch).
         weights: safetensors weights (path or pkg:// spec); default the shipped flow model. None: random.
+        pretrained: a local folder written by `save_pretrained` (`config.json` with the architecture,
+            `model.safetensors`): a point-cloud model of any size brought from elsewhere. Its config
+            replaces the architecture arguments above and its weights replace `weights`.
     """
+
+    #: constructor arguments `save_pretrained` writes to config.json (the architecture and schedule)
+    CONFIG_KEYS = (
+        "max_points",
+        "min_points",
+        "color_channels",
+        "width",
+        "depth",
+        "heads",
+        "fourier",
+        "prediction_type",
+        "num_train_timesteps",
+        "beta_schedule",
+        "coordinate_scale",
+    )
 
     variable_axis = 0
     decode_chunk_size = 64
@@ -94,8 +112,25 @@ class ShapeBackbone(Backbone):
         sigma: float = 1.0,
         backend: Literal["auto", "torch", "pytorch3d"] = "auto",
         weights: str | None = FLOW_BASE_WEIGHTS,
+        fourier: int = 3,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
+        if pretrained is not None:
+            config, weights = _pretrained_folder(pretrained)
+            max_points, min_points, color_channels = (
+                config["max_points"],
+                config["min_points"],
+                config["color_channels"],
+            )
+            width, depth, heads, fourier = (
+                config["width"],
+                config["depth"],
+                config["heads"],
+                config["fourier"],
+            )
+            prediction_type, coordinate_scale = config["prediction_type"], config["coordinate_scale"]
+            num_train_timesteps, beta_schedule = config["num_train_timesteps"], config["beta_schedule"]
         if prediction_type not in ("epsilon", "v_prediction", "sample", "flow"):
             raise ValueError(
                 f"prediction_type must be epsilon, v_prediction, sample or flow, got {prediction_type!r}"
@@ -110,11 +145,22 @@ class ShapeBackbone(Backbone):
         self.coordinate_scale = float(coordinate_scale)
         self.image_size, self.sigma, self.backend = image_size, sigma, backend
         attributes = {a: len(v) for a, v in ATTRIBUTES.items() if a != "color" or color_channels}
-        self.net = PointTransformer(3 + color_channels, attributes, width, depth, heads)
+        self.width, self.depth, self.heads, self.fourier = width, depth, heads, fourier
+        self.net = PointTransformer(3 + color_channels, attributes, width, depth, heads, fourier)
         if weights is not None:
             from diffalign.core.io import load_state_dict
 
             load_state_dict(self, weights)
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
+        """Write `config.json` (the architecture, `CONFIG_KEYS`) and `model.safetensors` into `folder`, the
+        layout `ShapeBackbone(pretrained=folder)` loads."""
+        from diffalign.core.io import save_state_dict, write_json
+
+        folder = Path(folder)
+        write_json(folder / "config.json", {k: getattr(self, k) for k in self.CONFIG_KEYS})
+        save_state_dict(self, folder / "model.safetensors")
+        return folder
 
     @property
     def channels(self) -> int:
@@ -296,3 +342,24 @@ class ShapeBackbone(Backbone):
         if getattr(self, "_grid_writer", None) is None:
             self._grid_writer = ShapeGridWriter()
         return self._grid_writer(samples, folder, prompts, start_index=start_index)
+
+
+def _pretrained_folder(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
+    """(config, weights path) of a `save_pretrained` folder; a missing file or key is named."""
+    import json
+
+    from diffalign.core.io import resolve_path
+
+    root = resolve_path(folder)
+    if not root.is_dir():
+        raise NotADirectoryError(
+            f"pretrained must be a folder with config.json and model.safetensors: {root}"
+        )
+    missing = [f for f in ("config.json", "model.safetensors") if not (root / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{root} has no {' or '.join(missing)} (write one with save_pretrained)")
+    config = json.loads((root / "config.json").read_text())
+    absent = [k for k in ShapeBackbone.CONFIG_KEYS if k not in config]
+    if absent:
+        raise ValueError(f"{root / 'config.json'} lacks {absent}")
+    return config, str(root / "model.safetensors")

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def sample_layouts(policy: Any, pairs: list[tuple[Any, int]], batch_size: int = 64) -> dict[str, torch.Tensor]:
+def sample_layouts(
+    policy: Any, pairs: list[tuple[Any, int]], batch_size: int = 64
+) -> dict[str, torch.Tensor]:
     """The decoded samples (sample layout, concatenated, on the CPU) of fixed (prompt, seed) pairs."""
     from diffalign.core.sampling import sample_pairs
 
@@ -65,7 +67,12 @@ class ShapeSamples(Callback):
         image_size: int = 64,
     ) -> None:
         self.prompts = list(prompts) if prompts else list(SHAPE_PROMPTS)
-        self.seeds_per_prompt, self.seed, self.views, self.image_size = seeds_per_prompt, seed, views, image_size
+        self.seeds_per_prompt, self.seed, self.views, self.image_size = (
+            seeds_per_prompt,
+            seed,
+            views,
+            image_size,
+        )
 
     def write(self, trainer: L.Trainer, pl_module: Any, tag: str) -> Path | None:
         from diffalign.modalities.shape3d.grids import labelled_grid, prompt_rows, render_tiles
@@ -82,7 +89,8 @@ class ShapeSamples(Callback):
             samples = sample_layouts(pl_module.policy, pairs)
         write_samples(samples, folder / f"shapes_{tag}")
         tiles = render_tiles(samples, self.views, self.image_size)
-        title = f"{tag} training (step {trainer.global_step}); seeds {self.seed}..{self.seed + self.seeds_per_prompt - 1}"
+        last = self.seed + self.seeds_per_prompt - 1
+        title = f"{tag} training (step {trainer.global_step}); seeds {self.seed}..{last}"
         grid = labelled_grid(prompt_rows(tiles, [p for p, _ in pairs]), title)
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(path)
@@ -146,7 +154,10 @@ class ShapeMetrics(Callback):
         for i, prompt in enumerate(self.prompts):
             rows = slice(i * self.samples_per_prompt, (i + 1) * self.samples_per_prompt)
             ref = reference_set(
-                prompt, self.reference_per_prompt, min_points=backbone.min_points, max_points=backbone.max_points
+                prompt,
+                self.reference_per_prompt,
+                min_points=backbone.min_points,
+                max_points=backbone.max_points,
             )
             per_prompt[str(prompt)] = shape_metrics(
                 samples["points"][rows], samples["mask"][rows], ref.points, ref.mask
@@ -176,7 +187,12 @@ class ShapeMetrics(Callback):
         write_json(run_dir(trainer) / "shape_metrics.json", out)
         for lg in trainer.loggers:
             lg.log_metrics(
-                {f"shape/{k}_{tag}": v[k] for tag, v in (("before", before), ("after", after)) for k in ("mmd_cd", "cov_cd", "nna_cd") if k in v},
+                {
+                    f"shape/{k}_{tag}": v[k]
+                    for tag, v in (("before", before), ("after", after))
+                    for k in ("mmd_cd", "cov_cd", "nna_cd")
+                    if k in v
+                },
                 step=trainer.global_step,
             )
         line = ", ".join(

@@ -160,3 +160,16 @@ def test_save_samples_writes_plys_and_a_grid(tmp_path):
     from PIL import Image
 
     assert path.name == "samples.png" and Image.open(path).size[1] > 2 * 64  # two prompt rows of tiles
+
+
+def test_a_model_from_a_local_folder(tmp_path):
+    """The path for point-cloud models brought from elsewhere: config.json + model.safetensors."""
+    a = tiny_shape_backbone(max_points=20, min_points=10, color_channels=3, prediction_type="epsilon")
+    folder = a.save_pretrained(tmp_path / "my_model")
+    b = ShapeBackbone(pretrained=str(folder))
+    assert (b.max_points, b.color_channels, b.prediction_type, b.width) == (20, 3, "epsilon", a.width)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    check_backbone(b, PROMPTS, DDIMKernel(1.0))
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ShapeBackbone(pretrained=str(folder))
