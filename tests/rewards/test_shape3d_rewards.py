@@ -203,3 +203,36 @@ def test_layout_errors_are_named_and_terms_combine():
     assert torch.allclose(
         out.scores, out.info["term/mirror_symmetry"] + 0.5 * out.info["term/surface_uniformity"]
     )
+
+
+def test_scoring_a_folder_gives_one_row_per_file_with_an_error_column(tmp_path):
+    from diffalign.modalities.shape3d.io import write_point_cloud
+    from diffalign.rewards.shape3d import score_point_clouds
+
+    write_point_cloud(tmp_path / "a_box.ply", grid_box())
+    write_point_cloud(
+        tmp_path / "b_tilted.obj", grid_box() @ torch.tensor([[1.0, 0, 0], [0, 0.8, -0.6], [0, 0.6, 0.8]])
+    )
+    (tmp_path / "c_broken.ply").write_text("garbage")
+    (tmp_path / "notes.txt").write_text("not a cloud")
+    rows = score_point_clouds(tmp_path, "stability,mirror_symmetry")
+    assert [r["id"] for r in rows] == ["a_box.ply", "b_tilted.obj", "c_broken.ply"]
+    assert rows[0]["stability"] == 1.0 and rows[1]["stability"] == -1.0 and rows[0]["error"] is None
+    assert abs(rows[0]["mirror_symmetry"]) < 1e-6
+    assert rows[2]["stability"] is None and "c_broken.ply" in rows[2]["error"]
+    with_prompt = score_point_clouds(tmp_path / "a_box.ply", ["chamfer_to_target"], prompt="a box")
+    assert with_prompt[0]["chamfer_to_target"] < 0 and with_prompt[0]["error"] is None
+    no_prompt = score_point_clouds(tmp_path / "a_box.ply", ["chamfer_to_target"])
+    assert no_prompt[0]["chamfer_to_target"] is None and "prompt" in no_prompt[0]["error"]
+    with pytest.raises(ValueError, match="unknown shape rewards"):
+        score_point_clouds(tmp_path, "qed")
+
+
+def test_diffalign_score_reads_one_point_cloud_file(tmp_path):
+    from diffalign.core.score import score_file
+    from diffalign.modalities.shape3d.io import write_point_cloud
+
+    path = write_point_cloud(tmp_path / "box.ply", grid_box())
+    rows = score_file(path, "stability,surface_uniformity")
+    assert len(rows) == 1 and rows[0]["stability"] == 1.0 and rows[0]["error"] is None
+    assert rows[0]["surface_uniformity"] == pytest.approx(0.0, abs=1e-5)
