@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,19 @@ import torch
 
 
 def _detached(sample: Any) -> Any:
-    """A CPU copy of one decoded sample to save: tensors are detached; other objects (e.g. molecules)
-    are saved as they are."""
+    """A CPU copy of one decoded sample to save: tensors are detached (also inside a dict layout); other
+    objects (e.g. molecules) are saved as they are."""
+    if isinstance(sample, dict):
+        return {k: _detached(v) for k, v in sample.items()}
     return sample.detach().cpu().clone() if isinstance(sample, torch.Tensor) else sample
+
+
+def _row(samples: Any, k: int) -> Any:
+    """Sample k of a decoded batch: an item of a list or tensor, or, for a dict layout of batch-first
+    entries (`{"points": (B, N, 2), "mask": (B, N)}`), the dict of every entry's row k."""
+    if isinstance(samples, Mapping):
+        return {key: v[k] for key, v in samples.items()}
+    return samples[k]
 
 
 def make_preference_dataset(
@@ -72,7 +82,7 @@ def make_preference_dataset(
                         skipped += 1
                         continue
                     rel = Path("samples") / f"{b + i:06d}_{j}.pt"
-                    torch.save(_detached(samples[i * n + j]), output / rel)
+                    torch.save(_detached(_row(samples, i * n + j)), output / rel)
                     lines.append(
                         json.dumps(
                             {
@@ -94,7 +104,7 @@ def make_preference_dataset(
                 paths = []
                 for j in (w, l):
                     rel = Path("samples") / f"{b + i:06d}_{j}.pt"
-                    torch.save(_detached(samples[i * n + j]), output / rel)
+                    torch.save(_detached(_row(samples, i * n + j)), output / rel)
                     paths.append(str(rel))
                 lines.append(
                     json.dumps(

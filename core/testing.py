@@ -133,7 +133,8 @@ class PointSetBackbone(Backbone):
     it shows that the core (not the backbone) keeps padding out of noise, states, losses and gradients.
 
     Sample layout (`decode`): `{"points": (B, N, 2), "mask": (B, N)}`, padding explicit (zeros, mask 0).
-    `encode` takes that layout or a list of (n_i, 2) tensors (padded with `functional.pad_stack`).
+    `encode` takes that layout, or a list of (n_i, 2) tensors or of one-sample layouts `{"points": (N, 2),
+    "mask": (N,)}` (what `diffalign feedback` saves per sample), padded with `functional.pad_stack`.
 
     With `probe_gradients`, every denoiser output that requires grad records the largest |gradient|
     that reaches its padded rows in `padded_grad_max` (what the contract test asserts is 0).
@@ -232,7 +233,12 @@ class PointSetBackbone(Backbone):
                 torch.as_tensor(samples["mask"]).float(),
             )
         else:
-            sets = [torch.as_tensor(x).float() for x in samples]
+            sets = [
+                torch.as_tensor(x["points"]).float()[torch.as_tensor(x["mask"]) > 0]
+                if isinstance(x, Mapping)
+                else torch.as_tensor(x).float()
+                for x in samples
+            ]
             if any(x.shape[0] > self.max_points for x in sets):
                 raise ValueError(f"a point set has more than max_points={self.max_points} points")
             points, mask = pad_stack(sets, axis=0)

@@ -167,6 +167,24 @@ def write_molecule_feedback(cwd: Path) -> Path:
     return folder
 
 
+def write_shape_feedback(cwd: Path) -> Path:
+    """The AI-feedback pairs the shape DPO recipe reads, made small: the shipped flow model with 2 sampling
+    steps, the 6 primitive prompts × 2 groups × 4 samples, ranked by the view classifier."""
+    from diffalign.core.feedback import make_preference_dataset
+    from diffalign.core.kernels import FlowSDEKernel
+    from diffalign.core.policy import DiffusionPolicy
+    from diffalign.modalities.shape3d import SHAPE_PROMPTS, ShapeBackbone
+    from diffalign.rewards.shape3d import ViewClassFidelity
+
+    folder = cwd / "feedback" / "feedback_view_fidelity"
+    policy = DiffusionPolicy(ShapeBackbone(), FlowSDEKernel(0.7), num_steps=2)
+    result = make_preference_dataset(
+        policy, ViewClassFidelity(), list(SHAPE_PROMPTS) * 2, folder, samples_per_prompt=4, pairs_per_prompt=1
+    )
+    assert result["rows"] >= 8, result  # two batches of 4 pairs
+    return folder
+
+
 def save_random_digit_scorer(cwd: Path) -> Path:
     """Random-init DigitScorer weights where `recipes/image/ddpo_learned_digits.yaml` loads its reward
     model (a test of the plumbing, not of the reward)."""

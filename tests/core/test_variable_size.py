@@ -9,6 +9,8 @@ gradient reaching their padded rows, which must be exactly 0).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -208,3 +210,23 @@ def test_ragged_preference_rows_collate_into_lists_the_backbone_pads():
     assert x0.shape == (2, 5, 2) and mask.sum(1).tolist() == [2.0, 3.0]
     same = collate_preferences([{"winner": torch.zeros(2, 2)}, {"winner": torch.ones(2, 2)}])
     assert isinstance(same["winner"], torch.Tensor) and same["winner"].shape == (2, 2, 2)
+
+
+def test_ai_feedback_on_a_dict_layout_round_trips_through_preference_data(tmp_path):
+    """`diffalign feedback` saves one row of a dict layout per sample; the pairs load, collate into lists
+    and the backbone encodes them back to the sampled model-space points."""
+    from diffalign.core.feedback import make_preference_dataset
+    from diffalign.core.preference_data import PreferenceDataModule, collate_preferences
+
+    policy = _policy()
+    result = make_preference_dataset(policy, PointSetReward(), [0, 1, 2], tmp_path, samples_per_prompt=4)
+    assert result["rows"] == 3
+    dm = PreferenceDataModule(path=str(tmp_path / "pairs.jsonl"), batch_size=3)
+    batch = collate_preferences([dm.dataset[i] for i in range(3)])
+    assert isinstance(batch["winner"], list) and isinstance(batch["winner"][0], dict)
+    x0, mask = policy.backbone.encode(batch["winner"])
+    lines = (tmp_path / "pairs.jsonl").read_text().splitlines()
+    for i, line in enumerate(lines):
+        saved = torch.load(tmp_path / json.loads(line)["winner"])
+        n = int(saved["mask"].sum())
+        assert mask[i].sum() == n and torch.equal(x0[i, :n], saved["points"][:n])
