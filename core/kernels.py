@@ -356,8 +356,8 @@ class _FlowKernel(TransitionKernel):
     def _check_compatible(self, scheduler: Any) -> None:
         if hasattr(scheduler, "alphas_cumprod") or "shift" not in scheduler.config:
             raise ValueError(
-                f"{type(self).__name__} needs a flow-matching scheduler (FlowMatchEulerDiscreteScheduler), got "
-                f"{type(scheduler).__name__}; epsilon/v backbones use DDIMKernel or DDPMKernel"
+                f"{type(self).__name__} needs a flow-matching scheduler (FlowMatchEulerDiscreteScheduler), "
+                f"got {type(scheduler).__name__}; epsilon/v backbones use DDIMKernel or DDPMKernel"
             )
 
     @property
@@ -480,7 +480,9 @@ class CPSKernel(_FlowKernel):
     ) -> None:
         super().__init__(noise_level, deterministic_last_step, reduction)
         if noise_level > 1:
-            raise ValueError(f"CPSKernel needs noise_level in [0, 1] (std = σ_next·sin(η·π/2)), got {noise_level}")
+            raise ValueError(
+                f"CPSKernel needs noise_level in [0, 1] (std = σ_next·sin(η·π/2)), got {noise_level}"
+            )
 
     def sde_mean_std(self, v: Tensor, x: Tensor, sigma: Tensor, sigma_next: Tensor) -> tuple[Tensor, Tensor]:
         std = sigma_next * math.sin(self.noise_level * math.pi / 2)
