@@ -193,8 +193,9 @@ class DiffusionPolicy(nn.Module):
                 for h in hooks:
                     h.after_step(self, state)
                 x, cond, mask = state.prev_sample, state.cond, state.mask
-            if start <= i < stop:
+            if start <= i + 1 <= stop:  # x is now x_{i+1}: keep x_start … x_stop
                 states.append(x)
+            if start <= i < stop:
                 log_probs.append(state.step.log_prob.detach())
                 if record_means:
                     means.append(state.step.mean.detach())

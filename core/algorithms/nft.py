@@ -197,8 +197,8 @@ class DiffusionNFT(Algorithm):
         for micro in point_minibatches(
             data, generator, self.num_inner_epochs, self.train_batch_size, self.gradient_accumulation_steps
         ):
+            self.updates += 1  # counted when handed out: the old copy's next update sees this step
             yield micro
-            self.updates += 1
 
     def forward(self, policy: DiffusionPolicy, micro: Batch) -> dict[str, Tensor]:
         backbone = policy.backbone
