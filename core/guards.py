@@ -9,10 +9,12 @@ before, during and after training) the guards measure:
   the same samples as the proxy: the proxy-vs-gold gap over training;
 - **diversity within a prompt**: the mean pairwise Euclidean distance of the samples of one prompt in a
   feature space, and their Vendi score (Friedman & Dieng, arXiv:2210.02410: exp of the entropy of the
-  eigenvalues of K/n, K the cosine-similarity matrix; 1 when all samples are the same, n when they are
-  orthogonal), averaged over prompts. The feature space is a function the recipe names
-  (`features: pkg.module.fn`, called as fn(samples, cond) → (B, D)) or the backbone's `features(samples)`
-  (default: the samples themselves, flattened — points, pixels);
+  eigenvalues of K/n; 1 when all samples are the same, n when they are all unlike), averaged over
+  prompts. K is the Gaussian kernel exp(−d²/(2h²)) with the bandwidth h fixed at the first evaluation
+  (the median within-prompt distance before training), so the score is comparable over a run and
+  meaningful in any feature space, low-dimensional ones included. The feature space is a function the
+  recipe names (`features: pkg.module.fn`, called as fn(samples, cond) → (B, D)) or the backbone's
+  `features(samples)` (default: the samples themselves, flattened — points, pixels);
 - **KL to the reference**: Σ_t KL(π_θ(·|x_t) ‖ π_ref(·|x_t)) along the policy's own evaluation
   trajectories — the closed-form Gaussian KL of each stochastic step, summed over event dims and steps
   (nats per sample), an unbiased estimate of the path KL, which bounds the KL of the final samples.
@@ -47,32 +49,48 @@ def mean_pairwise_distance(features: Tensor) -> float:
     return float(d.sum() / (n * (n - 1)))
 
 
-def vendi_score(features: Tensor) -> float:
-    """The Vendi score of rows of `features` (n, D) under the cosine-similarity kernel: exp(−Σ λ log λ) over
-    the eigenvalues λ of K/n, K_ij = cos(f_i, f_j). 1 ≤ VS ≤ n; NaN for n < 1."""
+def vendi_score(features: Tensor, bandwidth: float | None = None) -> float:
+    """The Vendi score of rows of `features` (n, D): exp(−Σ λ log λ) over the eigenvalues λ of K/n, with
+    K the Gaussian kernel exp(−‖f_i − f_j‖²/(2h²)) of bandwidth h, or the cosine similarity when no
+    bandwidth is given. 1 ≤ VS ≤ n; NaN for n < 1."""
     n = features.shape[0]
     if n < 1:
         return float("nan")
     f = features.double()
-    f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    lam = torch.linalg.eigvalsh(f @ f.T / n).clamp_min(0)
+    if bandwidth is None:
+        f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        k = f @ f.T
+    else:
+        k = torch.exp(-(torch.cdist(f[None], f[None])[0] ** 2) / (2 * float(bandwidth) ** 2))
+    lam = torch.linalg.eigvalsh(k / n).clamp_min(0)
     lam = lam[lam > 1e-12]
     return float(torch.exp(-(lam * lam.log()).sum()))
 
 
-def prompt_diversity(features: Tensor, keys: list[str]) -> dict[str, float]:
-    """Mean over prompts (with ≥ 2 samples) of the within-prompt mean pairwise distance and Vendi score."""
-    groups: dict[str, list[int]] = {}
+def _groups(keys: list[str]) -> list[Tensor]:
+    rows: dict[str, list[int]] = {}
     for i, k in enumerate(keys):
-        groups.setdefault(k, []).append(i)
-    dist, vendi = [], []
-    for rows in groups.values():
-        if len(rows) >= 2:
-            f = features[torch.tensor(rows)]
-            dist.append(mean_pairwise_distance(f))
-            vendi.append(vendi_score(f))
-    if not dist:
+        rows.setdefault(k, []).append(i)
+    return [torch.tensor(r) for r in rows.values() if len(r) >= 2]
+
+
+def median_within_prompt_distance(features: Tensor, keys: list[str]) -> float:
+    """The median distance between two samples of the same prompt (the Vendi bandwidth of a run)."""
+    dists = []
+    for rows in _groups(keys):
+        d = torch.cdist(features[rows].double()[None], features[rows].double()[None])[0]
+        dists.append(d[torch.triu(torch.ones_like(d, dtype=torch.bool), diagonal=1)])
+    return float(torch.cat(dists).quantile(0.5)) if dists else float("nan")
+
+
+def prompt_diversity(features: Tensor, keys: list[str], bandwidth: float | None = None) -> dict[str, float]:
+    """Mean over prompts (with ≥ 2 samples) of the within-prompt mean pairwise distance and Vendi score
+    (Gaussian kernel of `bandwidth`; cosine similarity when None)."""
+    groups = _groups(keys)
+    if not groups:
         return {"diversity": float("nan"), "vendi": float("nan"), "diversity_prompts": 0}
+    dist = [mean_pairwise_distance(features[rows]) for rows in groups]
+    vendi = [vendi_score(features[rows], bandwidth) for rows in groups]
     return {
         "diversity": sum(dist) / len(dist),
         "vendi": sum(vendi) / len(vendi),
@@ -119,9 +137,15 @@ class GuardMeter:
     per-sample features, gold scores and KL estimates, keyed by prompt; `result()` reduces them."""
 
     def __init__(
-        self, module: Any, gold: Any = None, features: FeatureFn | None = None, kl: bool = True
+        self,
+        module: Any,
+        gold: Any = None,
+        features: FeatureFn | None = None,
+        kl: bool = True,
+        bandwidth: float | None = None,
     ) -> None:
         self.module, self.gold, self.features, self.kl = module, gold, features, kl
+        self.bandwidth = bandwidth  # the Vendi kernel's; None: set from these samples
         self.keys: list[str] = []
         self.feats: list[Tensor] = []
         self.gold_scores: list[float] = []
@@ -157,7 +181,12 @@ class GuardMeter:
     def result(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.feats:
-            out.update(prompt_diversity(torch.cat(self.feats), self.keys))
+            feats = torch.cat(self.feats)
+            if self.bandwidth is None or not math.isfinite(self.bandwidth) or self.bandwidth <= 0:
+                self.bandwidth = median_within_prompt_distance(feats, self.keys)
+            ok = math.isfinite(self.bandwidth) and self.bandwidth > 0
+            out.update(prompt_diversity(feats, self.keys, self.bandwidth if ok else None))
+            out["vendi_bandwidth"] = self.bandwidth
         if self.gold is not None:
             ok = [s for s in self.gold_scores if math.isfinite(s)]
             out["gold_mean"] = sum(ok) / len(ok) if ok else float("nan")
@@ -270,6 +299,7 @@ class RewardGuards:
         self.rule = rule or GuardRule()
         self.history: list[dict[str, Any]] = []  # {"step", "reward", **guards}
         self.warnings: list[dict[str, Any]] = []
+        self.bandwidth: float | None = None
 
     def setup(self, module: Any) -> None:
         backbone = module.policy.backbone
@@ -287,26 +317,35 @@ class RewardGuards:
         from diffalign.core.callbacks import evaluate_reward
 
         features, name = resolve_features(self.features_spec, module.policy.backbone)
-        meter = GuardMeter(module, self.gold, features, self.kl)
+        meter = GuardMeter(module, self.gold, features, self.kl, self.bandwidth)
         out = evaluate_reward(module, pairs, batch_size, on_batch=meter)
         out["guards"] = {**meter.result(), "feature_space": name}
+        self.bandwidth = meter.bandwidth  # the first evaluation fixes the Vendi bandwidth of the run
         return out
 
     def record(self, step: int, evaluation: dict[str, Any]) -> list[str]:
+        """Keep an evaluation at optimiser step `step` (replacing a later one kept at that same step) and
+        return the rule's new warnings against the first evaluation."""
         point = {"step": int(step), "reward": evaluation.get("mean"), **(evaluation.get("guards") or {})}
         point.pop("notes", None)
-        self.history.append(point)
+        if len(self.history) > 1 and self.history[-1]["step"] == point["step"]:
+            self.history[-1] = point
+        else:
+            self.history.append(point)
         start = self.history[0]
-        messages = self.rule.check({"mean": start["reward"], "guards": start}, evaluation)
+        seen = {(w["step"], w["message"]) for w in self.warnings}
+        checked = self.rule.check({"mean": start["reward"], "guards": start}, evaluation)
+        messages = [m for m in checked if (int(step), m) not in seen]
         self.warnings.extend({"step": int(step), "message": m} for m in messages)
         return messages
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "warnings": list(self.warnings)}
+        return {"history": list(self.history), "warnings": list(self.warnings), "bandwidth": self.bandwidth}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = list(state.get("history", []))
         self.warnings = list(state.get("warnings", []))
+        self.bandwidth = state.get("bandwidth")
 
     def plot(self, axes: list[Any]) -> None:
         """One panel per measured quantity (diversity, Vendi, gold reward with the proxy, KL) over steps."""
