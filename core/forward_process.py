@@ -149,9 +149,12 @@ class SoftCopy:
     def swapped_in(self, params: Sequence[nn.Parameter]) -> Iterator[None]:
         """The copy's values in the live parameters for the duration of the block."""
         saved = [p.data for p in params]
+        for v, p in zip(self.values, params, strict=True):
+            if v.device != p.device:  # e.g. restored from a checkpoint on the CPU
+                v.data = v.data.to(p.device)
         try:
             for p, v in zip(params, self.values, strict=True):
-                p.data = v.to(p.device)
+                p.data = v
             yield
         finally:
             for p, s in zip(params, saved, strict=True):

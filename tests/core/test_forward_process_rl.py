@@ -268,3 +268,15 @@ def test_toy_recipe_raises_the_reward_beyond_seed_noise(name, tmp_path):
     stderr = s["reward_before_std"] / math.sqrt(s["eval_samples"])
     gain = s["reward_after"] - s["reward_before"]
     assert gain > min_gain and gain > 10 * stderr, s
+
+
+def test_nft_old_policy_and_step_count_travel_in_the_module_state():
+    policy = flow_policy()
+    algo = DiffusionNFT(group_size=2, kl_coef=0.0)
+    data, _ = algo.prepare(ctx_for(policy), BATCH)
+    list(algo.minibatches(data, torch.Generator()))
+    state = algo.state_dict()  # what a Lightning checkpoint stores (nn.Module extra state)
+    again = DiffusionNFT(group_size=2, kl_coef=0.0)
+    again.load_state_dict(state)
+    assert again.updates == algo.updates == 1 and again.synced == algo.synced
+    assert all(torch.equal(a, b) for a, b in zip(again.old.values, algo.old.values, strict=True))
