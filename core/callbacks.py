@@ -177,8 +177,11 @@ class RewardEvaluation(Callback):
         value = trainer.callback_metrics.get("train/reward_mean")
         if value is not None:
             self.history.append((int(trainer.global_step), float(value)))
-        n = self.guard_every_n_steps
-        if self.guards is not None and n and trainer.global_step % n == 0 and pl_module.reward is not None:
+        n, step = self.guard_every_n_steps, int(trainer.global_step)
+        last = self.guards.history[-1]["step"] if self.guards is not None and self.guards.history else None
+        if (
+            n and last is not None and step // n > last // n
+        ):  # every n optimiser steps, whatever a batch takes
             warned = len(self.guards.warnings)
             ema = getattr(pl_module, "ema_weights", None)
             with ema() if ema is not None else contextlib.nullcontext():
