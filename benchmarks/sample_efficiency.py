@@ -58,6 +58,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
+#: what the reward-hacking guards add to every evaluation round (core.guards)
+GUARD_KEYS = ("diversity", "vendi", "gold_mean", "kl_to_reference")
 TOY = [
     "ddpo_mode",
     "dpok_mode",
@@ -125,7 +127,18 @@ def family(module: Any, backbone_cfg: Any) -> dict[str, Any]:
     }
 
 
-def make_callback(budget: int, rounds: int, pairs: list, eval_batch_size: int, device_type: str):
+def make_guards(args: argparse.Namespace) -> Any:
+    """The evaluation's reward-hacking guards (`core.guards`), or None with --no-guards."""
+    if args.no_guards:
+        return None
+    from diffalign.core.guards import RewardGuards
+    from diffalign.core.reward import import_object
+
+    gold = import_object(args.gold)() if args.gold else None
+    return RewardGuards(gold_reward=gold, features=args.features, kl_to_reference=not args.no_kl)
+
+
+def make_callback(budget: int, rounds: int, pairs: list, eval_batch_size: int, device_type: str, guards: Any):
     from lightning.pytorch.callbacks import Callback
 
     from diffalign.core.callbacks import evaluate_reward
@@ -150,20 +163,30 @@ def make_callback(budget: int, rounds: int, pairs: list, eval_batch_size: int, d
             sync()
             t = time.perf_counter()
             with module.ema_weights():
-                out = evaluate_reward(module, pairs, eval_batch_size)
+                if guards is None:
+                    out = evaluate_reward(module, pairs, eval_batch_size)
+                else:
+                    out = guards.evaluate(module, pairs, eval_batch_size)
             sync()
             self.eval_seconds += time.perf_counter() - t
-            self.curve.append(
-                {
-                    "reward_queries": int(module.reward_queries),
-                    "reward": out["mean"],
-                    "reward_std": out["std"],
-                    "updates": int(trainer.global_step),
-                    "failed": out["failed"],
-                }
-            )
+            point = {
+                "reward_queries": int(module.reward_queries),
+                "reward": out["mean"],
+                "reward_std": out["std"],
+                "updates": int(trainer.global_step),
+                "failed": out["failed"],
+            }
+            extra = ""
+            if guards is not None:
+                warnings = guards.record(trainer.global_step, out)
+                g = out["guards"]
+                point.update({k: g[k] for k in GUARD_KEYS if k in g})
+                point["guard_warnings"] = warnings
+                extra = "  " + "  ".join(f"{k} {g[k]:.4g}" for k in GUARD_KEYS if k in g)
+                extra += f"  WARNING: {warnings[0]}" if warnings else ""
+            self.curve.append(point)
             print(
-                f"  queries {module.reward_queries:>7d}  eval reward {out['mean']:.4f}",
+                f"  queries {module.reward_queries:>7d}  eval reward {out['mean']:.4f}{extra}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -171,6 +194,8 @@ def make_callback(budget: int, rounds: int, pairs: list, eval_batch_size: int, d
         def on_fit_start(self, trainer: Any, module: Any) -> None:
             if device_type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+            if guards is not None:
+                guards.setup(module)  # the reference for the KL: the initial weights
             self.evaluate(trainer, module)
             sync()
             self.t0 = time.perf_counter()
@@ -213,7 +238,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     accelerator = args.device or trainer_cfg.get("accelerator", "cpu")
     device_type = "cuda" if accelerator in ("cuda", "gpu") else "cpu"
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    cb = make_callback(args.budget, args.rounds, pairs, args.eval_batch_size, device_type)
+    cb = make_callback(args.budget, args.rounds, pairs, args.eval_batch_size, device_type, make_guards(args))
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=1,
@@ -264,13 +289,17 @@ def mean_curve(runs: list[dict]) -> list[dict[str, float]]:
         pts = [r["curve"][i] for r in runs]
         rewards = [p["reward"] for p in pts]
         m = sum(rewards) / len(rewards)
-        out.append(
-            {
-                "reward_queries": sum(p["reward_queries"] for p in pts) / len(pts),
-                "reward": m,
-                "reward_seed_std": math.sqrt(sum((x - m) ** 2 for x in rewards) / len(rewards)),
-            }
-        )
+        point = {
+            "reward_queries": sum(p["reward_queries"] for p in pts) / len(pts),
+            "reward": m,
+            "reward_seed_std": math.sqrt(sum((x - m) ** 2 for x in rewards) / len(rewards)),
+        }
+        for key in GUARD_KEYS:
+            values = [p[key] for p in pts if isinstance(p.get(key), (int, float)) and math.isfinite(p[key])]
+            if values:
+                point[key] = sum(values) / len(values)
+        point["guard_warned"] = any(p.get("guard_warnings") for p in pts)
+        out.append(point)
     return out
 
 
@@ -320,6 +349,11 @@ def summarise(records: dict[str, list[dict]], reference: str) -> list[dict[str, 
                 "target_90pct_gain": gain90,
                 "queries_to_90pct_gain": q90,
                 "speedup_90pct_gain": (ref_q90 / q90) if (q90 and ref_q90) else None,
+                "start": {k: curve[0][k] for k in GUARD_KEYS if k in curve[0]},
+                "final": {k: curve[-1][k] for k in GUARD_KEYS if k in curve[-1]},
+                "first_guard_warning_queries": next(
+                    (p["reward_queries"] for p in curve if p.get("guard_warned")), None
+                ),
                 "train_wall_s": sum(r["train_wall_s"] for r in runs) / len(runs),
                 "peak_mem_mib": max(r["peak_mem_mib"] for r in runs),
                 "curve": curve,
@@ -332,15 +366,29 @@ def fmt_q(q: float | None) -> str:
     return f"{q:,.0f}" if q is not None else "not reached"
 
 
+def guard_cell(row: dict, key: str) -> str:
+    """A guard's final value, with its value before training in parentheses (not for the KL, 0 there)."""
+    final, start = row["final"], row["start"]
+    if key not in final:
+        return "–"
+    before = f" ({start[key]:.3g})" if key in start and key != "kl_to_reference" else ""
+    return f"{final[key]:.3g}{before}"
+
+
 def table(rows: list[dict], reference: str, ref_final: float | None) -> str:
     target = f"{ref_final:.3f}" if ref_final is not None else "n/a"
     target90 = f"{rows[0]['target_90pct_gain']:.3f}"
-    lines = [
+    guards = any(r["final"] for r in rows)
+    head = (
         f"| algorithm | final reward | best reward (at queries) | queries to reach {reference}'s {target} "
         f"| speed-up vs {reference} | queries to 90 % of {reference}'s gain ({target90}) "
-        f"| speed-up | updates | train wall s | peak MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+        f"| speed-up | updates | train wall s | peak MiB |"
+    )
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if guards:
+        head += " diversity | Vendi | gold | KL (nats) | guard warning at |"
+        rule += "---:|---:|---:|---:|---:|"
+    lines = [head, rule]
     for r in rows:
         q = r["queries_to_reference"]
         s = r["speedup_vs_reference"]
@@ -355,6 +403,10 @@ def table(rows: list[dict], reference: str, ref_final: float | None) -> str:
             f"| {r['updates']:.0f} | {r['train_wall_s']:.1f} "
             f"| {r['peak_mem_mib']:.0f} |"
         )
+        if guards:
+            cells = [guard_cell(r, k) for k in GUARD_KEYS]
+            warned = r["first_guard_warning_queries"]
+            lines[-1] += " " + " | ".join(cells) + f" | {fmt_q(warned) if warned is not None else 'none'} |"
     return "\n".join(lines)
 
 
@@ -411,9 +463,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         help="extra recipe argument, e.g. --override=--model.init_args.lr_scheduler=null",
     )
+    p.add_argument("--gold", default=None, help="dotted path of a gold Reward class (no arguments)")
+    p.add_argument("--features", default=None, help="dotted path of the diversity feature function")
+    p.add_argument("--no-guards", action="store_true", help="skip diversity / gold / KL")
+    p.add_argument("--no-kl", action="store_true", help="skip the KL to the reference")
     p.add_argument("--name", default="toy", help="results go to sample_efficiency_<name>.{json,png}")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
-    p.add_argument("--from-json", type=Path, default=None, help="re-summarise the runs of an earlier JSON")
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="re-summarise the runs of earlier JSON files (several: their runs merged; same budget/rounds)",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one recipe
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -431,8 +493,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"recipe labels must be unique, got {names}")
     records: dict[str, list[dict]] = {}
     if args.from_json is not None:  # re-summarise stored runs (table, JSON, plot) without training
-        old = json.loads(args.from_json.read_text())
-        records = old["runs"]
+        files = [json.loads(f.read_text()) for f in args.from_json]
+        old = files[0]
+        for other in files[1:]:
+            if (other["budget"], other["rounds"], other["seeds"]) != (
+                old["budget"],
+                old["rounds"],
+                old["seeds"],
+            ):
+                raise SystemExit("--from-json files must share budget, rounds and seeds")
+        records = {name: runs for f in files for name, runs in f["runs"].items()}
         names = list(records)
         args.budget, args.rounds, args.seeds = old["budget"], old["rounds"], old["seeds"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -444,9 +514,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cmd += ["--eval-batch-size", str(args.eval_batch_size)]
                 if args.eval_seeds_per_prompt is not None:
                     cmd += ["--eval-seeds-per-prompt", str(args.eval_seeds_per_prompt)]
-                for flag in ("device", "precision"):
+                for flag in ("device", "precision", "gold", "features"):
                     if getattr(args, flag):
                         cmd += [f"--{flag}", getattr(args, flag)]
+                cmd += ["--no-guards"] if args.no_guards else []
+                cmd += ["--no-kl"] if args.no_kl else []
                 cmd += [f"--override={o}" for o in args.override]
                 print(f"{name} (seed {seed}): {recipe}", file=sys.stderr, flush=True)
                 subprocess.run(cmd, check=True, cwd=ROOT)
@@ -495,6 +567,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.from_json is not None:  # keep what was measured, note the re-summary
         result["resummarised_by"], result["command"] = result["command"], old["command"]
         result["date_measured"] = old.get("date_measured") or old["date"]
+        if len(files) > 1:
+            result["merged_from"] = [{"command": f["command"], "date": f["date"]} for f in files]
         result["machine"] = old["machine"]
     else:
         result["date_measured"] = result["date"]

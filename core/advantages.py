@@ -7,7 +7,7 @@ rewards (and the condition key or group of each row) to advantages, and does not
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -63,27 +63,6 @@ def group_advantages(
     return adv, zero / max(1, len(ids))
 
 
-def term_group_advantages(
-    terms: Mapping[str, Tensor],
-    weights: Mapping[str, float],
-    groups: Tensor,
-    std_scope: Literal["group", "global"] = "group",
-    eps: float = 1e-4,
-) -> tuple[Tensor, dict[str, float]]:
-    """Σₖ wₖ·Aₖ with Aₖ = `group_advantages` of reward term k alone: each term is normalised within its
-    group before the weighted sum (DanceGRPO's separate visual/motion-quality advantages; GDPO), so a
-    term with a large spread cannot drown the others. Returns the advantages and each term's fraction
-    of flat groups."""
-    missing = sorted(set(weights) - set(terms))
-    if missing:
-        raise KeyError(f"per-term advantages: the reward reported no term {missing}; it has {sorted(terms)}")
-    total, zero = None, {}
-    for name, w in weights.items():
-        adv, zero[name] = group_advantages(terms[name].float(), groups, std_scope, eps)
-        total = w * adv if total is None else total + w * adv
-    return total, zero
-
-
 class PerPromptNormalizer:
     """Per-condition reward normalisation with a running buffer per key (DDPO's stat tracker).
 
@@ -117,3 +96,85 @@ class PerPromptNormalizer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.buffers = {k: list(v) for k, v in state.get("buffers", {}).items()}
+
+
+def per_reward_advantages(
+    terms: dict[str, Tensor], weights: dict[str, float], groups: Tensor, eps: float = 1e-6
+) -> tuple[Tensor, dict[str, float]]:
+    """GDPO (arXiv 2601.05242; DanceGRPO's VQ/MQ; Flow-Factory's `advantage_aggregation: gdpo`): normalise
+    each reward term within its group, weight and sum, then normalise the sum over the batch:
+
+        A = z(Σ_k w_k · (r_k − mean_g r_k) / max(std_g r_k, eps)),   z(a) = (a − mean a) / (std a + eps)
+
+    so a term with a large spread cannot drown the others, as it does when the weighted sum is
+    normalised as one reward. Groups whose term is constant contribute 0 for that term. Returns the
+    advantages and, per term, the fraction of groups where it was constant (`zero_std_ratio/<term>`).
+    """
+    missing = sorted(set(weights) - set(terms))
+    if missing:
+        raise ValueError(f"per-reward advantages: the rollouts report no scores for terms {missing}")
+    total = torch.zeros_like(next(iter(terms.values())), dtype=torch.float32)
+    flat: dict[str, float] = {}
+    ids = groups.unique()
+    for name, w in weights.items():
+        r = terms[name].float().to(total.device)
+        norm = torch.zeros_like(r)
+        constant = 0
+        for g in ids:
+            rows = (groups == g).to(r.device)
+            rg = r[rows]
+            if rg.numel() < 2 or float(rg.max() - rg.min()) == 0.0:
+                constant += 1
+                continue
+            norm[rows] = (rg - rg.mean()) / rg.std(unbiased=False).clamp_min(eps)
+        total = total + w * norm
+        flat[f"zero_std_ratio/{name}"] = constant / max(1, len(ids))
+    return (total - total.mean()) / (total.std(unbiased=False) + eps), flat
+
+
+def pairwise_win_rates(preferences: Tensor) -> Tensor:
+    """Pref-GRPO's reward: each sample's mean win over the other members of its group.
+
+    `preferences` (G, G): entry (i, j) is the probability (or 0/1/½ decision) that sample i beats j, for
+    i ≠ j (the diagonal is ignored). Returns (G,) win rates Σ_{j≠i} P(i ≻ j) / (G − 1) in [0, 1].
+    """
+    g = preferences.shape[0]
+    if preferences.shape != (g, g) or g < 2:
+        raise ValueError(f"preferences must be (G, G) with G >= 2, got {tuple(preferences.shape)}")
+    off = ~torch.eye(g, dtype=torch.bool, device=preferences.device)
+    return (preferences.float() * off).sum(1) / (g - 1)
+
+
+def rollout_advantages(
+    rewards: Tensor,
+    groups: Tensor,
+    terms: dict[str, Tensor] | None = None,
+    weights: dict[str, float] | None = None,
+    std_scope: Literal["group", "global"] = "group",
+) -> tuple[Tensor, dict[str, float]]:
+    """Group-relative advantages of a batch of rollouts: GRPO's (`group_advantages` of `rewards`), or — when
+    per-term `weights` are given — GDPO's per-reward normalisation of the `terms` (`per_reward_advantages`).
+    Metrics: `zero_std_ratio` (and per term with GDPO)."""
+    _, zero = group_advantages(rewards.cpu(), groups.cpu(), std_scope)
+    if weights is None:
+        adv, _ = group_advantages(rewards.cpu(), groups.cpu(), std_scope)
+        return adv, {"zero_std_ratio": zero}
+    adv, metrics = per_reward_advantages(
+        {k: v.cpu() for k, v in (terms or {}).items()}, weights, groups.cpu()
+    )
+    metrics["zero_std_ratio"] = zero
+    return adv, metrics
+
+
+def term_weights(reward: Any) -> dict[str, float]:
+    """{term name: weight} of a `WeightedSum` reward, unwrapping a `GuardedReward` (what per-reward
+    advantages weight); a clear error for any other reward."""
+    from diffalign.core.reward import GuardedReward, WeightedSum
+
+    reward = reward.reward if isinstance(reward, GuardedReward) else reward
+    if not isinstance(reward, WeightedSum):
+        raise ValueError(
+            "per-reward advantages (advantage_aggregation: per_reward) need a WeightedSum reward, whose "
+            f"terms they normalise one by one; got {type(reward).__name__}"
+        )
+    return dict(zip(reward.term_names(), reward.weights, strict=True))

@@ -138,6 +138,15 @@ class Backbone(nn.Module, ABC):
         (identity and no mask here)."""
         return torch.as_tensor(samples), None
 
+    def features(self, samples: Any) -> Tensor | None:
+        """Per-sample feature vectors (B, D) of decoded samples: the space in which the evaluation's
+        diversity guard measures distances (`core.guards`). Default: the samples flattened when they are
+        one tensor (points, pixels, waveforms); None (no diversity measured) for other layouts. Override
+        with a semantic embedding where the modality has one."""
+        if isinstance(samples, Tensor) and samples.dim() >= 2:
+            return samples.detach().float().reshape(samples.shape[0], -1)
+        return None
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters an optimiser should update (LoRA adapters where they apply)."""
         return (p for p in self.parameters() if p.requires_grad)

@@ -10,6 +10,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,14 @@ def print_result(trainer: L.Trainer, text: str) -> None:
 
 
 @torch.no_grad()
-def evaluate_reward(module: Any, pairs: list[tuple[Any, int]], batch_size: int = 64) -> dict[str, Any]:
+def evaluate_reward(
+    module: Any, pairs: list[tuple[Any, int]], batch_size: int = 64, on_batch: Callable | None = None
+) -> dict[str, Any]:
     """Mean reward of the policy over fixed (prompt, seed) pairs, through the one sampling path
     (`core.sampling`: each sample from its own seed, so results do not depend on `batch_size`).
 
     Returns mean, std, count of finite scores, number of failed scores, and per-prompt means.
+    `on_batch(sampled_batch)` sees every scored batch (the reward-hacking guards measure there).
     """
     from diffalign.core.sampling import sample_pairs
 
@@ -55,6 +59,8 @@ def evaluate_reward(module: Any, pairs: list[tuple[Any, int]], batch_size: int =
     failed = 0
     try:
         for batch in sample_pairs(policy, pairs, batch_size, reward=reward):
+            if on_batch is not None:
+                on_batch(batch)
             for p, s in zip(batch.cond.prompts or [None] * len(batch), batch.scores.tolist(), strict=True):
                 if math.isfinite(s):
                     scores.append(s)
@@ -84,6 +90,13 @@ class RewardEvaluation(Callback):
     The evaluation set comes from the data module's `evaluation_set()` when it has one, else from
     `prompts` × `seeds_per_prompt`.
 
+    Reward-hacking guards (`core.guards`, on by default): each evaluation also measures diversity within
+    a prompt (mean pairwise distance and Vendi score in the `features` space), the `gold_reward` when
+    given, and the KL to the reference; `summary.json` gets them under "guards" (before, after, history,
+    warnings), `reward_curve.png` plots them beside the reward, and a warning is raised when the reward
+    rose while diversity or gold fell beyond the thresholds (`GuardRule`). With `guard_every_n_steps`
+    the evaluation also runs during training (and `early_stop` stops the run at the first warning).
+
     Args:
         prompts: evaluation conditions when the data module has no evaluation set.
         seeds_per_prompt: samples per condition in that case.
@@ -91,6 +104,14 @@ class RewardEvaluation(Callback):
         batch_size: samples per evaluation rollout.
         recipe: recipe name written to the summary (the CLI fills in the config file's name).
         plot: write reward_curve.png.
+        guards: measure the reward-hacking guards.
+        gold_reward: a held-out reward scored beside the training reward.
+        features: dotted path of a function fn(samples, cond) → (B, D) features for diversity (default:
+            the backbone's `features`, the flattened samples unless the modality says otherwise).
+        kl_to_reference: estimate the KL to the reference (keeps a frozen copy for runs that have none).
+        guard_every_n_steps: also evaluate every n optimiser steps during training.
+        diversity_drop, gold_drop, max_kl: the thresholds of `core.guards.GuardRule`.
+        early_stop: stop training at the first guard warning of a periodic evaluation.
     """
 
     def __init__(
@@ -101,13 +122,27 @@ class RewardEvaluation(Callback):
         batch_size: int = 64,
         recipe: str | None = None,
         plot: bool = True,
+        guards: bool = True,
+        gold_reward: Any = None,
+        features: str | None = None,
+        kl_to_reference: bool = True,
+        guard_every_n_steps: int | None = None,
+        diversity_drop: float = 0.5,
+        gold_drop: float = 0.05,
+        max_kl: float | None = None,
+        early_stop: bool = False,
     ) -> None:
+        from diffalign.core.guards import GuardRule, RewardGuards
+
         self.prompts = prompts
         self.seeds_per_prompt = seeds_per_prompt
         self.seed = seed
         self.batch_size = batch_size
         self.recipe = recipe
         self.plot = plot
+        rule = GuardRule(diversity_drop, gold_drop, max_kl)
+        self.guards = RewardGuards(gold_reward, features, kl_to_reference, rule) if guards else None
+        self.guard_every_n_steps, self.early_stop = guard_every_n_steps, early_stop
         self.before: dict[str, Any] | None = None
         self.history: list[tuple[int, float]] = []
         self.wall_offset = 0.0
@@ -126,11 +161,25 @@ class RewardEvaluation(Callback):
     def _elapsed(self) -> float:
         return self.wall_offset + time.perf_counter() - self._t0
 
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        if self.guards is not None and stage == "fit" and getattr(pl_module, "reward", None) is not None:
+            self.guards.setup(pl_module)  # before a checkpoint is restored: the reference is the start
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any]:
+        if self.guards is None:
+            return evaluate_reward(pl_module, self._pairs(trainer), self.batch_size)
+        result = self.guards.evaluate(pl_module, self._pairs(trainer), self.batch_size)
+        for message in self.guards.record(trainer.global_step, result):
+            msg = f"step {trainer.global_step}: possible reward hacking: {message}"
+            log.warning(msg)
+            rank_zero_warn(msg)
+        return result
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._t0 = time.perf_counter()
         if getattr(pl_module, "reward", None) is None or self.before is not None:
             return
-        self.before = evaluate_reward(pl_module, self._pairs(trainer), self.batch_size)
+        self.before = self._evaluate(trainer, pl_module)
         log.info("reward before training: %.4f over %d samples", self.before["mean"], self.before["count"])
 
     def on_train_batch_end(
@@ -139,6 +188,17 @@ class RewardEvaluation(Callback):
         value = trainer.callback_metrics.get("train/reward_mean")
         if value is not None:
             self.history.append((int(trainer.global_step), float(value)))
+        n, step = self.guard_every_n_steps, int(trainer.global_step)
+        last = self.guards.history[-1]["step"] if self.guards is not None and self.guards.history else None
+        if (
+            n and last is not None and step // n > last // n
+        ):  # every n optimiser steps, whatever a batch takes
+            warned = len(self.guards.warnings)
+            ema = getattr(pl_module, "ema_weights", None)
+            with ema() if ema is not None else contextlib.nullcontext():
+                self._evaluate(trainer, pl_module)
+            if self.early_stop and len(self.guards.warnings) > warned:
+                trainer.should_stop = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -161,7 +221,7 @@ class RewardEvaluation(Callback):
         if getattr(pl_module, "reward", None) is not None:
             ema = getattr(pl_module, "ema_weights", None)
             with ema() if ema is not None else contextlib.nullcontext():
-                after = evaluate_reward(pl_module, self._pairs(trainer), self.batch_size)
+                after = self._evaluate(trainer, pl_module)
             before = self.before or {}
             summary.update(
                 {
@@ -176,16 +236,29 @@ class RewardEvaluation(Callback):
                     "reward_after_per_prompt": after["per_prompt"],
                 }
             )
+            if self.guards is not None:
+                summary["guards"] = {
+                    "before": before.get("guards"),
+                    "after": after.get("guards"),
+                    "history": self.guards.history,
+                    "warnings": self.guards.warnings,
+                    "thresholds": vars(self.guards.rule),
+                }
         write_json(folder / "summary.json", summary)
         if self.plot and self.history:
             self._plot(trainer, folder / "reward_curve.png", summary)
         if "reward_after" in summary:
+            guards = ""
+            if "guards" in summary:
+                from diffalign.core.guards import describe
+
+                guards = describe(summary["guards"]) + "\n"
             print_result(
                 trainer,
                 f"\nreward ({summary['reward_name']}) before {summary['reward_before']:.4f} -> "
                 f"after {summary['reward_after']:.4f} over {summary['eval_samples']} fixed samples; "
                 f"{summary['reward_queries']} reward queries, {summary['wall_seconds']:.1f} s\n"
-                f"run folder: {folder}  (summary.json, metrics.csv, config.yaml"
+                f"{guards}run folder: {folder}  (summary.json, metrics.csv, config.yaml"
                 f"{', reward_curve.png' if self.plot and self.history else ''})",
             )
 
@@ -196,7 +269,11 @@ class RewardEvaluation(Callback):
         import matplotlib.pyplot as plt
 
         steps, values = zip(*self.history, strict=True)
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+        extra = self.guards.panels() if self.guards is not None else 0
+        fig, axes = plt.subplots(1, 1 + extra, figsize=(6 + 3.2 * extra, 3.5), dpi=120, squeeze=False)
+        ax = axes[0][0]
+        if extra:
+            self.guards.plot(list(axes[0][1:]))
         ax.plot(steps, values, lw=1.2, label="training batch reward")
         for key, style in (("reward_before", "--"), ("reward_after", ":")):
             if summary.get(key) is not None:
@@ -214,12 +291,17 @@ class RewardEvaluation(Callback):
         plt.close(fig)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"before": self.before, "history": list(self.history), "wall_offset": self._elapsed()}
+        state = {"before": self.before, "history": list(self.history), "wall_offset": self._elapsed()}
+        if self.guards is not None:
+            state["guards"] = self.guards.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.before = state.get("before")
         self.history = [tuple(h) for h in state.get("history", [])]
         self.wall_offset = float(state.get("wall_offset", 0.0))
+        if self.guards is not None:
+            self.guards.load_state_dict(state.get("guards", {}))
 
 
 class ExportBackbone(Callback):

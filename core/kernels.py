@@ -13,6 +13,7 @@ the number of dimensions).
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -98,6 +99,11 @@ class TransitionKernel(ABC):
     def mean_std(self, model_output: Tensor, t: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Gaussian mean and std of the transition (float32, std broadcastable), and x̂0."""
 
+    def ode_mean_std(self, model_output: Tensor, t: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The deterministic (probability-flow ODE) counterpart of the step: its mean, std 0, and x̂0 — what
+        a step outside an SDE window takes (`DiffusionPolicy.rollout(sde_window=...)`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no deterministic (ODE) step")
+
     def step(
         self,
         model_output: Tensor,
@@ -107,18 +113,22 @@ class TransitionKernel(ABC):
         generator: Generator = None,
         mask: Tensor | None = None,
         noise: Tensor | None = None,
+        deterministic: bool = False,
     ) -> StepOutput:
         """Sample (or, given `prev_sample`, re-score) the transition from `x_t` at timestep(s) `t`.
 
         `noise` (standard normal, shaped like x_t) replaces the generator's draw; the sample
         mean + std·noise then keeps the graph of both (direct noise optimisation differentiates through
         it). Padded entries (mask == 0) never change: they keep their value in x_t, get no noise and do
-        not count in the log-prob.
+        not count in the log-prob. `deterministic` takes the ODE step instead (`ode_mean_std`: std 0,
+        log-prob 0); it still draws (and discards) the step's noise, so the steps after it see the same
+        random stream as without it.
         """
         self._require_bound()
         x = x_t.float()
         tt = _timestep_tensor(t, x.shape[0], x.device)
-        mean, std, x0 = self.mean_std(model_output.float(), tt, x)
+        mean_std = self.ode_mean_std if deterministic else self.mean_std
+        mean, std, x0 = mean_std(model_output.float(), tt, x)
         std_full = std.expand_as(mean)
         if prev_sample is None:
             if noise is None:
@@ -200,6 +210,17 @@ class _AlphaKernel(TransitionKernel):
         x = x_t.float()
         tt = _timestep_tensor(t, x.shape[0], x.device)
         return self._x0_eps(model_output.float(), self._alpha(tt), x)[0]
+
+    def _alpha_prev(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def ode_mean_std(self, model_output: Tensor, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The DDIM (eta = 0) step to this kernel's previous timestep: √ᾱ_prev·x̂0 + √(1−ᾱ_prev)·ε̂."""
+        a_t, a_prev = self._alpha(t), self._alpha_prev(t)
+        x0, eps = self._x0_eps(model_output, a_t, x)
+        ap = left_broadcast(a_prev, x.shape)
+        mean = ap.sqrt() * x0 + (1 - ap).clamp_min(0).sqrt() * eps
+        return mean, torch.zeros_like(ap), x0
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
         tt = _timestep_tensor(t, x0.shape[0], x0.device)
@@ -308,20 +329,26 @@ class DDPMKernel(_AlphaKernel):
         return mean, left_broadcast(var.sqrt(), x.shape), x0
 
 
-class FlowSDEKernel(TransitionKernel):
-    """Flow-GRPO's SDE step for rectified-flow models (x_σ = (1−σ)x0 + σε, model predicts v ≈ ε − x0).
+class _FlowKernel(TransitionKernel):
+    """Shared math of rectified-flow kernels: x_σ = (1−σ)x0 + σε, the model predicts v ≈ ε − x0, σ runs from
+    1 to 0 over the scheduler's sigmas (its `shift` included). Subclasses set the SDE's mean and std.
 
-    g = noise_level·√(σ/(1−σ)), mean = x + [v + g²/(2σ)·(x + (1−σ)v)]·dt, std = g·√(−dt), with
-    dt = σ_next − σ < 0. With noise_level → 0 the mean is the Euler ODE step x + v·dt. At σ = 1 the
-    scheduler's next sigma stands in for σ in the (1−σ) denominator of g to avoid dividing by zero (as
-    Flow-GRPO does: g = noise_level·√(σ/(1−σ₁))).
+    Args:
+        noise_level: the stochasticity η of the SDE (each subclass says how it enters; 0 is the ODE).
+        deterministic_last_step: take the final step (σ_next = 0) as the deterministic Euler ODE step, so
+            the sample carries no last-step noise (pixel-space samples are otherwise grainy). That step then
+            has std 0 and log-prob 0: it is not trained by policy gradient.
+        reduction: see `TransitionKernel`.
     """
 
-    def __init__(self, noise_level: float = 0.7, reduction: Reduction = "mean") -> None:
+    def __init__(
+        self, noise_level: float = 0.7, deterministic_last_step: bool = False, reduction: Reduction = "mean"
+    ) -> None:
         super().__init__(reduction)
         if noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {noise_level}")
         self.noise_level = noise_level
+        self.deterministic_last_step = deterministic_last_step
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         self.scheduler_class = FlowMatchEulerDiscreteScheduler
@@ -329,8 +356,8 @@ class FlowSDEKernel(TransitionKernel):
     def _check_compatible(self, scheduler: Any) -> None:
         if hasattr(scheduler, "alphas_cumprod") or "shift" not in scheduler.config:
             raise ValueError(
-                f"FlowSDEKernel needs a flow-matching scheduler (FlowMatchEulerDiscreteScheduler), got "
-                f"{type(scheduler).__name__}; epsilon/v backbones use DDIMKernel or DDPMKernel"
+                f"{type(self).__name__} needs a flow-matching scheduler (FlowMatchEulerDiscreteScheduler), "
+                f"got {type(scheduler).__name__}; epsilon/v backbones use DDIMKernel or DDPMKernel"
             )
 
     @property
@@ -343,23 +370,31 @@ class FlowSDEKernel(TransitionKernel):
         pos = (ts[None, :] - t.float()[:, None]).abs().argmin(dim=1)
         return sig[pos], sig[pos + 1]
 
+    @abstractmethod
+    def sde_mean_std(self, v: Tensor, x: Tensor, sigma: Tensor, sigma_next: Tensor) -> tuple[Tensor, Tensor]:
+        """The SDE step's mean and std for velocity `v` at `x` (σ, σ_next broadcast against x)."""
+
+    def mean_std(self, model_output: Tensor, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        sigma, sigma_next = self._sigmas(t)
+        s, sn = left_broadcast(sigma, x.shape), left_broadcast(sigma_next, x.shape)
+        v = model_output
+        mean, std = self.sde_mean_std(v, x, s, sn)
+        if self.deterministic_last_step:
+            last = left_broadcast(sigma_next <= 0, x.shape)
+            mean = torch.where(last, x + v * (sn - s), mean)
+            std = torch.where(last, torch.zeros_like(std), std)
+        return mean, std, x - s * v
+
+    def ode_mean_std(self, model_output: Tensor, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        sigma, sigma_next = self._sigmas(t)
+        s, sn = left_broadcast(sigma, x.shape), left_broadcast(sigma_next, x.shape)
+        return x + model_output * (sn - s), torch.zeros_like(s), x - s * model_output
+
     def pred_x0(self, model_output: Tensor, t: Tensor | float, x_t: Tensor) -> Tensor:
         x = x_t.float()
         tt = _timestep_tensor(t, x.shape[0], x.device)
         sigma = left_broadcast(tt.float() / self.num_train_timesteps, x.shape)
         return x - sigma * model_output.float()
-
-    def mean_std(self, model_output: Tensor, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        sigma, sigma_next = self._sigmas(t)
-        sig_max = self.scheduler.sigmas[1].to(device=t.device, dtype=torch.float32)
-        sigma_safe = torch.where(sigma >= 1.0, sig_max.expand_as(sigma), sigma)
-        g = self.noise_level * (sigma / (1 - sigma_safe)).sqrt()
-        dt = sigma_next - sigma
-        s, gb, dtb = (left_broadcast(v, x.shape) for v in (sigma, g, dt))
-        v = model_output
-        mean = x + (v + gb**2 / (2 * s) * (x + (1 - s) * v)) * dtb
-        std = gb * (-dtb).clamp_min(0).sqrt()
-        return mean, std, x - s * v
 
     def draw_timesteps(self, batch: int, generator: Generator = None, device=None) -> Tensor:
         gen = generator if isinstance(generator, torch.Generator) or generator is None else generator[0]
@@ -378,3 +413,79 @@ class FlowSDEKernel(TransitionKernel):
         tt = _timestep_tensor(t, x0.shape[0], x0.device)
         s = left_broadcast(tt.float() / self.num_train_timesteps, x0.shape)
         return (1 - s) * x0.float() + s * noise.float()
+
+
+def _marginal_sde(v: Tensor, x: Tensor, sigma: Tensor, dt: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Euler–Maruyama step of the marginal-preserving reverse SDE dx = [v − (g²/2)·s]dσ + g·dW with the score
+    s = −(x + (1−σ)v)/σ: mean x + [v + g²/(2σ)·(x + (1−σ)v)]·dt, std g·√(−dt) (formulas.md §8)."""
+    mean = x + (v + g**2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt
+    return mean, g * (-dt).clamp_min(0).sqrt()
+
+
+class FlowSDEKernel(_FlowKernel):
+    """Flow-GRPO's SDE step for rectified-flow models (x_σ = (1−σ)x0 + σε, model predicts v ≈ ε − x0).
+
+    g = noise_level·√(σ/(1−σ)), mean = x + [v + g²/(2σ)·(x + (1−σ)v)]·dt, std = g·√(−dt), with
+    dt = σ_next − σ < 0. With noise_level → 0 the mean is the Euler ODE step x + v·dt. At σ = 1 the
+    scheduler's next sigma stands in for σ in the (1−σ) denominator of g to avoid dividing by zero (as
+    Flow-GRPO does: g = noise_level·√(σ/(1−σ₁))). The last step (σ_next = 0) is stochastic like the others
+    unless `deterministic_last_step` (then it is the Euler step, with log-prob 0).
+    """
+
+    def sde_mean_std(self, v: Tensor, x: Tensor, sigma: Tensor, sigma_next: Tensor) -> tuple[Tensor, Tensor]:
+        sig_max = self.scheduler.sigmas[1].to(device=x.device, dtype=torch.float32)
+        sigma_safe = torch.where(sigma >= 1.0, sig_max, sigma)
+        g = self.noise_level * (sigma / (1 - sigma_safe)).sqrt()
+        return _marginal_sde(v, x, sigma, sigma_next - sigma, g)
+
+
+class DanceSDEKernel(_FlowKernel):
+    """DanceGRPO's SDE step (`fastvideo/train_grpo_flux.py:flux_step`): the same marginal-preserving reverse
+    SDE as `FlowSDEKernel` with a constant diffusion g = noise_level (DanceGRPO's η, 0.3 for FLUX).
+
+    mean = x + [v + η²/(2σ)·(x + (1−σ)v)]·dσ, std = η·√(−dσ). DanceGRPO's time shift σ' = shift·σ/(1 +
+    (shift−1)σ) is the scheduler's `shift` (the backbone's `make_scheduler`). With η → 0 the mean is the
+    Euler ODE step. `deterministic_last_step` as for `FlowSDEKernel`.
+    """
+
+    def __init__(
+        self, noise_level: float = 0.3, deterministic_last_step: bool = False, reduction: Reduction = "mean"
+    ) -> None:
+        super().__init__(noise_level, deterministic_last_step, reduction)
+
+    def sde_mean_std(self, v: Tensor, x: Tensor, sigma: Tensor, sigma_next: Tensor) -> tuple[Tensor, Tensor]:
+        g = torch.full_like(sigma, float(self.noise_level))
+        return _marginal_sde(v, x, sigma, sigma_next - sigma, g)
+
+
+class CPSKernel(_FlowKernel):
+    """Coefficients-preserving sampling (Wang & Yu, arXiv:2509.05952; Flow-Factory's "CPS" dynamics).
+
+    The next state keeps the coefficients of x_σ = (1−σ)x0 + σε exactly: with x̂0 = x − σv and the
+    predicted noise x̂1 = x + (1−σ)v, std = σ_next·sin(η·π/2) and
+
+        mean = (1−σ_next)·x̂0 + √(σ_next² − std²)·x̂1,   x' = mean + std·z,
+
+    so the noise of x' has total variance σ_next² (the ODE's) instead of growing with the injected noise.
+    η = noise_level (the Flow-GRPO README recommends 0.8). η → 0 gives the Euler ODE step; the last step
+    (σ_next = 0) is deterministic by construction (std 0, mean x̂0, log-prob 0).
+
+    The log-prob is the true Gaussian density of the step (formulas.md §2's form). Flow-Factory instead
+    scores CPS steps by −mean (x' − mean)², without the 1/(2·std²) scale and the log-std term: its ratios
+    are exp of a differently scaled quantity, so its clip ranges do not transfer to this kernel.
+    """
+
+    def __init__(
+        self, noise_level: float = 0.8, deterministic_last_step: bool = False, reduction: Reduction = "mean"
+    ) -> None:
+        super().__init__(noise_level, deterministic_last_step, reduction)
+        if noise_level > 1:
+            raise ValueError(
+                f"CPSKernel needs noise_level in [0, 1] (std = σ_next·sin(η·π/2)), got {noise_level}"
+            )
+
+    def sde_mean_std(self, v: Tensor, x: Tensor, sigma: Tensor, sigma_next: Tensor) -> tuple[Tensor, Tensor]:
+        std = sigma_next * math.sin(self.noise_level * math.pi / 2)
+        x0, x1 = x - sigma * v, x + (1 - sigma) * v
+        mean = (1 - sigma_next) * x0 + (sigma_next**2 - std**2).clamp_min(0).sqrt() * x1
+        return mean, std

@@ -206,6 +206,9 @@ class LoRABackbone(Backbone):
     def encode(self, samples: Any) -> tuple[Tensor, Tensor | None]:
         return self.inner.encode(samples)
 
+    def features(self, samples: Any) -> Tensor | None:
+        return self.inner.features(samples)
+
     def condition(self, batch: Mapping[str, Any]) -> Cond:
         return self.inner.condition(batch)
 

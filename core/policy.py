@@ -7,8 +7,8 @@ reward backpropagation keeps the graph through the last K steps, test-time metho
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +130,8 @@ class DiffusionPolicy(nn.Module):
         x_T: Tensor | None = None,
         mask: Tensor | None = None,
         noises: Tensor | None = None,
+        sde_window: tuple[int, int] | None = None,
+        record_means: bool = False,
     ) -> Trajectory:
         """Sample one trajectory per condition row.
 
@@ -142,6 +144,13 @@ class DiffusionPolicy(nn.Module):
             x_T: initial noise to start from instead of `backbone.init_noise` (with its `mask`).
             noises: (B, T, *event) standard-normal noise of each step instead of the generator's draws
                 (direct noise optimisation passes tensors that require grad).
+            sde_window: (start, stop): only steps start … stop−1 are stochastic, the others take the
+                kernel's deterministic ODE step (MixGRPO / Flow-GRPO-Fast). The trajectory then keeps only
+                the window (sparse storage): states x_start … x_stop, the window's timesteps and log-probs,
+                with the final sample in `extras["x0"]`, the schedule's length in
+                `extras["schedule_steps"]` and `start` in `extras["step_offset"]`.
+            record_means: also keep each kept step's Gaussian mean in `extras["means"]` (B, T, *event)
+                (GRPO-Guard normalises the ratio with the behaviour policy's means).
         """
         cond = as_cond(cond)
         if x_T is None:
@@ -149,11 +158,16 @@ class DiffusionPolicy(nn.Module):
         device = x_T.device
         timesteps = self._timesteps(device)
         k = 0 if grad_steps is None else min(int(grad_steps), self.num_steps)
+        start, stop = (0, self.num_steps) if sde_window is None else (int(sde_window[0]), int(sde_window[1]))
+        if not 0 <= start < stop <= self.num_steps:
+            raise ValueError(
+                f"sde_window must satisfy 0 <= start < stop <= {self.num_steps}, got {sde_window}"
+            )
         x = x_T.float()
         noises_need_grad = torch.is_grad_enabled() and (
             x_T.requires_grad or (noises is not None and noises.requires_grad)
         )
-        states, log_probs = [x], []
+        states, log_probs, means = ([x] if start == 0 else []), [], []
         for i, t in enumerate(timesteps):
             keep_graph = i >= self.num_steps - k and torch.is_grad_enabled()
             with nullcontext() if keep_graph or noises_need_grad else torch.no_grad():
@@ -173,21 +187,52 @@ class DiffusionPolicy(nn.Module):
                     generator=generator,
                     mask=mask,
                     noise=noises[:, i] if noises is not None else None,
+                    deterministic=not start <= i < stop,
                 )
                 state.step, state.prev_sample = step, step.prev_sample
                 for h in hooks:
                     h.after_step(self, state)
                 x, cond, mask = state.prev_sample, state.cond, state.mask
-            states.append(x)
-            log_probs.append(step.log_prob.detach())
+            if start <= i + 1 <= stop:  # x is now x_{i+1}: keep x_start … x_stop
+                states.append(x)
+            if start <= i < stop:
+                log_probs.append(state.step.log_prob.detach())
+                if record_means:
+                    means.append(state.step.mean.detach())
         b = x.shape[0]
+        extras: dict[str, Any] = {}
+        if sde_window is not None:
+            extras = {"x0": x, "schedule_steps": self.num_steps, "step_offset": start}
+        if record_means:
+            extras["means"] = torch.stack(means, dim=1)
         return Trajectory(
             states=torch.stack(states, dim=1),
-            timesteps=timesteps.to(device).unsqueeze(0).expand(b, -1).clone(),
+            timesteps=timesteps[start:stop].to(device).unsqueeze(0).expand(b, -1).clone(),
             log_probs=torch.stack(log_probs, dim=1),
             cond=cond,
             mask=mask,
+            extras=extras,
         )
+
+    @contextmanager
+    def sampling_with(self, kernel: TransitionKernel | None) -> Iterator[DiffusionPolicy]:
+        """Temporarily sample with another kernel (e.g. the deterministic ODE for DiffusionNFT's rollouts);
+        None keeps the policy's own. The kernel is bound to the backbone's scheduler on first use."""
+        if kernel is None:
+            yield self
+            return
+        if kernel.scheduler is None:
+            kernel.bind(self.backbone.make_scheduler())
+        if kernel.prediction_type != self.backbone.prediction_type:
+            raise ValueError(
+                f"{type(kernel).__name__} samples {kernel.prediction_type!r} models but the backbone "
+                f"predicts {self.backbone.prediction_type!r}"
+            )
+        own, self.kernel = self.kernel, kernel
+        try:
+            yield self
+        finally:
+            self.kernel = own
 
     @torch.no_grad()
     def sample(self, cond: Cond, generator: Generator = None, **kwargs: Any) -> Tensor:
@@ -200,8 +245,9 @@ class DiffusionPolicy(nn.Module):
 
         `step` is an int or a (B,) index tensor (each row its own step, as DDPO's shuffled timesteps).
         """
-        if self.kernel.num_steps != traj.num_steps:
-            self.kernel.set_timesteps(traj.num_steps, device=traj.states.device)
+        n = int(traj.extras.get("schedule_steps", traj.num_steps))  # a windowed trajectory: its schedule
+        if self.kernel.num_steps != n:
+            self.kernel.set_timesteps(n, device=traj.states.device)
         b = traj.batch_size
         idx = torch.as_tensor(step, device=traj.states.device).long()
         idx = idx.expand(b) if idx.dim() == 0 else idx

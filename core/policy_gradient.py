@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from diffalign.core.functional import gaussian_kl_same_std
+from diffalign.core.functional import gaussian_kl_same_std, reduce_event
 from diffalign.core.kernels import StepOutput
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.types import Batch, Trajectory
@@ -89,3 +89,84 @@ def reference_kl(policy: DiffusionPolicy, micro: Batch, new: StepOutput) -> Tens
     return gaussian_kl_same_std(
         new.mean, ref_mean, new.std.detach(), micro.traj.mask, policy.kernel.reduction
     )
+
+
+def guarded_log_ratio(
+    new: StepOutput, old_log_prob: Tensor, old_mean: Tensor, mask: Tensor | None, reduction: str
+) -> Tensor:
+    """GRPO-Guard's normalised log-ratio (arXiv 2510.22319; Flow-Factory's `grpo-guard`).
+
+    For a Gaussian step of std s, with Δ = μ_θ − μ_old and the stored x' = μ_old + s·z, the plain log-ratio
+    is log ρ = reduce(z·Δ/s − Δ²/(2s²)): its mean −reduce(Δ²)/(2s²) is negative (the SDE's biased ratio,
+    formulas.md §11.3) and its spread grows as 1/s, so low-noise steps dominate the clipped objective.
+    RatioNorm and the per-step reweighting together give
+
+        log ρ̃ = s·log ρ + reduce(Δ²)/(2s) = reduce(z·Δ),
+
+    unbiased (zero mean under the behaviour policy) and with each step's gradient no longer scaled by 1/s.
+    Steps with s = 0 (deterministic) get log ρ̃ = 0. `reduce` is the kernel's event reduction.
+    """
+    b = old_log_prob.shape[0]
+    s = new.std.reshape(b, -1).amax(dim=1)
+    delta2 = reduce_event((new.mean - old_mean.to(new.mean)) ** 2, mask, reduction)
+    safe = s.clamp_min(1e-12)
+    out = safe * (new.log_prob - old_log_prob) + delta2 / (2 * safe)
+    return torch.where(s > 0, out, torch.zeros_like(out))
+
+
+class SDEWindow:
+    """Which contiguous window of denoising steps is stochastic in a batch (MixGRPO arXiv 2507.21802 and
+    Flow-GRPO-Fast): the rollout takes ODE steps elsewhere and only the window's steps are stored and
+    trained.
+
+    Args:
+        size: steps in the window.
+        schedule: "progressive" (MixGRPO's default: the window starts at step 0 and moves later by
+            `stride` every `shift_every` batches, then stays at the end — or starts over with `roll_back`)
+            or "random" (a uniformly random start each batch, as Flow-GRPO-Fast).
+        shift_every: batches per window position (MixGRPO's `iters_per_group`, 25).
+        stride: steps the window moves (default: `size`, non-overlapping; MixGRPO's `prog_overlap_step`).
+        roll_back: start again at step 0 after the last position.
+
+    The window ranges over all T steps; its state (batches seen) is plain data for checkpoints.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        schedule: str = "progressive",
+        shift_every: int = 25,
+        stride: int | None = None,
+        roll_back: bool = False,
+    ) -> None:
+        if size < 1 or shift_every < 1 or (stride is not None and stride < 1):
+            raise ValueError("SDE window: need size >= 1, shift_every >= 1 and stride >= 1")
+        if schedule not in ("progressive", "random"):
+            raise ValueError(f"SDE window schedule must be 'progressive' or 'random', got {schedule!r}")
+        self.size, self.schedule, self.shift_every = size, schedule, shift_every
+        self.stride, self.roll_back = stride or size, roll_back
+        self.batches = 0
+
+    def window(self, num_steps: int, generator: torch.Generator) -> tuple[int, int]:
+        """(start, stop) of this batch's stochastic steps; call `advance` after the batch."""
+        size = min(self.size, num_steps)
+        last = num_steps - size  # the largest start
+        if self.schedule == "random":
+            start = int(torch.randint(0, last + 1, (1,), generator=generator))
+        else:
+            k = self.batches // self.shift_every
+            start = (
+                (k % (last // self.stride + 1)) * self.stride
+                if self.roll_back
+                else min(k * self.stride, last)
+            )
+        return start, start + size
+
+    def advance(self) -> None:
+        self.batches += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batches = int(state.get("batches", 0))

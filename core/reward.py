@@ -292,18 +292,6 @@ class WeightedSum(Reward):
         return self._combine([r.evaluate(view, cond) for r in self.terms])
 
 
-def term_weights(reward: Any) -> dict[str, float]:
-    """{term name: weight} of a `WeightedSum` (unwrapping a `GuardedReward`), the names it reports as
-    "term/<name>"; raises ValueError for any other reward."""
-    inner = reward.reward if isinstance(reward, GuardedReward) else reward
-    if not isinstance(inner, WeightedSum):
-        raise ValueError(
-            f"per-term advantages need a WeightedSum reward (its terms are normalised one by one), "
-            f"got {type(inner).__name__}"
-        )
-    return {n: float(w) for n, w in zip(inner.term_names(), inner.weights, strict=True)}
-
-
 def import_object(path: str) -> Any:
     """Import `package.module.attr` (or `package.module:attr`) and return the attribute."""
     module, _, attr = path.replace(":", ".").rpartition(".")

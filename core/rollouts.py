@@ -8,7 +8,7 @@ the methods need — prompt keys, group ids, per-term rewards and metrics.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,8 @@ import torch
 
 from diffalign.core.advantages import row_keys
 from diffalign.core.functional import repeat_batch, repeat_rows
-from diffalign.core.policy import DiffusionPolicy
+from diffalign.core.kernels import TransitionKernel
+from diffalign.core.policy import DiffusionPolicy, RolloutHook
 from diffalign.core.reward import TERM_PREFIX, GuardedReward, reward_metrics
 from diffalign.core.sampling import draw_seeds, row_generators, sample_batch, score_batch
 from diffalign.core.types import Trajectory
@@ -33,13 +34,23 @@ class AlignContext:
 
 
 def collect_rollouts(
-    ctx: AlignContext, batch: Mapping[str, Any], repeat: int = 1, shared_noise: bool = False
+    ctx: AlignContext,
+    batch: Mapping[str, Any],
+    repeat: int = 1,
+    shared_noise: bool = False,
+    kernel: TransitionKernel | None = None,
+    sde_window: tuple[int, int] | None = None,
+    hooks: Sequence[RolloutHook] = (),
+    record_means: bool = False,
 ) -> tuple[Trajectory, dict[str, float]]:
     """No-grad rollouts of a batch of conditions (each repeated `repeat` times), scored by the guarded
     reward; rows whose reward was dropped are removed.
 
-    With `shared_noise`, the `repeat` samples of a condition start from the same x_T (GRPO's and
-    D3PO's option) and differ only in their step noise.
+    With `shared_noise`, the `repeat` samples of a condition start from the same x_T (GRPO's, DanceGRPO's
+    and D3PO's option) and differ only in their step noise. `kernel` samples with another kernel than the
+    policy's (DiffusionNFT and AWM may roll out with the deterministic ODE); `sde_window` makes only those
+    steps stochastic and keeps only them (MixGRPO); `hooks` are per-step rollout hooks; `record_means`
+    keeps each step's Gaussian mean in `extras["means"]` (GRPO-Guard).
 
     Returns the kept trajectories with `rewards` set and, in `extras`: `key` (the prompt key of each
     row), `group` (the index of the condition it came from), `seed` and `reward_terms` (per-sample terms
@@ -53,13 +64,22 @@ def collect_rollouts(
     cond = backbone.condition(rows)
     seeds = draw_seeds(ctx.generator, len(cond))
     x_T = mask = None
-    with torch.no_grad():
+    with torch.no_grad(), policy.sampling_with(kernel):
         if shared_noise and repeat > 1:
             first = cond[torch.arange(0, len(cond), repeat)]
             x_T, mask = backbone.init_noise(first, row_generators(seeds[::repeat]))
             x_T = repeat_rows(x_T, repeat)
             mask = repeat_rows(mask, repeat) if mask is not None else None
-        sampled = sample_batch(policy, cond, seeds, x_T=x_T, mask=mask)
+        sampled = sample_batch(
+            policy,
+            cond,
+            seeds,
+            x_T=x_T,
+            mask=mask,
+            sde_window=sde_window,
+            hooks=hooks,
+            record_means=record_means,
+        )
         scored = score_batch(sampled, ctx.reward)
     traj = sampled.trajectory
     b = traj.batch_size

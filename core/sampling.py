@@ -133,6 +133,8 @@ def sample_batch(
     x_T: Tensor | None = None,
     mask: Tensor | None = None,
     hooks: Sequence[Any] = (),
+    sde_window: tuple[int, int] | None = None,
+    record_means: bool = False,
 ) -> SampledBatch:
     """Sample one output per condition row.
 
@@ -145,6 +147,8 @@ def sample_batch(
         grad_steps: keep the graph through the last K steps (plain sampling; reward backprop).
         x_T, mask: initial noise to start from (plain sampling; GRPO's shared noise).
         hooks: per-step `RolloutHook`s of the plain sampler (e.g. SPO's candidate judge).
+        sde_window: (start, stop) of the only stochastic steps (plain sampling; `DiffusionPolicy.rollout`).
+        record_means: keep the steps' Gaussian means in the trajectory (plain sampling; GRPO-Guard).
     """
     from diffalign.core.guidance.base import count_denoiser_rows
 
@@ -156,7 +160,16 @@ def sample_batch(
     backbone = policy.backbone
     with count_denoiser_rows(backbone) as rows:
         if method is None:
-            traj = policy.rollout(cond, generator, grad_steps=grad_steps, hooks=hooks, x_T=x_T, mask=mask)
+            traj = policy.rollout(
+                cond,
+                generator,
+                grad_steps=grad_steps,
+                hooks=hooks,
+                x_T=x_T,
+                mask=mask,
+                sde_window=sde_window,
+                record_means=record_means,
+            )
             x0, out_mask, extras = traj.x0, traj.mask, {}
         else:
             if reward is None:

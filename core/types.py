@@ -455,8 +455,9 @@ class Trajectory(_Batched):
 
     @property
     def x0(self) -> Tensor:
-        """The final samples, (B, *event)."""
-        return self.states[:, -1]
+        """The final samples, (B, *event) (`extras["x0"]` for a trajectory that keeps only an SDE window)."""
+        final = self.extras.get("x0")
+        return final if final is not None else self.states[:, -1]
 
 
 @dataclass

@@ -6,6 +6,8 @@
   (differentiable). The digit is read from the prompt text `cond["prompt"]` ("a handwritten 7" or
   "... seven" → 7; a prompt dict's `digit`; an int digit id).
 - `Brightness`: −(mean intensity − target)², a differentiable test reward.
+- `DigitRealism`: the evaluation's held-out "gold" reward: closeness to a real held-out digit of the
+  prompted class in pixel space (no classifier involved).
 - `DigitScorer`: a small CNN scoring an image *for the digit its prompt asks for*, the network of a
   digit reward model learned from preferences (`RewardModelModule`); `LearnedReward` (core) loads its
   exported weights as a reward and hands it the prompts.
@@ -138,6 +140,43 @@ class Brightness(Reward):
         mean = x.mean(dim=(2, 3))  # (B, C)
         err = (mean - self.target.to(x.device)) ** 2
         return RewardOutput(scores=-err.mean(-1), info={"mean_intensity": mean.mean(-1).detach()})
+
+
+class DigitRealism(Reward):
+    """A held-out "gold" reward for the digit task: how close an image is to a real handwritten digit of the
+    prompted class, judged without the classifier that `DigitFidelity` uses.
+
+    score = exp(−d² / (2s²)), d the pixel-space (16×16 gray) distance to the nearest real digit of the
+    prompted class among the digits held out from the base model's and the classifier's training (the
+    seeded 20 % split of `load_digit_images`, 359 images), s the median distance from a held-out real
+    digit to its nearest training digit (the spread of real handwriting). A real-looking drawing of the
+    digit scores near 1; a blob that fools the classifier, or a drawing of another digit, scores low. Not
+    differentiable (a nearest-neighbour lookup); meant for evaluation (`RewardEvaluation(gold_reward=...)`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__("digit_realism")
+        from diffalign.modalities.image.data import load_digit_images
+
+        ref_x, ref_y = load_digit_images(16, split="test")
+        train_x, _ = load_digit_images(16, split="train")
+        ref = ref_x.reshape(len(ref_x), -1)
+        scale = torch.cdist(ref, train_x.reshape(len(train_x), -1)).min(1).values.median()
+        self.register_buffer("reference", ref, persistent=False)
+        self.register_buffer("labels", ref_y, persistent=False)
+        self.scale = float(scale)
+
+    @torch.no_grad()
+    def forward(self, samples: Tensor, cond: Cond) -> RewardOutput:
+        x = _check_images(samples, self.name).float().mean(1, keepdim=True)
+        if x.shape[-2:] != (16, 16):
+            x = torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+        digit = prompted_digits(cond.get("prompt"), x.shape[0], None, self.name)
+        d = torch.cdist(x.reshape(len(x), -1).cpu(), self.reference.cpu())
+        same = torch.where(self.labels[None, :] == digit[:, None], d, torch.full_like(d, float("inf")))
+        nearest = same.min(1).values
+        scores = torch.exp(-(nearest**2) / (2 * self.scale**2))
+        return RewardOutput(scores=scores.to(samples.device), info={"nearest_real_distance": nearest})
 
 
 def _digit_of(prompt: Any) -> int:

@@ -4,7 +4,9 @@ Yang et al., "Using Human Feedback to Fine-tune Diffusion Models without Any Rew
 arXiv:2311.13231. For each condition, sample two trajectories from the same initial noise; a judge
 (here the reward) says which final sample is better. With `pareto: true` and a reward that reports
 per-sample terms (e.g. `WeightedSum`), the comparison is Pareto dominance over the terms: the sample
-at least as good on every term and better on one wins; incomparable or equal pairs are skipped.
+at least as good on every term and better on one wins; incomparable or equal pairs are skipped — or,
+with `keep_undecided: true`, kept with preference h = 0 as the reference implementation does (their
+loss is log 2 with zero gradient, so the mean over pairs scales the gradient by the decided fraction).
 Every denoising step of the winner and loser is then a DPO comparison of single transitions:
 
     ρ = clamp(π_θ(a|s) / π_ref(a|s), 1 − ε, 1 + ε)
@@ -50,6 +52,8 @@ class D3PO(Algorithm):
         timestep_fraction: fraction of the steps trained per pair (a random subset per pair).
         train_batch_size: pairs per micro-batch (None: all).
         num_inner_epochs: passes over each batch of pairs.
+        keep_undecided: keep incomparable/equal pairs with preference 0 (d3po's `compare` gives them
+            (0, 0)) instead of dropping them; the loss then averages over all pairs.
     """
 
     needs_reference = True
@@ -62,6 +66,7 @@ class D3PO(Algorithm):
         timestep_fraction: float = 1.0,
         train_batch_size: int | None = None,
         num_inner_epochs: int = 1,
+        keep_undecided: bool = False,
     ) -> None:
         super().__init__()
         if beta <= 0 or not 0 < clip_eps < 1 or not 0 < timestep_fraction <= 1:
@@ -72,6 +77,7 @@ class D3PO(Algorithm):
             train_batch_size,
             num_inner_epochs,
         )
+        self.keep_undecided = keep_undecided
 
     def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Batch, dict[str, float]]:
         traj, metrics = collect_rollouts(ctx, batch, repeat=2, shared_noise=True)
@@ -92,11 +98,13 @@ class D3PO(Algorithm):
         a, b = torch.tensor(first), torch.tensor(second)
         h = pareto_compare(values[a.to(values.device)], values[b.to(values.device)]).cpu()
         decided = h != 0
-        win = torch.where(h > 0, a, b)[decided]
-        lose = torch.where(h > 0, b, a)[decided]
+        keep = torch.ones_like(decided) if self.keep_undecided else decided
+        win = torch.where(h > 0, a, b)[keep]
+        lose = torch.where(h > 0, b, a)[keep]
         metrics["pair_fraction"] = float(decided.sum()) / max(1, n_groups)
         dev = traj.states.device
-        return Batch(winner=traj[win.to(dev)], loser=traj[lose.to(dev)]), metrics
+        pref = decided[keep].float().to(dev)
+        return Batch(winner=traj[win.to(dev)], loser=traj[lose.to(dev)], preference=pref), metrics
 
     def minibatches(self, data: Batch, generator: torch.Generator) -> Iterator[list[Batch]]:
         n, t = len(data.winner), data.winner.num_steps
@@ -110,8 +118,8 @@ class D3PO(Algorithm):
             steps = torch.stack([torch.randperm(t, generator=generator) for _ in range(n)]).to(dev)
             for s in range(0, n, bs):
                 rows = perm[s : s + bs]
-                w, l = data.winner[rows], data.loser[rows]
-                yield [Batch(winner=w, loser=l, step=steps[rows, j]) for j in range(k)]
+                w, l, h = data.winner[rows], data.loser[rows], data.preference[rows]
+                yield [Batch(winner=w, loser=l, preference=h, step=steps[rows, j]) for j in range(k)]
 
     def forward(self, policy: DiffusionPolicy, micro: Batch) -> dict[str, Tensor]:
         lp_w = policy.log_prob(micro.winner, micro.step).log_prob
@@ -122,5 +130,7 @@ class D3PO(Algorithm):
         lo, hi = math.log(1 - self.clip_eps), math.log(1 + self.clip_eps)  # floats: any device
         log_rw = (lp_w - ref_w).clamp(lo, hi)
         log_rl = (lp_l - ref_l).clamp(lo, hi)
-        inside = self.beta * (log_rw - log_rl)
-        return {"loss": -F.logsigmoid(inside).mean(), "implicit_acc": (inside.detach() > 0).float().mean()}
+        inside = self.beta * micro.preference * (log_rw - log_rl)  # h = 0: an undecided pair (kept)
+        decided = micro.preference > 0
+        acc = (inside.detach()[decided] > 0).float().mean() if decided.any() else torch.tensor(float("nan"))
+        return {"loss": -F.logsigmoid(inside).mean(), "implicit_acc": acc}

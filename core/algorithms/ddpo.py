@@ -24,6 +24,7 @@ from torch import Tensor
 
 from diffalign.core.advantages import PerPromptNormalizer, batch_advantages
 from diffalign.core.algorithms.base import Algorithm
+from diffalign.core.kernels import StepOutput
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.policy_gradient import (
     SURROGATE_REDUCTION,
@@ -111,13 +112,16 @@ class DDPO(Algorithm):
             self.gradient_accumulation_steps,
         )
 
-    def forward(self, policy: DiffusionPolicy, micro: Batch) -> dict[str, Tensor]:
+    def surrogate(self, policy: DiffusionPolicy, micro: Batch, new: StepOutput) -> dict[str, Tensor]:
+        """The clipped objective of the re-scored steps `new` of a micro-batch (GRPO-Guard overrides it)."""
         traj, step = micro.traj, micro.step
         rows = torch.arange(traj.batch_size, device=step.device)
-        old = traj.log_probs[rows, step]
-        new = policy.log_prob(traj, step)
         adv = traj.advantages if traj.advantages.dim() == 1 else traj.advantages[rows, step]
-        out = clipped_surrogate(new.log_prob, old, adv, self.clip_range)
+        return clipped_surrogate(new.log_prob, traj.log_probs[rows, step], adv, self.clip_range)
+
+    def forward(self, policy: DiffusionPolicy, micro: Batch) -> dict[str, Tensor]:
+        new = policy.log_prob(micro.traj, micro.step)
+        out = self.surrogate(policy, micro, new)
         if self.kl_coef > 0:
             kl = reference_kl(policy, micro, new)
             out["kl"] = kl.mean().detach()

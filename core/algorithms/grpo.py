@@ -1,19 +1,26 @@
 """GRPO for diffusion: group-relative advantages over several samples of the same condition.
 
 Flow-GRPO (Liu et al., arXiv:2505.05470) and DanceGRPO (Xue et al., arXiv:2505.07818). Each condition
-of the batch is sampled `group_size` times (optionally from one shared x_T); a sample's advantage is
-its reward minus its group's mean, divided by the group's std (or the whole batch's std with
-`std_scope: global`). The update is DDPO's clipped ratio, optionally with the closed-form per-step KL
-to the reference (Flow-GRPO's β = 0.04). With `FlowSDEKernel` on a flow-matching backbone this is
-Flow-GRPO; with `DDIMKernel` on an ε backbone it is GRPO on a DDPM-family model.
+of the batch is sampled `group_size` times (optionally from one shared x_T, DanceGRPO's choice); a
+sample's advantage is its reward minus its group's mean, divided by the group's std (or the whole
+batch's std with `std_scope: global`). The update is DDPO's clipped ratio, optionally with the
+closed-form per-step KL to the reference (Flow-GRPO's β = 0.04). With `FlowSDEKernel` (or
+`DanceSDEKernel`, `CPSKernel`) on a flow-matching backbone this is Flow-GRPO / DanceGRPO; with
+`DDIMKernel` on an ε backbone it is GRPO on a DDPM-family model.
 
-With `advantage_terms: per_term` and a `WeightedSum` reward, each term's rewards are normalised within
-the group on their own and the advantages are then weighted and summed (DanceGRPO's separate
-visual/motion-quality advantages, GDPO's per-reward normalisation): a term whose spread is large no
-longer drowns the others. `advantage_terms: sum` (default) normalises the weighted sum.
+Options of the 2025 follow-ups:
+
+- **SDE window** (MixGRPO, arXiv:2507.21802; Flow-GRPO-Fast): with `sde_window_size` = w only w
+  consecutive steps are stochastic; the others take the kernel's ODE step. Only the window is stored
+  (its states, timesteps and log-probs; the final sample beside them) and only its steps are trained,
+  so an update costs w/T of the full one. The window moves as `core.policy_gradient.SDEWindow` says
+  (`sde_window_schedule`: progressive or random).
+- **Per-reward advantages** (GDPO, arXiv:2601.05242; DanceGRPO's VQ/MQ): with a `WeightedSum` reward
+  and `advantage_aggregation: per_reward`, each term is normalised within its group before the weighted
+  sum (`core.advantages.per_reward_advantages`), instead of normalising the sum.
 
 Logs `zero_std_ratio`, the fraction of groups whose rewards are all equal (they carry no signal), and
-with per-term advantages `zero_std_ratio/<term>` for each term.
+`sde_window_start` with a window.
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from diffalign.core.advantages import group_advantages, term_group_advantages
+import torch
+
+from diffalign.core.advantages import rollout_advantages, term_weights
 from diffalign.core.algorithms.ddpo import DDPO
-from diffalign.core.reward import term_weights
+from diffalign.core.policy_gradient import SDEWindow
 from diffalign.core.rollouts import AlignContext, collect_rollouts
 from diffalign.core.types import Trajectory
 
@@ -33,12 +42,20 @@ class GRPO(DDPO):
 
     Args:
         group_size: samples per condition (the rollout batch is batch_size × group_size).
-        shared_noise: start a group's samples from the same initial noise.
+        shared_noise: start a group's samples from the same initial noise (DanceGRPO).
         std_scope: normalise by each group's std ("group") or the batch's ("global").
         kl_coef: β of the per-step KL to the reference (0 disables it and the reference copy).
-        advantage_terms: "sum" normalises the (weighted-sum) reward; "per_term" normalises each term of a
-            `WeightedSum` reward within its group, then weights and sums the advantages.
+        advantage_aggregation: "sum" (normalise the reward) or "per_reward" (GDPO: normalise each term
+            of a `WeightedSum` reward within its group, weight, sum, then normalise over the batch).
+        sde_window_size: stochastic steps per rollout (None: all; see the module docstring).
+        sde_window_schedule: "progressive" or "random" (see `SDEWindow`).
+        sde_window_shift_every: batches per window position (progressive).
+        sde_window_stride: steps the window moves (default its size).
+        sde_window_roll_back: start over at step 0 after the last position (progressive).
     """
+
+    #: keep the behaviour policy's step means in the trajectory (GRPO-Guard needs them)
+    records_means = False
 
     def __init__(
         self,
@@ -52,14 +69,21 @@ class GRPO(DDPO):
         num_inner_epochs: int = 1,
         train_batch_size: int | None = None,
         gradient_accumulation_steps: int = 1,
-        advantage_terms: Literal["sum", "per_term"] = "sum",
+        advantage_aggregation: Literal["sum", "per_reward"] = "sum",
+        sde_window_size: int | None = None,
+        sde_window_schedule: Literal["progressive", "random"] = "progressive",
+        sde_window_shift_every: int = 25,
+        sde_window_stride: int | None = None,
+        sde_window_roll_back: bool = False,
     ) -> None:
         if group_size < 2:
             raise ValueError(f"GRPO needs group_size >= 2, got {group_size}")
         if std_scope not in ("group", "global"):
             raise ValueError(f"std_scope must be 'group' or 'global', got {std_scope!r}")
-        if advantage_terms not in ("sum", "per_term"):
-            raise ValueError(f"advantage_terms must be 'sum' or 'per_term', got {advantage_terms!r}")
+        if advantage_aggregation not in ("sum", "per_reward"):
+            raise ValueError(
+                f"advantage_aggregation must be 'sum' or 'per_reward', got {advantage_aggregation!r}"
+            )
         super().__init__(
             clip_range=clip_range,
             adv_clip_max=adv_clip_max,
@@ -73,18 +97,55 @@ class GRPO(DDPO):
         self.group_size = group_size
         self.shared_noise = shared_noise
         self.std_scope = std_scope
-        self.advantage_terms = advantage_terms
+        self.advantage_aggregation = advantage_aggregation
+        self.sde_window = (
+            SDEWindow(
+                sde_window_size,
+                sde_window_schedule,
+                sde_window_shift_every,
+                sde_window_stride,
+                sde_window_roll_back,
+            )
+            if sde_window_size is not None
+            else None
+        )
+
+    def algorithm_state(self) -> dict[str, Any]:
+        state = super().algorithm_state()
+        if self.sde_window is not None:
+            state["sde_window"] = self.sde_window.state_dict()
+        return state
+
+    def load_algorithm_state(self, state: dict[str, Any]) -> None:
+        super().load_algorithm_state(state)
+        if self.sde_window is not None:
+            self.sde_window.load_state_dict(state.get("sde_window", {}))
+
+    def rollouts(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Trajectory, dict[str, float]]:
+        """The group rollouts of a batch (the window's steps only, with a window)."""
+        window = self.sde_window.window(ctx.policy.num_steps, ctx.generator) if self.sde_window else None
+        traj, metrics = collect_rollouts(
+            ctx, batch, self.group_size, self.shared_noise, sde_window=window, record_means=self.records_means
+        )
+        if window is not None:
+            metrics["sde_window_start"] = float(window[0])
+            self.sde_window.advance()
+        return traj, metrics
+
+    def group_advantages(
+        self, ctx: AlignContext, traj: Trajectory, rewards: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Clipped advantages (B,) of the rows of `traj` given their `rewards`, and metrics."""
+        weights = None
+        if self.advantage_aggregation == "per_reward":
+            weights = term_weights(ctx.reward.reward if ctx.reward is not None else None)
+        adv, metrics = rollout_advantages(
+            rewards, traj.extras["group"], traj.extras.get("reward_terms"), weights, self.std_scope
+        )
+        return adv.clamp(-self.adv_clip_max, self.adv_clip_max).to(traj.states.device), metrics
 
     def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Trajectory, dict[str, float]]:
-        traj, metrics = collect_rollouts(ctx, batch, self.group_size, self.shared_noise)
-        groups = traj.extras["group"]
-        if self.advantage_terms == "per_term":
-            terms = {k: v.cpu() for k, v in traj.extras["reward_terms"].items()}
-            adv, zero_terms = term_group_advantages(terms, term_weights(ctx.reward), groups, self.std_scope)
-            metrics.update({f"zero_std_ratio/{k}": v for k, v in zero_terms.items()})
-            _, zero_ratio = group_advantages(traj.rewards.cpu(), groups, self.std_scope)
-        else:
-            adv, zero_ratio = group_advantages(traj.rewards.cpu(), groups, self.std_scope)
-        traj.advantages = adv.clamp(-self.adv_clip_max, self.adv_clip_max).to(traj.states.device)
-        metrics["zero_std_ratio"] = zero_ratio
+        traj, metrics = self.rollouts(ctx, batch)
+        traj.advantages, adv_metrics = self.group_advantages(ctx, traj, traj.rewards)
+        metrics.update(adv_metrics)
         return traj, metrics

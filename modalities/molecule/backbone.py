@@ -214,6 +214,20 @@ class MoleculeBackbone(Backbone):
 
         return [build_molecule(p, t, self.allow_fragments) for p, t in self.split(x0, mask)]
 
+    def features(self, samples: Sequence[MoleculeSample]) -> Tensor:
+        """Diversity features of decoded molecules (`core.guards`): the 1024-bit Morgan fingerprint
+        (radius 2) of each valid molecule as floats, all zeros for an invalid one; Euclidean distance
+        between two fingerprints is √(bits that differ)."""
+        from rdkit import DataStructs
+        from rdkit.Chem import rdFingerprintGenerator
+
+        gen = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=1024)
+        out = np.zeros((len(samples), 1024), dtype=np.float32)
+        for i, s in enumerate(samples):
+            if s.mol is not None:
+                DataStructs.ConvertToNumpyArray(gen.GetFingerprint(s.mol), out[i])
+        return torch.from_numpy(out)
+
     def to_tensor(self, molecules: Sequence[tuple[np.ndarray, Sequence[str]]]) -> Tensor:
         """Padded data-layout tensor (B, N_max, 3 + K): positions in Å and the plain one-hot (padding 0)."""
         out = torch.zeros((len(molecules), self.max_atoms, self.event_dim))

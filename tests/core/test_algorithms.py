@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffalign.core.advantages import group_advantages, term_group_advantages
+from diffalign.core.advantages import group_advantages, per_reward_advantages, term_weights
 from diffalign.core.algorithms import (
     DPOK,
     GRPO,
@@ -20,7 +20,7 @@ from diffalign.core.algorithms import (
 )
 from diffalign.core.module import AlignmentModule
 from diffalign.core.policy import DiffusionPolicy
-from diffalign.core.reward import GuardedReward, WeightedSum, term_weights
+from diffalign.core.reward import GuardedReward, WeightedSum
 from diffalign.core.testing import ConstantReward, LinearReward, ToyBackbone
 from tests.helpers import run_fit, summary
 
@@ -94,33 +94,23 @@ def test_grpo_samples_groups_with_optional_shared_noise(shared):
     assert "zero_std_ratio" in metrics
 
 
-def test_term_group_advantages_normalise_each_term_before_weighting():
-    g = torch.tensor([0, 0, 1, 1])
-    big = torch.tensor([0.0, 100.0, 50.0, 0.0])  # a term with a large spread
-    small = torch.tensor([1.0, 0.0, 0.0, 1.0])  # disagrees with it, on a tiny scale
-    adv, zero = term_group_advantages({"big": big, "small": small}, {"big": 1.0, "small": 2.0}, g)
-    # two-sample groups: (r − mean) / (std + eps) = ±1 for each term
-    assert torch.allclose(adv, torch.tensor([-1.0 + 2, 1 - 2, 1 - 2, -1.0 + 2]), atol=1e-3)
-    assert zero == {"big": 0.0, "small": 0.0}
-    summed, _ = group_advantages(big + 2 * small, g)  # normalising the sum lets the big term win
-    assert torch.equal(summed.sign(), big.sub(torch.tensor([50.0, 50, 25, 25])).sign())
-    with pytest.raises(KeyError, match="no term"):
-        term_group_advantages({"big": big}, {"big": 1.0, "small": 1.0}, g)
-
-
-def test_grpo_per_term_advantages_use_the_weighted_sum_terms():
+def test_grpo_per_reward_advantages_use_the_weighted_sum_terms():
+    """GDPO through GRPO: each WeightedSum term is normalised in its group, so a term on a 100x smaller
+    scale still moves the advantages as much as its weight says."""
     reward = WeightedSum([LinearReward([1.0, 0.0]), LinearReward([0.0, 0.01])], [1.0, 3.0])
     ctx = make_ctx(reward)
-    traj, metrics = GRPO(group_size=4, advantage_terms="per_term").prepare(ctx, BATCH)
+    traj, metrics = GRPO(group_size=4, advantage_aggregation="per_reward").prepare(ctx, BATCH)
     terms = traj.extras["reward_terms"]
     assert set(terms) == set(term_weights(ctx.reward)) == {"linear_0", "linear_1"}
-    expected, _ = term_group_advantages(terms, {"linear_0": 1.0, "linear_1": 3.0}, traj.extras["group"])
-    assert torch.allclose(traj.advantages, expected.clamp(-5, 5))
+    expected, _ = per_reward_advantages(terms, {"linear_0": 1.0, "linear_1": 3.0}, traj.extras["group"])
+    assert torch.allclose(traj.advantages, expected.clamp(-5, 5), atol=1e-5)
+    summed, _ = group_advantages(traj.rewards.cpu(), traj.extras["group"])
+    assert not torch.allclose(summed, expected, atol=1e-2)  # normalising the sum lets linear_0 win
     assert "zero_std_ratio/linear_1" in metrics
     with pytest.raises(ValueError, match="WeightedSum"):
-        GRPO(group_size=2, advantage_terms="per_term").prepare(make_ctx(), BATCH)
-    with pytest.raises(ValueError, match="advantage_terms"):
-        GRPO(advantage_terms="gdpo")
+        GRPO(group_size=2, advantage_aggregation="per_reward").prepare(make_ctx(), BATCH)
+    with pytest.raises(ValueError, match="advantage_aggregation"):
+        GRPO(advantage_aggregation="gdpo")
 
 
 # -- reward backprop -------------------------------------------------------------------------------

@@ -14,7 +14,14 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from torch.distributions import Normal
 
-from diffalign.core.kernels import DDIMKernel, DDPMKernel, FlowSDEKernel, StepOutput
+from diffalign.core.kernels import (
+    CPSKernel,
+    DanceSDEKernel,
+    DDIMKernel,
+    DDPMKernel,
+    FlowSDEKernel,
+    StepOutput,
+)
 
 N_TRAIN = 1000
 NUM_STEPS = 10
@@ -27,8 +34,14 @@ KERNELS = {
     "ddim_eta0.5": lambda reduction: DDIMKernel(eta=0.5, reduction=reduction),
     "ddpm": lambda reduction: DDPMKernel(reduction=reduction),
     "flow_sde": lambda reduction: FlowSDEKernel(noise_level=0.7, reduction=reduction),
+    "flow_sde_det_last": lambda reduction: FlowSDEKernel(
+        noise_level=0.7, deterministic_last_step=True, reduction=reduction
+    ),
+    "dance_sde": lambda reduction: DanceSDEKernel(noise_level=0.3, reduction=reduction),
+    "cps": lambda reduction: CPSKernel(noise_level=0.8, reduction=reduction),
 }
 KERNEL_NAMES = list(KERNELS)
+FLOW_KERNELS = (FlowSDEKernel, DanceSDEKernel, CPSKernel)
 
 
 def alpha_scheduler(**kwargs) -> DDPMScheduler:
@@ -43,7 +56,7 @@ def flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 def make_kernel(name: str, reduction: str = "mean", num_steps: int = NUM_STEPS, **sched_kwargs):
     kernel = KERNELS[name](reduction)
-    sched = flow_scheduler() if isinstance(kernel, FlowSDEKernel) else alpha_scheduler(**sched_kwargs)
+    sched = flow_scheduler() if isinstance(kernel, FLOW_KERNELS) else alpha_scheduler(**sched_kwargs)
     kernel.bind(sched)
     kernel.set_timesteps(num_steps)
     return kernel
@@ -80,7 +93,8 @@ def normal_log_prob(o: StepOutput, reduction: str, mask: torch.Tensor | None = N
 
 
 def stochastic_steps(kernel) -> list[int]:
-    """Step indices with std > 0 for every kernel (alpha kernels are deterministic at t = 0)."""
+    """Step indices with std > 0 for every kernel (alpha kernels are deterministic at t = 0, CPS and the
+    deterministic-last-step flow kernel at σ_next = 0)."""
     n = kernel.num_steps
     return [0, n // 2, n - 2]
 
@@ -164,8 +178,8 @@ def test_per_sample_timesteps_match_row_by_row(name, event):
         torch.testing.assert_close(single.std, o.std[r : r + 1])
         torch.testing.assert_close(single.pred_x0, o.pred_x0[r : r + 1])
         torch.testing.assert_close(single.log_prob, o.log_prob[r : r + 1])
-    # rows at different timesteps really get different stds
-    assert not torch.allclose(o.std[1], o.std[2])
+    # rows at different timesteps really get different steps (Dance-SDE's std is constant on a uniform grid)
+    assert not (torch.allclose(o.std[1], o.std[2]) and torch.allclose(o.mean[1], o.mean[2]))
 
 
 @pytest.mark.parametrize("name", KERNEL_NAMES)
@@ -317,6 +331,142 @@ def test_flow_sde_matches_flow_grpo_formula(num_steps, noise_level):
         torch.testing.assert_close(o.std.double(), std.expand_as(mean), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(o.pred_x0, x - sigmas[i] * v)
         x = o.prev_sample
+
+
+def dance_reference(v, x, sigmas, i, eta):
+    """DanceGRPO's flux_step mean and std (formulas.md §8), in float64."""
+    v, x, sigmas = v.double(), x.double(), sigmas.double()
+    sigma, dsigma = sigmas[i], sigmas[i + 1] - sigmas[i]
+    x0 = x - sigma * v
+    score = -(x - x0 * (1 - sigma)) / sigma**2
+    mean = x + (v - 0.5 * eta**2 * score) * dsigma
+    return mean, eta * torch.sqrt(-dsigma)
+
+
+def cps_reference(v, x, sigmas, i, eta):
+    """Coefficients-preserving sampling's mean and std (formulas.md §8), in float64."""
+    v, x, sigmas = v.double(), x.double(), sigmas.double()
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    std = sigma_next * math.sin(eta * math.pi / 2)
+    x0, x1 = x - sigma * v, x + (1 - sigma) * v
+    return (1 - sigma_next) * x0 + torch.sqrt(sigma_next**2 - std**2) * x1, std
+
+
+def bound(kernel, num_steps=NUM_STEPS, shift=1.0):
+    kernel.bind(FlowMatchEulerDiscreteScheduler(num_train_timesteps=N_TRAIN, shift=shift))
+    kernel.set_timesteps(num_steps)
+    return kernel
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+def test_dance_sde_matches_dance_grpo_formula(eta, shift):
+    kernel = bound(DanceSDEKernel(noise_level=eta), shift=shift)
+    sigmas = kernel.scheduler.sigmas
+    x, v = inputs((4, 8))
+    for i, t in enumerate(kernel.scheduler.timesteps):
+        o = kernel.step(v, t, x, generator=gen(i))
+        mean, std = dance_reference(v, x, sigmas, i, eta)
+        torch.testing.assert_close(o.mean.double(), mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(o.std.double(), std.expand_as(mean), rtol=1e-5, atol=1e-7)
+        x = o.prev_sample
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("eta", [0.5, 0.8, 1.0])
+def test_cps_matches_formula_and_is_deterministic_at_the_end(eta, shift):
+    kernel = bound(CPSKernel(noise_level=eta), shift=shift)
+    sigmas = kernel.scheduler.sigmas
+    x, v = inputs((4, 8))
+    for i, t in enumerate(kernel.scheduler.timesteps):
+        o = kernel.step(v, t, x, generator=gen(i))
+        mean, std = cps_reference(v, x, sigmas, i, eta)
+        torch.testing.assert_close(o.mean.double(), mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(o.std.double(), torch.full_like(mean, float(std)), rtol=1e-5, atol=1e-7)
+        x = o.prev_sample
+    # the last step (sigma_next = 0) has no noise: the sample is x̂0 and its log-prob is 0
+    assert torch.equal(o.std, torch.zeros_like(o.std)) and torch.equal(o.log_prob, torch.zeros(BATCH))
+    torch.testing.assert_close(o.prev_sample, o.pred_x0)
+
+
+@pytest.mark.parametrize("i", [0, 4, 8])
+def test_cps_preserves_the_coefficients_of_the_forward_process(i):
+    """With the exact velocity of x = (1−σ)x0 + σε, CPS's next state is (1−σ')x0 + σ'ε' with ε' standard
+    normal: the injected noise replaces part of the predicted noise instead of adding variance."""
+    kernel = bound(CPSKernel(noise_level=0.8))
+    sigmas = kernel.scheduler.sigmas
+    g = gen(11)
+    x0 = torch.randn((4096, 8), generator=g)
+    eps = torch.randn((4096, 8), generator=g)
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    x = (1 - sigma) * x0 + sigma * eps
+    o = kernel.step(eps - x0, kernel.scheduler.timesteps[i], x, generator=gen(12))
+    eps_next = (o.prev_sample - (1 - sigma_next) * x0) / sigma_next
+    assert abs(eps_next.mean().item()) < 0.02 and abs(eps_next.std().item() - 1.0) < 0.02
+    # and it keeps a fraction cos(η·π/2) of the current noise: ε' = cos(ηπ/2)·ε + sin(ηπ/2)·z
+    assert abs((eps_next * eps).mean().item() - math.cos(0.8 * math.pi / 2)) < 0.03
+
+
+@pytest.mark.parametrize("cls", FLOW_KERNELS)
+@pytest.mark.parametrize("event", EVENT_SHAPES, ids=EVENT_IDS)
+def test_every_flow_kernel_without_noise_is_the_euler_ode_step(cls, event):
+    kernel = bound(cls(noise_level=0.0))
+    euler = flow_scheduler()
+    euler.set_timesteps(NUM_STEPS)
+    x, v = inputs(event)
+    for i, t in enumerate(kernel.scheduler.timesteps):
+        o = kernel.step(v, t, x, generator=gen(i))
+        torch.testing.assert_close(o.mean, euler.step(v, t, x).prev_sample, rtol=0, atol=1e-5)
+        assert torch.equal(o.prev_sample, o.mean) and torch.equal(o.log_prob, torch.zeros(BATCH))
+        # a tiny noise level stays within float error of the ODE (the limit is continuous)
+        tiny = bound(cls(noise_level=1e-6)).step(v, t, x, generator=gen(i))
+        torch.testing.assert_close(tiny.mean, o.mean, rtol=0, atol=1e-5)
+        x = o.prev_sample
+
+
+@pytest.mark.parametrize("cls", [FlowSDEKernel, DanceSDEKernel])
+def test_deterministic_last_step_is_the_euler_step_and_leaves_the_others_alone(cls):
+    plain, det = bound(cls(noise_level=0.7)), bound(cls(noise_level=0.7, deterministic_last_step=True))
+    sigmas = plain.scheduler.sigmas
+    x, v = inputs((3, 8))
+    for i, t in enumerate(plain.scheduler.timesteps):
+        a, b = plain.step(v, t, x, generator=gen(i)), det.step(v, t, x, generator=gen(i))
+        if i < NUM_STEPS - 1:
+            assert torch.equal(a.prev_sample, b.prev_sample) and torch.equal(a.log_prob, b.log_prob)
+        else:
+            assert (a.std > 0).all() and torch.equal(b.std, torch.zeros_like(b.std))
+            torch.testing.assert_close(b.prev_sample, x + v * (sigmas[i + 1] - sigmas[i]))
+            torch.testing.assert_close(b.prev_sample, b.pred_x0)  # σ_next = 0: the Euler step lands on x̂0
+            assert torch.equal(b.log_prob, torch.zeros(BATCH))
+    # per-row timesteps: only the rows at the last step become deterministic
+    ts = det.scheduler.timesteps
+    o = det.step(v, ts[torch.tensor([NUM_STEPS - 1, 3, NUM_STEPS - 1])], x, generator=gen(0))
+    assert o.std[0].max() == 0 and o.std[1].min() > 0 and o.std[2].max() == 0
+
+
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_deterministic_step_is_the_ode_step_and_keeps_the_random_stream(name):
+    kernel = make_kernel(name)
+    x, out = inputs((3, 8))
+    t = kernel.scheduler.timesteps[4]
+    g1, g2 = gen(3), gen(3)
+    o = kernel.step(out, t, x, generator=g1, deterministic=True)
+    assert torch.equal(o.prev_sample, o.mean) and torch.equal(o.log_prob, torch.zeros(BATCH))
+    assert torch.equal(o.std, torch.zeros_like(o.std))
+    kernel.step(out, t, x, generator=g2)  # the stochastic step draws the same amount of noise
+    assert torch.equal(torch.randn(5, generator=g1), torch.randn(5, generator=g2))
+    # the ODE step is the noise-free limit of the kernel's own family
+    if isinstance(kernel, FLOW_KERNELS):
+        sig = kernel.scheduler.sigmas
+        torch.testing.assert_close(o.mean, x + out * (sig[5] - sig[4]))
+    else:
+        ode = DDIMKernel(eta=0.0).bind(alpha_scheduler())
+        ode.set_timesteps(NUM_STEPS)
+        if isinstance(kernel, DDIMKernel):
+            torch.testing.assert_close(o.mean, ode.step(out, t, x).mean)
+        a_prev = kernel._alpha_prev(torch.tensor([int(t)]))
+        x0, eps = kernel._x0_eps(out, kernel._alpha(torch.tensor([int(t)])), x)
+        torch.testing.assert_close(o.mean, a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -513,10 +663,11 @@ def test_step_pred_x0_equals_pred_x0(prediction_type):
 # ---------------------------------------------------------------------------------------------------
 # Binding and argument errors
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", FLOW_KERNELS)
 @pytest.mark.parametrize("sched", [alpha_scheduler, lambda: DDIMScheduler(num_train_timesteps=N_TRAIN)])
-def test_flow_kernel_refuses_alpha_scheduler(sched):
+def test_flow_kernel_refuses_alpha_scheduler(sched, cls):
     with pytest.raises(ValueError, match="flow-matching"):
-        FlowSDEKernel().bind(sched())
+        cls().bind(sched())
 
 
 @pytest.mark.parametrize("cls", [DDIMKernel, DDPMKernel])
@@ -539,7 +690,7 @@ def test_ddpm_kernel_refuses_learned_variance():
     DDIMKernel().bind(alpha_scheduler(variance_type="learned_range"))  # DDIM does not use it
 
 
-@pytest.mark.parametrize("factory", [DDIMKernel, DDPMKernel, FlowSDEKernel])
+@pytest.mark.parametrize("factory", [DDIMKernel, DDPMKernel, FlowSDEKernel, DanceSDEKernel, CPSKernel])
 def test_bad_reduction_raises(factory):
     with pytest.raises(ValueError, match="reduction"):
         factory(reduction="max")
@@ -548,8 +699,11 @@ def test_bad_reduction_raises(factory):
 def test_bad_eta_and_noise_level_raise():
     with pytest.raises(ValueError, match="eta"):
         DDIMKernel(eta=-0.1)
-    with pytest.raises(ValueError, match="noise_level"):
-        FlowSDEKernel(noise_level=-0.1)
+    for cls in FLOW_KERNELS:
+        with pytest.raises(ValueError, match="noise_level"):
+            cls(noise_level=-0.1)
+    with pytest.raises(ValueError, match=r"noise_level in \[0, 1\]"):
+        CPSKernel(noise_level=1.5)
 
 
 @pytest.mark.parametrize("name", KERNEL_NAMES)
@@ -558,7 +712,7 @@ def test_step_before_set_timesteps_raises(name):
     x, out = inputs((2,))
     with pytest.raises(RuntimeError, match="bind"):
         kernel.step(out, 500, x)
-    sched = flow_scheduler() if isinstance(kernel, FlowSDEKernel) else alpha_scheduler()
+    sched = flow_scheduler() if isinstance(kernel, FLOW_KERNELS) else alpha_scheduler()
     kernel.bind(sched)
     with pytest.raises(RuntimeError, match="set_timesteps"):
         kernel.step(out, 500, x)
@@ -567,7 +721,7 @@ def test_step_before_set_timesteps_raises(name):
 @pytest.mark.parametrize("name", KERNEL_NAMES)
 def test_bind_builds_own_scheduler(name):
     kernel = KERNELS[name]("mean")
-    sched = flow_scheduler() if isinstance(kernel, FlowSDEKernel) else alpha_scheduler()
+    sched = flow_scheduler() if isinstance(kernel, FLOW_KERNELS) else alpha_scheduler()
     sched.set_timesteps(50)
     before = sched.timesteps.clone()
     kernel.bind(sched)
@@ -577,5 +731,5 @@ def test_bind_builds_own_scheduler(name):
     assert ts.shape == (4,) and kernel.num_steps == 4
     assert (ts[:-1] > ts[1:]).all()  # sampling order: noisy to clean
     assert kernel.num_train_timesteps == N_TRAIN
-    expected = "flow" if isinstance(kernel, FlowSDEKernel) else "epsilon"
+    expected = "flow" if isinstance(kernel, FLOW_KERNELS) else "epsilon"
     assert kernel.prediction_type == expected

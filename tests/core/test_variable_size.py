@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from diffalign.core.algorithms import (
+    AWM,
     D3PO,
     DDPO,
     DPOK,
@@ -25,7 +26,10 @@ from diffalign.core.algorithms import (
     AlignProp,
     DiffusionDPO,
     DiffusionKTO,
+    DiffusionNFT,
     DRaFT,
+    GRPOGuard,
+    PrefGRPO,
     ReFL,
     SupervisedDenoising,
 )
@@ -99,9 +103,16 @@ def _assert_padding_zero(value) -> int:
             if isinstance(v, (Batch, Trajectory)):
                 checks += _assert_padding_zero(v)
         mask = value.get("mask")
+        points = value.get("t") is not None and value["t"].dim() == 2  # forward-process points (B, J, ...)
         for name in ("x_t", "target", "winner", "loser", "x0"):
             if mask is not None and isinstance(value.get(name), torch.Tensor):
-                assert (_padding(value[name], mask) == 0).all(), f"padded entries of {name} are not 0"
+                per = (
+                    [value[name][:, k] for k in range(value["t"].shape[1])]
+                    if points and name != "x0"
+                    else [value[name]]
+                )
+                for v in per:
+                    assert (_padding(v, mask) == 0).all(), f"padded entries of {name} are not 0"
                 checks += 1
         for side in ("w", "l"):
             m = value.get(f"mask_{side}")
@@ -119,6 +130,11 @@ ALGORITHMS = [
     DPOK(kl_coef=0.1, advantages="batch"),
     GRPO(group_size=2),
     GRPO(group_size=2, shared_noise=True),
+    GRPO(group_size=2, sde_window_size=2),
+    GRPOGuard(group_size=2),
+    PrefGRPO(group_size=2),
+    DiffusionNFT(group_size=2, kl_coef=0.1),
+    AWM(group_size=2, kl_coef=0.1),
     DRaFT(k=2),
     DRaFT(lv_samples=2),
     AlignProp(k_min=1, k_max=3),
@@ -126,6 +142,7 @@ ALGORITHMS = [
     RWR(samples_per_condition=2),
     RAFT(samples_per_condition=2),
     D3PO(),
+    D3PO(keep_undecided=True),
     SPO(num_candidates=3),
     DiffusionDPO(beta=10.0),
     DiffusionKTO(beta=10.0),

@@ -74,3 +74,37 @@ def test_brightness_target_and_gradient():
     assert (x.grad > 0).all()  # brighter is better
     with pytest.raises(ValueError, match="one per RGB"):
         Brightness(target=[0.1, 0.2])
+
+
+def test_digit_realism_is_high_for_real_digits_of_the_prompt_and_low_for_blobs():
+    from diffalign.rewards.image import DigitRealism
+
+    gold = DigitRealism()
+    train_x, train_y = load_digit_images(16, split="train")
+    idx = torch.arange(0, 200, 5)
+    real = _rgb(train_x[idx])  # real digits the reference set has never seen (it is the held-out split)
+    right = gold(real, {"prompt": [digit_prompt(int(d)) for d in train_y[idx]]}).scores
+    wrong = gold(real, {"prompt": [digit_prompt((int(d) + 5) % 10) for d in train_y[idx]]}).scores
+    blob = torch.zeros(len(idx), 3, 16, 16)
+    blob[:, :, 3:13, 4:12] = 1.0  # a bright rectangle: what a collapsed policy draws
+    blobs = gold(blob, {"prompt": [digit_prompt(int(d)) for d in train_y[idx]]}).scores
+    assert right.mean() > 0.4 and right.mean() > 2 * wrong.mean() and right.mean() > 4 * blobs.mean()
+    assert ((right >= 0) & (right <= 1)).all() and not DigitRealism.differentiable
+    # a real held-out digit is its own nearest neighbour: score 1
+    test_x, test_y = load_digit_images(16, split="test")
+    own = gold(_rgb(test_x[:4]), {"prompt": [digit_prompt(int(d)) for d in test_y[:4]]}).scores
+    torch.testing.assert_close(own, torch.ones(4))
+
+
+def test_digit_features_separate_digits_and_collapse_copies():
+    from diffalign.core.guards import prompt_diversity
+    from diffalign.modalities.image.features import digit_features
+
+    x, y = load_digit_images(16, split="test")
+    f = digit_features(_rgb(x[:60]))
+    assert f.shape == (60, 64) and (f >= 0).all()  # ReLU activations
+    same = digit_features(_rgb(x[:1].repeat(6, 1, 1, 1)))
+    keys = [str(int(d)) for d in y[:60]]
+    real = prompt_diversity(f, keys)["diversity"]
+    copies = prompt_diversity(same, ["a"] * 6)["diversity"]
+    assert real > 1.0 and copies == pytest.approx(0.0, abs=1e-5)

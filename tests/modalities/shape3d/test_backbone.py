@@ -168,7 +168,8 @@ def test_a_model_from_a_local_folder(tmp_path):
     folder = a.save_pretrained(tmp_path / "my_model")
     b = ShapeBackbone(pretrained=str(folder))
     assert (b.max_points, b.color_channels, b.prediction_type, b.width) == (20, 3, "epsilon", a.width)
-    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    same = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(p, q) for p, q in same)
     check_backbone(b, PROMPTS, DDIMKernel(1.0))
     (folder / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json"):
