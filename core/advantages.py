@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from diffalign.core.distributed import Ranks, RowShard
 from diffalign.core.types import Cond
 
 
@@ -33,6 +35,31 @@ def row_keys(cond: Cond) -> list[str]:
             for i in range(n):
                 keys[i].append(f"{name}={flat[i].numpy().tobytes().hex()}")
     return ["|".join(k) for k in keys]
+
+
+@dataclass
+class GlobalRewards:
+    """The rewards of the global batch (every rank's rows, in rank order), what statistics over it need,
+    and where this rank's rows are (`shard.take(values)` keeps them)."""
+
+    rewards: Tensor
+    keys: list[str]
+    groups: Tensor
+    shard: RowShard
+
+
+def gather_rewards(ranks: Ranks, rewards: Tensor, keys: Sequence[str], groups: Tensor) -> GlobalRewards:
+    """Gather rewards, prompt keys and group ids from every rank (a collective with several ranks).
+
+    Group ids are made unique across ranks (a group never spans ranks: each rank samples whole groups),
+    so group statistics over the gathered batch equal the per-rank ones.
+    """
+    shard = ranks.rows(len(rewards))
+    every_groups = groups.detach().cpu().long()
+    if ranks.distributed:
+        width = int(max(ranks.gather_objects(int(every_groups.max()) + 1 if len(every_groups) else 0)))
+        every_groups = ranks.gather(every_groups + ranks.rank * width)
+    return GlobalRewards(ranks.gather(rewards), ranks.gather_lists(list(keys)), every_groups, shard)
 
 
 def batch_advantages(rewards: Tensor, eps: float = 1e-8) -> Tensor:

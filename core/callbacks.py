@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -44,25 +45,34 @@ def evaluate_reward(module: Any, pairs: list[tuple[Any, int]], batch_size: int =
     (`core.sampling`: each sample from its own seed, so results do not depend on `batch_size`).
 
     Returns mean, std, count of finite scores, number of failed scores, and per-prompt means.
+
+    With several processes (a collective: every rank calls it) each rank samples one contiguous shard of
+    the pairs and the scores are gathered in the set's order, so every rank returns the statistics of
+    the whole set, each pair sampled once.
     """
+    from diffalign.core.distributed import Ranks, shard_contiguous
     from diffalign.core.sampling import sample_pairs
 
     policy, reward = module.policy, module.reward
+    ranks = Ranks.current()
+    mine = pairs[shard_contiguous(len(pairs), ranks.rank, ranks.world_size)]
     was_training = policy.training
     policy.eval()
+    rows: list[tuple[Any, float]] = []
+    try:
+        for batch in sample_pairs(policy, mine, batch_size, reward=reward):
+            rows += zip(batch.cond.prompts or [None] * len(batch), batch.scores.tolist(), strict=True)
+    finally:
+        policy.train(was_training)
     scores: list[float] = []
     per_prompt: dict[str, list[float]] = {}
     failed = 0
-    try:
-        for batch in sample_pairs(policy, pairs, batch_size, reward=reward):
-            for p, s in zip(batch.cond.prompts or [None] * len(batch), batch.scores.tolist(), strict=True):
-                if math.isfinite(s):
-                    scores.append(s)
-                    per_prompt.setdefault(str(p), []).append(s)
-                else:
-                    failed += 1
-    finally:
-        policy.train(was_training)
+    for p, s in ranks.gather_lists(rows):
+        if math.isfinite(s):
+            scores.append(s)
+            per_prompt.setdefault(str(p), []).append(s)
+        else:
+            failed += 1
     t = torch.tensor(scores) if scores else torch.tensor([float("nan")])
     return {
         "mean": float(t.mean()),
@@ -82,7 +92,8 @@ class RewardEvaluation(Callback):
     keeps the first run's `reward_before` and adds up wall time.
 
     The evaluation set comes from the data module's `evaluation_set()` when it has one, else from
-    `prompts` × `seeds_per_prompt`.
+    `prompts` × `seeds_per_prompt`. With several processes every rank evaluates its shard of the set
+    (`evaluate_reward`) and rank 0 writes the files.
 
     Args:
         prompts: evaluation conditions when the data module has no evaluation set.
@@ -141,9 +152,17 @@ class RewardEvaluation(Callback):
             self.history.append((int(trainer.global_step), float(value)))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking:
             return
+        # every rank takes part in the evaluation and in `trainer.log_dir` (collectives); rank 0 writes
         folder = run_dir(trainer)
+        after = None
+        if getattr(pl_module, "reward", None) is not None:
+            ema = getattr(pl_module, "ema_weights", None)
+            with ema() if ema is not None else contextlib.nullcontext():
+                after = evaluate_reward(pl_module, self._pairs(trainer), self.batch_size)
+        if not trainer.is_global_zero:
+            return
         summary: dict[str, Any] = {
             "recipe": self.recipe,
             "global_step": int(trainer.global_step),
@@ -154,14 +173,11 @@ class RewardEvaluation(Callback):
         }
         guarded = getattr(pl_module, "guarded_reward", None)
         if guarded is not None:  # samples the on_invalid_reward: drop policy skipped during training
-            summary["reward_dropped"] = int(guarded.dropped)
+            summary["reward_dropped"] = int(getattr(pl_module, "reward_dropped", guarded.dropped))
         skipped = getattr(trainer.datamodule, "skipped_rows", None)
         if skipped is not None:  # malformed data rows the on_error: skip policy left out
             summary["data_skipped_rows"] = int(skipped)
-        if getattr(pl_module, "reward", None) is not None:
-            ema = getattr(pl_module, "ema_weights", None)
-            with ema() if ema is not None else contextlib.nullcontext():
-                after = evaluate_reward(pl_module, self._pairs(trainer), self.batch_size)
+        if after is not None:
             before = self.before or {}
             summary.update(
                 {
@@ -311,6 +327,7 @@ class ResumableCSVLogger(CSVLogger):
         self.keep_before_step = keep_before_step
 
     @property
+    @rank_zero_experiment  # other ranks get a dummy: only rank 0 touches metrics.csv
     def experiment(self) -> Any:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)

@@ -8,28 +8,56 @@ the methods need — prompt keys, group ids, per-term rewards and metrics.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from diffalign.core.advantages import row_keys
+from diffalign.core.distributed import SINGLE, Ranks, RowShard
 from diffalign.core.functional import repeat_batch, repeat_rows
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.reward import TERM_PREFIX, GuardedReward, reward_metrics
-from diffalign.core.sampling import draw_seeds, row_generators, sample_batch, score_batch
+from diffalign.core.sampling import draw_seeds_tensor, row_generators, sample_batch, score_batch
 from diffalign.core.types import Trajectory
 
 
 @dataclass
 class AlignContext:
-    """What `Algorithm.prepare` may use: the policy, the guarded reward, the run's RNG and the device."""
+    """What `Algorithm.prepare` may use: the policy, the guarded reward, the run's RNG and the device,
+    and the run's processes.
+
+    Attributes:
+        generator: the run's generator. In a multi-process run it is the same stream on every rank, so
+            draw from it only amounts every rank agrees on: draws for the rows of the global batch
+            through `rows(n)` (`row_seeds`, `RowShard.draw`/`noise`) and fixed-size draws (a truncation
+            depth, a step index).
+        ranks: the run's processes (`core.distributed.Ranks`; one process by default).
+        rank_generator: this rank's own stream, for draws sized by local data (shuffles); None: the run
+            generator (one process).
+    """
 
     policy: DiffusionPolicy
     reward: GuardedReward | None
     generator: torch.Generator
     device: torch.device
+    ranks: Ranks = SINGLE
+    rank_generator: torch.Generator | None = None
+
+    @property
+    def local_generator(self) -> torch.Generator:
+        """The stream for draws sized by this rank's data (the run generator with one process)."""
+        return self.rank_generator if self.rank_generator is not None else self.generator
+
+    def rows(self, count: int, event: Sequence[int] | None = None) -> RowShard:
+        """Where this rank's `count` rows sit in the global batch (a collective with several ranks)."""
+        return self.ranks.rows(count, event)
+
+    def row_seeds(self, count: int) -> list[int]:
+        """One sampling seed for each of this rank's `count` rows: the global batch's seeds are drawn
+        from the run generator and each rank keeps its own (one process: `draw_seeds(generator, n)`)."""
+        return self.rows(count).draw(lambda total: draw_seeds_tensor(self.generator, total)).tolist()
 
 
 def collect_rollouts(
@@ -43,15 +71,18 @@ def collect_rollouts(
 
     Returns the kept trajectories with `rewards` set and, in `extras`: `key` (the prompt key of each
     row), `group` (the index of the condition it came from), `seed` and `reward_terms` (per-sample terms
-    of a composite reward, for Pareto comparisons); and the metrics `reward_mean`, `reward_std`,
-    `reward_dropped` and `reward/<info>` means.
+    of a composite reward, for Pareto comparisons); and the metrics `reward_mean`, `reward_std` (over
+    the global batch: every rank's kept rows), `reward_dropped` (this rank's) and `reward/<info>` means.
+
+    Row seeds come from `ctx.row_seeds`: with several ranks, each rank samples its own rows of the
+    global batch, and the global batch is the one a single process would sample.
     """
     if ctx.reward is None:
         raise ValueError("collect_rollouts needs a reward")
     policy, backbone = ctx.policy, ctx.policy.backbone
     rows = repeat_batch(dict(batch), repeat) if repeat > 1 else dict(batch)
     cond = backbone.condition(rows)
-    seeds = draw_seeds(ctx.generator, len(cond))
+    seeds = ctx.row_seeds(len(cond))
     x_T = mask = None
     with torch.no_grad():
         if shared_noise and repeat > 1:
@@ -75,9 +106,10 @@ def collect_rollouts(
     traj.rewards = scored.scores.to(traj.states.device).float().detach()
     keep = scored.keep.to(traj.states.device)
     traj = traj[keep]
+    every = ctx.ranks.gather(traj.rewards)  # statistics of the global batch
     metrics = {
-        "reward_mean": traj.rewards.mean().item(),
-        "reward_std": traj.rewards.std(unbiased=False).item(),
+        "reward_mean": every.mean().item(),
+        "reward_std": every.std(unbiased=False).item(),
         "reward_dropped": float(scored.num_dropped),
     }
     metrics.update(reward_metrics(scored))

@@ -44,7 +44,12 @@ def row_generators(seeds: Sequence[int], device: torch.device | str | None = Non
 
 def draw_seeds(generator: torch.Generator, n: int) -> list[int]:
     """n row seeds drawn from a run's generator (training rollouts)."""
-    return torch.randint(0, SEED_BOUND, (n,), generator=generator, dtype=torch.int64).tolist()
+    return draw_seeds_tensor(generator, n).tolist()
+
+
+def draw_seeds_tensor(generator: torch.Generator, n: int) -> Tensor:
+    """`draw_seeds` as an int64 tensor."""
+    return torch.randint(0, SEED_BOUND, (n,), generator=generator, dtype=torch.int64)
 
 
 def seed_pairs(prompts: Sequence[Any], seeds_per_prompt: int, first_seed: int) -> list[tuple[Any, int]]:

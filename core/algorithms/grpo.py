@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from diffalign.core.advantages import group_advantages
+from diffalign.core.advantages import gather_rewards, group_advantages
 from diffalign.core.algorithms.ddpo import DDPO
 from diffalign.core.rollouts import AlignContext, collect_rollouts
 from diffalign.core.types import Trajectory
@@ -64,7 +64,11 @@ class GRPO(DDPO):
 
     def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Trajectory, dict[str, float]]:
         traj, metrics = collect_rollouts(ctx, batch, self.group_size, self.shared_noise)
-        adv, zero_ratio = group_advantages(traj.rewards.cpu(), traj.extras["group"], self.std_scope)
+        # a group never spans processes (each rank samples whole groups); the global std and the
+        # zero-std ratio are over every rank's groups
+        every = gather_rewards(ctx.ranks, traj.rewards, traj.extras["key"], traj.extras["group"])
+        adv, zero_ratio = group_advantages(every.rewards.cpu(), every.groups, self.std_scope)
+        adv = every.shard.take(adv)
         traj.advantages = adv.clamp(-self.adv_clip_max, self.adv_clip_max).to(traj.states.device)
         metrics["zero_std_ratio"] = zero_ratio
         return traj, metrics
