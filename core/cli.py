@@ -49,6 +49,7 @@ PLUGIN_COMMANDS = {
         "diffalign.core.feedback:main",
         "AI feedback: sample, rank with a reward, write preference pairs",
     ),
+    "serve-reward": ("diffalign.core.serve_reward:main", "serve a reward over HTTP for RemoteReward clients"),
 }
 
 

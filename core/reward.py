@@ -47,6 +47,11 @@ class RewardShapeError(RewardError):
     """A reward returned something other than one score per sample (or declared per-element scores)."""
 
 
+class RewardUnavailableError(RewardError):
+    """The reward could not be computed at all (a reward server that stays unreachable or refuses the
+    client): no fault of the samples, so it is never retried sample by sample, dropped or scored NaN."""
+
+
 @dataclass
 class RewardOutput:
     """Scores (B,), named per-sample terms or diagnostics to log (`info`), and, for a reward that
@@ -422,7 +427,7 @@ class GuardedReward:
         try:
             out = self.reward.evaluate(view, cond)
             scores, info, elements = out.scores, out.info, out.elements
-        except RewardShapeError:
+        except (RewardShapeError, RewardUnavailableError):
             raise
         except Exception as batch_error:  # find the failing rows one by one
             scores = torch.full((n,), float("nan"))

@@ -27,6 +27,7 @@ from diffalign.core.reward import (
     Reward,
     RewardError,
     RewardShapeError,
+    RewardUnavailableError,
     SampleView,
     ScoredBatch,
 )
@@ -196,7 +197,7 @@ def score_batch(batch: SampledBatch, reward: Reward | GuardedReward, on_invalid:
     else:
         try:
             scored = GuardedReward(reward, on_invalid="drop")(batch.view, batch.cond)
-        except RewardShapeError:
+        except (RewardShapeError, RewardUnavailableError):
             raise
         except RewardError as e:
             n = len(batch)
