@@ -48,14 +48,20 @@ def evaluate_reward(module: Any, pairs: list[tuple[Any, int]], batch_size: int =
 
     With several processes (a collective: every rank calls it) each rank samples one contiguous shard of
     the pairs and the scores are gathered in the set's order, so every rank returns the statistics of
-    the whole set, each pair sampled once.
+    the whole set, each pair counted once.
     """
-    from diffalign.core.distributed import Ranks, shard_contiguous
+    from diffalign.core.distributed import Ranks
     from diffalign.core.sampling import sample_pairs
 
     policy, reward = module.policy, module.reward
     ranks = Ranks.current()
-    mine = pairs[shard_contiguous(len(pairs), ranks.rank, ranks.world_size)]
+    # equal shards (the last padded with repeats of the set's last pair, whose scores are left out), so
+    # every rank makes the same denoiser calls: sharded weights (FSDP) are gathered in lockstep
+    size = -(-len(pairs) // ranks.world_size)
+    start = min(len(pairs), ranks.rank * size)
+    mine = list(pairs[start : start + size])
+    real = len(mine)
+    mine += [pairs[-1]] * (size - real) if pairs else []
     was_training = policy.training
     policy.eval()
     rows: list[tuple[Any, float]] = []
@@ -64,6 +70,7 @@ def evaluate_reward(module: Any, pairs: list[tuple[Any, int]], batch_size: int =
             rows += zip(batch.cond.prompts or [None] * len(batch), batch.scores.tolist(), strict=True)
     finally:
         policy.train(was_training)
+    rows = rows[:real]
     scores: list[float] = []
     per_prompt: dict[str, list[float]] = {}
     failed = 0
@@ -249,11 +256,17 @@ class ExportBackbone(Callback):
         self.path = path
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if not trainer.is_global_zero:
+        from diffalign.core.distributed import is_sharded
+
+        sharded = is_sharded(trainer)  # the state dict gathers the shards: every rank asks
+        if not trainer.is_global_zero and not sharded:
             return
         # no metadata: safetensors orders a metadata map arbitrarily, which would make the bytes differ
         ema = getattr(pl_module, "ema_weights", None)
         with ema() if ema is not None else contextlib.nullcontext():
+            if not trainer.is_global_zero:
+                pl_module.policy.backbone.state_dict()
+                return
             out = save_state_dict(pl_module.policy.backbone, self.path)
         print_result(trainer, f"exported backbone weights to {out}")
 

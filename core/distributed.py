@@ -196,6 +196,41 @@ class Ranks:
 SINGLE = Ranks()
 
 
+def is_sharded(trainer: Any) -> bool:
+    """Whether a trainer's model holds FSDP units (sharded weights: forward passes, state dicts and
+    gradient norms are then collectives)."""
+    model = getattr(getattr(trainer, "strategy", None), "model", None)
+    if model is None or not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+
+
+def clip_sharded_grad_norm(parameters: Sequence[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip the global gradient norm of sharded parameters (each rank holds disjoint shards of every
+    gradient): the squared norms are summed over the ranks. Returns the norm before clipping."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    local = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+    total = local.to(device)
+    if _group_active():
+        torch.distributed.all_reduce(total)
+    norm = float(total.sqrt())
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1:
+        for g in grads:
+            g.detach().mul_(scale)
+    return norm
+
+
+def is_fsdp_strategy(strategy: Any) -> bool:
+    """Whether a Lightning strategy shards with torch's FSDP (Lightning's FSDPStrategy or a subclass)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
+
+
 def shard_contiguous(n: int, rank: int, world_size: int) -> slice:
     """Rank `rank`'s contiguous part of `n` items split as evenly as possible (the first `n % world`
     ranks get one more)."""

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from diffalign.core.algorithms.base import Algorithm
-from diffalign.core.distributed import Ranks
+from diffalign.core.distributed import Ranks, clip_sharded_grad_norm, is_fsdp_strategy, is_sharded
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.reward import GuardedReward, OnInvalid, Reward
 from diffalign.core.rollouts import AlignContext
@@ -63,6 +63,9 @@ class AlignmentModule(L.LightningModule):
             use the live weights. (Lightning's weight-averaging callback is not used: it averages a deep
             copy of the whole LightningModule, frozen base models included, and hooks automatic
             optimisation's step; the EMA here holds only the trainable parameters.)
+        score_chunks: score each rollout batch in this many chunks, each in a background thread while
+            the next chunk samples (for a `RemoteReward` or another slow reward, as ddpo-pytorch does with
+            a thread pool); the samples do not change (see `AlignContext.score_chunks`).
 
     The module knows no algorithm: it logs every named term an algorithm's `forward` returns, reduced
     over the micro-batches of a batch as the algorithm declares (`Algorithm.metric_reduction`), plus
@@ -81,6 +84,7 @@ class AlignmentModule(L.LightningModule):
         seed: int = 0,
         checkpoint_frozen_weights: bool = True,
         ema_decay: float | None = None,
+        score_chunks: int = 1,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -100,6 +104,9 @@ class AlignmentModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.max_grad_norm = max_grad_norm
         self.seed = seed
+        if score_chunks < 1:
+            raise ValueError(f"score_chunks must be >= 1, got {score_chunks}")
+        self.score_chunks = score_chunks
         self.checkpoint_frozen_weights = checkpoint_frozen_weights
         # checkpoints without frozen weights load non-strictly (the frozen ones are already in place)
         self.strict_loading = checkpoint_frozen_weights
@@ -148,6 +155,35 @@ class AlignmentModule(L.LightningModule):
         if self.reward is not None:
             self.reward.to(self.device)
 
+    def configure_model(self) -> None:
+        """Under FSDP: wrap each of the backbone's `shard_units()` as an FSDP unit (every denoiser call
+        then gathers and frees its weights, as the several forward passes of a training step need); the
+        rest (frozen VAE, text encoder, a reference copy) stays whole on every rank. Other strategies:
+        nothing."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not is_fsdp_strategy(strategy):
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import wrap
+
+        backbone = self.policy.backbone
+        units = backbone.shard_units()
+        for name in units:
+            parent_name, _, attr = name.rpartition(".")
+            parent = backbone.get_submodule(parent_name) if parent_name else backbone
+            child = getattr(parent, attr)
+            if not isinstance(child, FullyShardedDataParallel):
+                setattr(parent, attr, wrap(child))
+        # everything outside the units (frozen modules: VAE, text encoder) stays whole on every rank: with
+        # wrapped units inside, Lightning does not wrap the module itself
+        inside = {id(p) for name in units for p in backbone.get_submodule(name).parameters()}
+        outside = [n for n, p in self.policy.named_parameters() if p.requires_grad and id(p) not in inside]
+        if outside:
+            raise ValueError(
+                f"FSDP: trainable parameters outside the backbone's shard units {units}: {outside[:4]}; "
+                f"override {type(backbone).__name__}.shard_units() to name the modules denoise() calls"
+            )
+
     # -- training ------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> None:
         ranks = Ranks.current()
@@ -155,12 +191,15 @@ class AlignmentModule(L.LightningModule):
         if ranks.distributed:
             own_seed = rank_seed(self.seed, ranks.rank, self.current_epoch, batch_idx)
             own = torch.Generator().manual_seed(own_seed)
-        ctx = AlignContext(self.policy, self.guarded_reward, self.generator, self.device, ranks, own)
+        ctx = AlignContext(
+            self.policy, self.guarded_reward, self.generator, self.device, ranks, own, self.score_chunks
+        )
         data, metrics = self.algorithm.prepare(ctx, batch)
         opt = self.optimizers()
         sched = self.lr_schedulers()
         terms = MetricAggregator(self.algorithm.metric_reduction)
         updates = 0
+        last: list[Any] = []  # micro-batches of an earlier step, to fill in passes with
         steps = self.algorithm.minibatches(data, ctx.local_generator)
         for micro_batches, passes in aligned_steps(ranks, steps):
             for j in range(passes):
@@ -169,12 +208,13 @@ class AlignmentModule(L.LightningModule):
                     out = self.algorithm(self.policy, micro_batches[j]) if j < len(micro_batches) else None
                     self._check_finite(ranks, out, batch_idx)
                     if out is None:  # other ranks have more micro-batches in this step
-                        self.manual_backward(self._zero_loss())
+                        self.manual_backward(self._zero_loss(micro_batches or last))
                         continue
+                    last = micro_batches
                     self.manual_backward(out["loss"] / len(micro_batches))
                 terms.add(out, first_update=updates == 0)
             if self.max_grad_norm is not None:
-                self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                self._clip(opt)
             opt.step()
             opt.zero_grad(set_to_none=True)
             self._update_ema()
@@ -211,10 +251,26 @@ class AlignmentModule(L.LightningModule):
             return nullcontext()
         return strategy.block_backward_sync()
 
-    def _zero_loss(self) -> torch.Tensor:
-        """A loss of 0 that touches every trainable parameter: a rank without a micro-batch still joins
-        the gradient all-reduce (with zero gradients)."""
+    def _zero_loss(self, micro_batches: list[Any]) -> torch.Tensor:
+        """A loss of 0 for a pass that another rank spends on a micro-batch this rank lacks: the
+        gradients this rank adds are 0 but it joins the gradient all-reduce. It runs one of this rank's
+        micro-batches (times 0) when it has one, since sharded weights are gathered in forward passes."""
+        if micro_batches:
+            return self.algorithm(self.policy, micro_batches[0])["loss"] * 0.0
+        if is_sharded(self._trainer):
+            raise RuntimeError(
+                f"{type(self.algorithm).__name__}: this rank has no micro-batch to train on while others "
+                "do (e.g. no decided preference pair); under FSDP every rank needs data in every step"
+            )
         return sum((p * 0).sum() for p in self._trainable())
+
+    def _clip(self, opt: Any) -> None:
+        """Clip the gradients' global norm to `max_grad_norm` (under FSDP over every rank's shards, a
+        collective: Lightning's norm clipping refuses FSDP)."""
+        if is_sharded(self._trainer):
+            clip_sharded_grad_norm(self._trainable(), self.max_grad_norm)
+        else:
+            self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
 
     def _check_finite(self, ranks: Ranks, out: dict[str, Any] | None, batch_idx: int) -> None:
         """Stop on a NaN/inf loss — on every rank at once when several train (a collective)."""
@@ -367,9 +423,15 @@ class AlignmentModule(L.LightningModule):
 
     def _ema_checkpoint(self) -> dict[str, Any] | None:
         if self.ema is None:
-            return self._ema_state
-        state = self.ema.state_dict()
-        state["shadow_params"] = [p.detach().cpu() for p in state["shadow_params"]]
+            state = self._ema_state
+        else:
+            state = self.ema.state_dict()
+            state["shadow_params"] = [p.detach().cpu() for p in state["shadow_params"]]
+        if state is not None and is_sharded(self._trainer):
+            # sharded weights: each rank averages its own shard; the checkpoint keeps every rank's
+            # (rank 0 writes it; a collective, as Lightning calls this hook on every rank)
+            shards = Ranks.current().gather_objects(state["shadow_params"])
+            state = {**state, "shadow_params": None, "shards": shards}
         return state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -378,6 +440,15 @@ class AlignmentModule(L.LightningModule):
             return
         self.generator.set_state(state["generator"])
         ema = state.get("ema")
+        if isinstance(ema, dict) and ema.get("shards") is not None:  # saved under FSDP: this rank's shard
+            ranks = Ranks.current()
+            if len(ema["shards"]) != ranks.world_size:
+                raise RuntimeError(
+                    f"the checkpoint's EMA is sharded over {len(ema['shards'])} processes; resume it on as "
+                    f"many (this run has {ranks.world_size})"
+                )
+            mine = ema["shards"][ranks.rank]
+            ema = {k: v for k, v in ema.items() if k != "shards"} | {"shadow_params": mine}
         self.ema, self._ema_state = None, ema if isinstance(ema, dict) and "shadow_params" in ema else None
         if self.guarded_reward is not None:
             queries, dropped = int(state.get("reward_queries", 0)), int(state.get("reward_dropped", 0))

@@ -9,6 +9,7 @@ the methods need — prompt keys, group ids, per-term rewards and metrics.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from diffalign.core.advantages import row_keys
 from diffalign.core.distributed import SINGLE, Ranks, RowShard
 from diffalign.core.functional import repeat_batch, repeat_rows
 from diffalign.core.policy import DiffusionPolicy
-from diffalign.core.reward import TERM_PREFIX, GuardedReward, reward_metrics
+from diffalign.core.reward import TERM_PREFIX, GuardedReward, ScoredBatch, reward_metrics
 from diffalign.core.sampling import draw_seeds_tensor, row_generators, sample_batch, score_batch
 from diffalign.core.types import Trajectory
 
@@ -36,6 +37,10 @@ class AlignContext:
         ranks: the run's processes (`core.distributed.Ranks`; one process by default).
         rank_generator: this rank's own stream, for draws sized by local data (shuffles); None: the run
             generator (one process).
+        score_chunks: split each rollout batch into this many chunks and score each in a background
+            thread while the next one samples (for a remote or otherwise slow reward). The samples are
+            the same (every row has its own seed); so are the scores, unless the reward's decode
+            request is random (its generator is seeded per scored batch).
     """
 
     policy: DiffusionPolicy
@@ -44,6 +49,7 @@ class AlignContext:
     device: torch.device
     ranks: Ranks = SINGLE
     rank_generator: torch.Generator | None = None
+    score_chunks: int = 1
 
     @property
     def local_generator(self) -> torch.Generator:
@@ -79,7 +85,7 @@ def collect_rollouts(
     """
     if ctx.reward is None:
         raise ValueError("collect_rollouts needs a reward")
-    policy, backbone = ctx.policy, ctx.policy.backbone
+    backbone = ctx.policy.backbone
     rows = repeat_batch(dict(batch), repeat) if repeat > 1 else dict(batch)
     cond = backbone.condition(rows)
     seeds = ctx.row_seeds(len(cond))
@@ -90,9 +96,7 @@ def collect_rollouts(
             x_T, mask = backbone.init_noise(first, row_generators(seeds[::repeat]))
             x_T = repeat_rows(x_T, repeat)
             mask = repeat_rows(mask, repeat) if mask is not None else None
-        sampled = sample_batch(policy, cond, seeds, x_T=x_T, mask=mask)
-        scored = score_batch(sampled, ctx.reward)
-    traj = sampled.trajectory
+        traj, scored = _sample_and_score(ctx, cond, seeds, x_T, mask, repeat)
     b = traj.batch_size
     traj.extras["key"] = row_keys(traj.cond)
     traj.extras["group"] = torch.arange(b // repeat).repeat_interleave(repeat)
@@ -114,3 +118,46 @@ def collect_rollouts(
     }
     metrics.update(reward_metrics(scored))
     return traj, metrics
+
+
+def _sample_and_score(
+    ctx: AlignContext, cond: Any, seeds: list[int], x_T: Any, mask: Any, repeat: int
+) -> tuple[Trajectory, ScoredBatch]:
+    """Sample the rows and score them; with `ctx.score_chunks` > 1, chunk by chunk (whole groups of
+    `repeat` rows), each chunk scored in a background thread while the next one samples."""
+    groups = len(cond) // repeat
+    chunks = max(1, min(ctx.score_chunks, groups))
+    if chunks == 1:
+        sampled = sample_batch(ctx.policy, cond, seeds, x_T=x_T, mask=mask)
+        return sampled.trajectory, score_batch(sampled, ctx.reward)
+    bounds = [round(groups * i / chunks) * repeat for i in range(chunks + 1)]
+    jobs = []
+    with ThreadPoolExecutor(max_workers=1) as pool:  # one scorer: the guarded reward's counts stay right
+        for lo, hi in zip(bounds, bounds[1:], strict=False):
+            rows = slice(lo, hi)
+            part = sample_batch(
+                ctx.policy,
+                cond[rows],
+                seeds[rows],
+                x_T=None if x_T is None else x_T[rows],
+                mask=None if mask is None else mask[rows],
+            )
+            jobs.append((part, pool.submit(score_batch, part, ctx.reward)))
+        parts = [(part.trajectory, job.result()) for part, job in jobs]
+    return Trajectory.cat([t for t, _ in parts]), _cat_scored([s for _, s in parts])
+
+
+def _cat_scored(parts: list[ScoredBatch]) -> ScoredBatch:
+    offsets = [0]
+    for p in parts:
+        offsets.append(offsets[-1] + len(p.keep))
+    reasons = {offsets[i] + r: why for i, p in enumerate(parts) for r, why in p.reasons.items()}
+    info = {k: torch.cat([torch.as_tensor(p.info[k]) for p in parts]) for k in parts[0].info}
+    elements = None if parts[0].elements is None else torch.cat([p.elements for p in parts])
+    return ScoredBatch(
+        scores=torch.cat([p.scores for p in parts]),
+        keep=torch.cat([p.keep for p in parts]),
+        info=info,
+        reasons=reasons,
+        elements=elements,
+    )

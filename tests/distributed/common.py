@@ -44,8 +44,8 @@ def last_weights(run: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state["state_dict"].items() if isinstance(v, torch.Tensor)}
 
 
-def records(cwd: Path, run: int, world: int) -> list[list[dict]]:
-    """Per rank: the rollouts (seeds, x_T) that rank sampled in run `run`."""
+def records(cwd: Path, run: int, world: int) -> list[dict]:
+    """Per rank: {"rollouts": [{"seeds", "x_T"}, ...], "all_reduces": n} of run `run` (see ranks.py)."""
     return [torch.load(cwd / f"record_{run}_{r}.pt", weights_only=False) for r in range(world)]
 
 

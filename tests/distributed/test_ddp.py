@@ -35,6 +35,12 @@ ONE_STEP = ["--trainer.max_epochs=1", "--data.init_args.eval_seeds_per_prompt=1"
 VOLATILE = {"wall_seconds", "run_dir"}
 
 
+COUNT_SYNCS = [
+    "--trainer.strategy=lightning.pytorch.strategies.DDPStrategy",
+    "--trainer.strategy.init_args.ddp_comm_hook=tests.distributed.ranks.counting_hook",
+]
+
+
 def _one_step(recipe: str, batch: int, world: int, root: Path, sgd: Path) -> dict:
     per_rank = batch // world
     argv = fit(
@@ -45,7 +51,7 @@ def _one_step(recipe: str, batch: int, world: int, root: Path, sgd: Path) -> dic
         *ONE_STEP,
         f"--data.init_args.batch_size={per_rank}",
         f"--data.init_args.batches_per_epoch={world}",  # one global batch of `batch` in both cases
-        *(DDP if world > 1 else []),
+        *(DDP + COUNT_SYNCS if world > 1 else []),
     )
     return {"argv": argv, "world": world, "timeout": RUN_TIMEOUT, "record": True}
 
@@ -96,8 +102,8 @@ def test_one_step_on_two_ranks_equals_one_rank_with_the_whole_batch(one_step, na
 def test_ranks_sample_their_own_rows_of_the_global_batch(one_step, name):
     cwd, results = one_step
     single, double = results[name]
-    (one,) = records(cwd, single["index"], 1)
-    r0, r1 = records(cwd, double["index"], 2)
+    (one,) = (r["rollouts"] for r in records(cwd, single["index"], 1))
+    r0, r1 = (r["rollouts"] for r in records(cwd, double["index"], 2))
     assert len(r0) == len(r1) == len(one) == 1  # one rollout batch each
     s0, s1 = r0[0]["seeds"], r1[0]["seeds"]
     assert not set(s0) & set(s1), "two ranks drew the same rollout seeds"
@@ -105,6 +111,14 @@ def test_ranks_sample_their_own_rows_of_the_global_batch(one_step, name):
     # together they sampled exactly the global batch one process samples
     assert s0 + s1 == one[0]["seeds"]
     assert torch.equal(torch.cat([r0[0]["x_T"], r1[0]["x_T"]]), one[0]["x_T"])
+
+
+def test_gradients_are_all_reduced_once_per_optimiser_step(one_step):
+    cwd, results = one_step
+    # DDPO: 10 micro-batches (one per denoising step) accumulate into the one optimiser step; GRPO the same
+    for name in ("ddpo", "grpo", "dpo", "alignprop"):
+        syncs = [r["all_reduces"] for r in records(cwd, results[name][1]["index"], 2)]
+        assert syncs == [1, 1], f"{name}: {syncs} gradient all-reduces for one optimiser step"
 
 
 def test_evaluation_covers_the_fixed_set_once_over_the_ranks(one_step):

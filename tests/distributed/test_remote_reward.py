@@ -281,3 +281,42 @@ def test_the_serve_reward_command_serves_survives_sigkill_and_restart(tmp_path):
         server.kill()
         server.wait(timeout=30)
     assert "serving reward 'target_region'" in (server.stderr.read() if server.stderr else "")
+
+
+class SlowRecording(Reward):
+    """TargetRegion that takes its time and records which thread scored and when."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(name="target_region")
+        self.inner, self.delay, self.calls = TargetRegion(), delay, []
+
+    def forward(self, samples, cond):
+        start = time.perf_counter()
+        time.sleep(self.delay)
+        self.calls.append((threading.current_thread() is threading.main_thread(), start, len(cond)))
+        return self.inner(samples, cond)
+
+
+def test_rollouts_are_scored_while_the_next_chunk_samples():
+    from diffalign.core.reward import GuardedReward
+    from diffalign.core.rollouts import AlignContext, collect_rollouts
+
+    module = _toy_module(TargetRegion())
+    batch = {"prompt": [0, 1, 2, 3] * 4}
+    out = {}
+    for chunks in (1, 4):
+        reward = SlowRecording(delay=0.05)
+        ctx = AlignContext(
+            module.policy,
+            GuardedReward(reward),
+            torch.Generator().manual_seed(5),
+            torch.device("cpu"),
+            score_chunks=chunks,
+        )
+        out[chunks] = (collect_rollouts(ctx, batch, repeat=2, shared_noise=True), reward.calls)
+    (one, m1), calls1 = out[1]
+    (four, m4), calls4 = out[4]
+    assert torch.equal(one.states, four.states) and torch.equal(one.rewards, four.rewards)
+    assert one.extras["group"].tolist() == four.extras["group"].tolist() and m1 == m4
+    assert [c[2] for c in calls4] == [8, 8, 8, 8]  # 4 chunks of whole groups (4 conditions x 2)
+    assert not any(main for main, _, _ in calls4) and calls1[0][0]  # scored off the main thread
