@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from diffalign.core.distributed import Ranks, RowShard
 from diffalign.core.types import Cond
 
 
@@ -33,6 +35,31 @@ def row_keys(cond: Cond) -> list[str]:
             for i in range(n):
                 keys[i].append(f"{name}={flat[i].numpy().tobytes().hex()}")
     return ["|".join(k) for k in keys]
+
+
+@dataclass
+class GlobalRewards:
+    """The rewards of the global batch (every rank's rows, in rank order), what statistics over it need,
+    and where this rank's rows are (`shard.take(values)` keeps them)."""
+
+    rewards: Tensor
+    keys: list[str]
+    groups: Tensor
+    shard: RowShard
+
+
+def gather_rewards(ranks: Ranks, rewards: Tensor, keys: Sequence[str], groups: Tensor) -> GlobalRewards:
+    """Gather rewards, prompt keys and group ids from every rank (a collective with several ranks).
+
+    Group ids are made unique across ranks (a group never spans ranks: each rank samples whole groups),
+    so group statistics over the gathered batch equal the per-rank ones.
+    """
+    shard = ranks.rows(len(rewards))
+    every_groups = groups.detach().cpu().long()
+    if ranks.distributed:
+        width = int(max(ranks.gather_objects(int(every_groups.max()) + 1 if len(every_groups) else 0)))
+        every_groups = ranks.gather(every_groups + ranks.rank * width)
+    return GlobalRewards(ranks.gather(rewards), ranks.gather_lists(list(keys)), every_groups, shard)
 
 
 def batch_advantages(rewards: Tensor, eps: float = 1e-8) -> Tensor:
@@ -151,19 +178,31 @@ def rollout_advantages(
     terms: dict[str, Tensor] | None = None,
     weights: dict[str, float] | None = None,
     std_scope: Literal["group", "global"] = "group",
+    ranks: Ranks | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Group-relative advantages of a batch of rollouts: GRPO's (`group_advantages` of `rewards`), or — when
     per-term `weights` are given — GDPO's per-reward normalisation of the `terms` (`per_reward_advantages`).
-    Metrics: `zero_std_ratio` (and per term with GDPO)."""
+    Metrics: `zero_std_ratio` (and per term with GDPO).
+
+    With several `ranks` (a collective: every rank calls it) rewards, groups and terms are gathered
+    first, so the global std, GDPO's batch normalisation and the ratios are over the global batch (a
+    group never spans ranks); each rank gets back its own rows' advantages.
+    """
+    shard = None
+    if ranks is not None and ranks.distributed:
+        every = gather_rewards(ranks, rewards, [""] * len(rewards), groups)
+        rewards, groups, shard = every.rewards, every.groups, every.shard
+        terms = {k: ranks.gather(v) for k, v in sorted((terms or {}).items())} if weights else terms
     _, zero = group_advantages(rewards.cpu(), groups.cpu(), std_scope)
     if weights is None:
         adv, _ = group_advantages(rewards.cpu(), groups.cpu(), std_scope)
-        return adv, {"zero_std_ratio": zero}
-    adv, metrics = per_reward_advantages(
-        {k: v.cpu() for k, v in (terms or {}).items()}, weights, groups.cpu()
-    )
-    metrics["zero_std_ratio"] = zero
-    return adv, metrics
+        metrics = {"zero_std_ratio": zero}
+    else:
+        adv, metrics = per_reward_advantages(
+            {k: v.cpu() for k, v in (terms or {}).items()}, weights, groups.cpu()
+        )
+        metrics["zero_std_ratio"] = zero
+    return (adv if shard is None else shard.take(adv)), metrics
 
 
 def term_weights(reward: Any) -> dict[str, float]:

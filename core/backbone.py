@@ -156,6 +156,27 @@ class Backbone(nn.Module, ABC):
         frozen parts (default: the whole backbone)."""
         return self
 
+    def shard_units(self) -> list[str]:
+        """Dotted names of the submodules that FSDP shards, one unit each (`AlignmentModule` wraps them
+        when the strategy is FSDP): together they must hold every trainable parameter, and `denoise`
+        must call each through `__call__` (so FSDP gathers its weights before and frees them after).
+
+        Default: `lora_target()` when it is a submodule (a UNet, a transformer), else the backbone's
+        children that hold parameters; the `frozen_modules` are never sharded (FSDP leaves them whole on
+        every rank, since they are used through other methods than `forward`: `vae.decode`).
+        """
+        target = self.lora_target()
+        if target is not self:
+            for name, module in self.named_modules():
+                if module is target:
+                    return [name]
+        frozen = {id(m) for m in self._frozen()}
+        return [
+            name
+            for name, child in self.named_children()
+            if id(child) not in frozen and any(True for _ in child.parameters())
+        ]
+
     def _frozen(self) -> list[nn.Module]:
         out = []
         for name in self.frozen_modules:

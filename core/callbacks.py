@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -48,27 +49,43 @@ def evaluate_reward(
 
     Returns mean, std, count of finite scores, number of failed scores, and per-prompt means.
     `on_batch(sampled_batch)` sees every scored batch (the reward-hacking guards measure there).
+
+    With several processes (a collective: every rank calls it) each rank samples one contiguous shard of
+    the pairs and the scores are gathered in the set's order, so every rank returns the statistics of
+    the whole set, each pair counted once.
     """
+    from diffalign.core.distributed import Ranks
     from diffalign.core.sampling import sample_pairs
 
     policy, reward = module.policy, module.reward
+    ranks = Ranks.current()
+    # equal shards (the last padded with repeats of the set's last pair, whose scores are left out), so
+    # every rank makes the same denoiser calls: sharded weights (FSDP) are gathered in lockstep
+    size = -(-len(pairs) // ranks.world_size)
+    start = min(len(pairs), ranks.rank * size)
+    mine = list(pairs[start : start + size])
+    real = len(mine)
+    mine += [pairs[-1]] * (size - real) if pairs else []
     was_training = policy.training
     policy.eval()
+    rows: list[tuple[Any, float]] = []
+    try:
+        for batch in sample_pairs(policy, mine, batch_size, reward=reward):
+            if on_batch is not None:  # sees this rank's batches (padding rows included)
+                on_batch(batch)
+            rows += zip(batch.cond.prompts or [None] * len(batch), batch.scores.tolist(), strict=True)
+    finally:
+        policy.train(was_training)
+    rows = rows[:real]
     scores: list[float] = []
     per_prompt: dict[str, list[float]] = {}
     failed = 0
-    try:
-        for batch in sample_pairs(policy, pairs, batch_size, reward=reward):
-            if on_batch is not None:
-                on_batch(batch)
-            for p, s in zip(batch.cond.prompts or [None] * len(batch), batch.scores.tolist(), strict=True):
-                if math.isfinite(s):
-                    scores.append(s)
-                    per_prompt.setdefault(str(p), []).append(s)
-                else:
-                    failed += 1
-    finally:
-        policy.train(was_training)
+    for p, s in ranks.gather_lists(rows):
+        if math.isfinite(s):
+            scores.append(s)
+            per_prompt.setdefault(str(p), []).append(s)
+        else:
+            failed += 1
     t = torch.tensor(scores) if scores else torch.tensor([float("nan")])
     return {
         "mean": float(t.mean()),
@@ -88,7 +105,8 @@ class RewardEvaluation(Callback):
     keeps the first run's `reward_before` and adds up wall time.
 
     The evaluation set comes from the data module's `evaluation_set()` when it has one, else from
-    `prompts` × `seeds_per_prompt`.
+    `prompts` × `seeds_per_prompt`. With several processes every rank evaluates its shard of the set
+    (`evaluate_reward`) and rank 0 writes the files.
 
     Reward-hacking guards (`core.guards`, on by default): each evaluation also measures diversity within
     a prompt (mean pairwise distance and Vendi score in the `features` space), the `gold_reward` when
@@ -201,9 +219,17 @@ class RewardEvaluation(Callback):
                 trainer.should_stop = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking:
             return
+        # every rank takes part in the evaluation and in `trainer.log_dir` (collectives); rank 0 writes
         folder = run_dir(trainer)
+        after = None
+        if getattr(pl_module, "reward", None) is not None:
+            ema = getattr(pl_module, "ema_weights", None)
+            with ema() if ema is not None else contextlib.nullcontext():
+                after = self._evaluate(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return
         summary: dict[str, Any] = {
             "recipe": self.recipe,
             "global_step": int(trainer.global_step),
@@ -214,14 +240,11 @@ class RewardEvaluation(Callback):
         }
         guarded = getattr(pl_module, "guarded_reward", None)
         if guarded is not None:  # samples the on_invalid_reward: drop policy skipped during training
-            summary["reward_dropped"] = int(guarded.dropped)
+            summary["reward_dropped"] = int(getattr(pl_module, "reward_dropped", guarded.dropped))
         skipped = getattr(trainer.datamodule, "skipped_rows", None)
         if skipped is not None:  # malformed data rows the on_error: skip policy left out
             summary["data_skipped_rows"] = int(skipped)
-        if getattr(pl_module, "reward", None) is not None:
-            ema = getattr(pl_module, "ema_weights", None)
-            with ema() if ema is not None else contextlib.nullcontext():
-                after = self._evaluate(trainer, pl_module)
+        if after is not None:
             before = self.before or {}
             summary.update(
                 {
@@ -315,11 +338,17 @@ class ExportBackbone(Callback):
         self.path = path
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if not trainer.is_global_zero:
+        from diffalign.core.distributed import is_sharded
+
+        sharded = is_sharded(trainer)  # the state dict gathers the shards: every rank asks
+        if not trainer.is_global_zero and not sharded:
             return
         # no metadata: safetensors orders a metadata map arbitrarily, which would make the bytes differ
         ema = getattr(pl_module, "ema_weights", None)
         with ema() if ema is not None else contextlib.nullcontext():
+            if not trainer.is_global_zero:
+                pl_module.policy.backbone.state_dict()
+                return
             out = save_state_dict(pl_module.policy.backbone, self.path)
         print_result(trainer, f"exported backbone weights to {out}")
 
@@ -393,6 +422,7 @@ class ResumableCSVLogger(CSVLogger):
         self.keep_before_step = keep_before_step
 
     @property
+    @rank_zero_experiment  # other ranks get a dummy: only rank 0 touches metrics.csv
     def experiment(self) -> Any:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)

@@ -53,6 +53,7 @@ PLUGIN_COMMANDS = {
         "diffalign.core.feedback:main",
         "AI feedback: sample, rank with a reward, write preference pairs",
     ),
+    "serve-reward": ("diffalign.core.serve_reward:main", "serve a reward over HTTP for RemoteReward clients"),
 }
 
 
@@ -437,6 +438,11 @@ def _build_cli_class() -> type:
             run_root = cfg.get("run_root", "runs")
             logger_cfg = trainer_cfg.get("logger")
             claimed = None
+            # in a multi-process run only rank 0 claims or cleans the run folder; the others write
+            # nothing there (their loggers are rank-zero only; `trainer.log_dir` is rank 0's)
+            from diffalign.core.distributed import launch_rank
+
+            first = launch_rank() == 0
             if logger_cfg is not False:
                 # a resumed fit keeps writing into its run folder; everything else claims a new one
                 resume = _resume_folder(cfg.get("ckpt_path"), run_root) if self.subcommand == "fit" else None
@@ -444,13 +450,18 @@ def _build_cli_class() -> type:
                     save_dir, name, version = resume
                     keep_before = self._ckpt_info.batches_stepped if self._ckpt_info else None
                     run = Path(save_dir) / name / _version_folder(version)
-                    for folder in (run, run / "checkpoints"):
+                    for folder in (run, run / "checkpoints") if first else ():
                         for p in remove_stale_temporaries(folder):
                             log.info("removed %s, left by a killed run", p)
                 else:
                     save_dir, name, keep_before = run_root, self.recipe_name, None
-                    version = claim_version(run_root, name)
-                    claimed = Path(save_dir) / name / _version_folder(version)
+                    if first:
+                        version = claim_version(run_root, name)
+                        claimed = Path(save_dir) / name / _version_folder(version)
+                        # Lightning's launcher starts the other ranks from this process's environment
+                        os.environ[RUN_FOLDER_ENV] = str(claimed)
+                    else:
+                        version = _announced_version(Path(save_dir) / name)
                 csv = ResumableCSVLogger(save_dir, name=name, version=version, keep_before_step=keep_before)
                 tb_kwargs = {} if keep_before is None else {"purge_step": keep_before}
                 tb = TensorBoardLogger(
@@ -486,6 +497,19 @@ def _build_cli_class() -> type:
                 raise
 
     return DiffalignCLI
+
+
+RUN_FOLDER_ENV = "DIFFALIGN_RUN_FOLDER"
+
+
+def _announced_version(parent: Path) -> int | None:
+    """The version rank 0 claimed under `parent` when it launched this process (None when it did not
+    say, e.g. under torchrun: the logger then names a folder it never writes)."""
+    announced = os.environ.get(RUN_FOLDER_ENV)
+    if not announced or os.path.normpath(str(Path(announced).parent)) != os.path.normpath(str(parent)):
+        return None
+    tail = Path(announced).name[len("version_") :]
+    return int(tail) if tail.isdigit() else None
 
 
 def _version_folder(version: str | int) -> str:
@@ -532,8 +556,8 @@ def cli_main(args: Sequence[str] | None = None) -> Any:
             raise
         print(f"diffalign: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    if args is None:
-        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (and warns when given both)
+    # sys.argv stays as typed: Lightning's launcher starts the other ranks of a multi-process run with
+    # it, and each expands the recipe itself
     from jsonargparse import ArgumentError
 
     from diffalign.core.io import CheckpointError

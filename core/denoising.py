@@ -13,16 +13,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from diffalign.core.distributed import RowShard
 from diffalign.core.functional import masked_mse
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.types import Batch, Cond
 
 
-def drop_conditions(policy: DiffusionPolicy, cond: Cond, rate: float, generator: torch.Generator) -> Cond:
-    """`cond` with each row replaced by the null condition with probability `rate` (seeded)."""
+def drop_conditions(
+    policy: DiffusionPolicy,
+    cond: Cond,
+    rate: float,
+    generator: torch.Generator,
+    rows: RowShard | None = None,
+) -> Cond:
+    """`cond` with each row replaced by the null condition with probability `rate` (seeded; with `rows`,
+    drawn for the global batch and cut to this rank's rows)."""
     if rate <= 0:
         return cond
-    drop = torch.rand(len(cond), generator=generator) < rate
+    rows = rows if rows is not None else RowShard(0, len(cond), len(cond))
+    drop = rows.draw(lambda n: torch.rand(n, generator=generator)) < rate
     return cond.where(drop, cond.replace(**dict(policy.backbone.null_condition(cond))))
 
 
@@ -34,11 +43,23 @@ def noised_batch(
     mask: Tensor | None = None,
     weight: Tensor | None = None,
     cond_dropout: float = 0.0,
+    rows: RowShard | None = None,
+    weight_norm: Tensor | None = None,
 ) -> Batch:
-    """A micro-batch for the denoising loss: `x_t`, `t`, `target`, `cond`, `mask`, `weight`, `x0`."""
-    x_t, t, target = policy.kernel.training_sample(x0, generator, mask)
-    cond = drop_conditions(policy, cond, cond_dropout, generator)
-    return Batch(x_t=x_t, t=t, target=target, cond=cond, mask=mask, weight=weight, x0=x0)
+    """A micro-batch for the denoising loss: `x_t`, `t`, `target`, `cond`, `mask`, `weight`, `x0`.
+
+    `rows`: this rank's rows of the global batch (`AlignContext.rows`), so noise, timesteps and condition
+    dropout are the global batch's. `weight_norm`: what the weighted loss divides by (default: the
+    weights' sum; with several ranks, the global sum over the number of ranks, so that the average of
+    the ranks' gradients is the gradient of the global weighted mean).
+    """
+    x_t, t, target = policy.kernel.training_sample(x0, generator, mask, rows)
+    cond = drop_conditions(policy, cond, cond_dropout, generator, rows)
+    if weight is not None and weight_norm is None:
+        weight_norm = weight.sum()
+    return Batch(
+        x_t=x_t, t=t, target=target, cond=cond, mask=mask, weight=weight, weight_norm=weight_norm, x0=x0
+    )
 
 
 def denoising_loss(policy: DiffusionPolicy, micro: Batch) -> dict[str, Tensor]:
@@ -46,7 +67,7 @@ def denoising_loss(policy: DiffusionPolicy, micro: Batch) -> dict[str, Tensor]:
     out = policy.backbone.denoise(micro.x_t, micro.t, micro.cond, micro.mask)
     per_sample = masked_mse(out, micro.target, micro.mask)
     if micro.weight is not None:
-        loss = (per_sample * micro.weight).sum() / micro.weight.sum().clamp_min(1e-8)
+        loss = (per_sample * micro.weight).sum() / micro.weight_norm.clamp_min(1e-8)
     else:
         loss = per_sample.mean()
     return {"loss": loss}

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from diffalign.core.distributed import RowShard
 from diffalign.core.functional import Generator, expand_mask, gaussian_log_prob, left_broadcast, masked_noise
 
 Reduction = Literal["mean", "sum"]
@@ -156,15 +157,22 @@ class TransitionKernel(ABC):
         """Training timesteps (B,) drawn uniformly over the schedule (ints, or σ·N for flow matching)."""
 
     def training_sample(
-        self, x0: Tensor, generator: Generator = None, mask: Tensor | None = None
+        self,
+        x0: Tensor,
+        generator: Generator = None,
+        mask: Tensor | None = None,
+        rows: RowShard | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Draw a noisy training input: returns (x_t, t, target) for the denoising loss.
 
-        One timestep per row, then masked standard-normal noise (padded entries get none).
+        One timestep per row, then masked standard-normal noise (padded entries get none). With `rows`
+        (this rank's rows of a global batch, `AlignContext.rows`), both are drawn for the global batch
+        and this rank keeps its rows, so the draws do not depend on the number of processes.
         """
         x0 = x0.float()
-        t = self.draw_timesteps(x0.shape[0], generator, x0.device)
-        noise = masked_noise(x0.shape, generator, mask, device=x0.device)
+        rows = rows if rows is not None else RowShard(0, x0.shape[0], x0.shape[0])
+        t = rows.draw(lambda n: self.draw_timesteps(n, generator, x0.device))
+        noise = rows.noise(x0.shape, generator, mask, device=x0.device)
         return self.add_noise(x0, noise, t), t, self.target(x0, noise, t)
 
 

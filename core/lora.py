@@ -167,6 +167,12 @@ class LoRABackbone(Backbone):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for n, p in self.inner.named_parameters() if "lora_" in n and p.requires_grad)
 
+    def shard_units(self) -> list[str]:
+        return [f"inner.{name}" for name in self.inner.shard_units()]
+
+    def _frozen(self) -> list[nn.Module]:
+        return self.inner._frozen()
+
     def freeze_reference(self) -> None:
         """Nothing to copy: the reference is this network with the adapters off."""
 

@@ -30,7 +30,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from diffalign.core.data import EpochSeededSampler, EvaluationSetMixin
+from diffalign.core.data import EpochSeededSampler, EvaluationSetMixin, ShardSampler
 from diffalign.core.extras import require
 
 log = logging.getLogger(__name__)
@@ -353,7 +353,11 @@ class PreferenceDataModule(EvaluationSetMixin, L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochSeededSampler(
-            len(self.dataset), self.batch_size * self.batches_per_epoch, self.seed, replacement=False
+            len(self.dataset),
+            self.batch_size * self.batches_per_epoch,
+            self.seed,
+            replacement=False,
+            batch_size=self.batch_size,
         )
         return DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=collate_preferences
@@ -363,5 +367,8 @@ class PreferenceDataModule(EvaluationSetMixin, L.LightningDataModule):
         if not self.val_rows:
             return super().val_dataloader()
         return DataLoader(
-            self.val_rows, batch_size=self.batch_size, shuffle=False, collate_fn=collate_preferences
+            self.val_rows,
+            batch_size=self.batch_size,
+            sampler=ShardSampler(len(self.val_rows)),
+            collate_fn=collate_preferences,
         )

@@ -47,6 +47,11 @@ class RewardShapeError(RewardError):
     """A reward returned something other than one score per sample (or declared per-element scores)."""
 
 
+class RewardUnavailableError(RewardError):
+    """The reward could not be computed at all (a reward server that stays unreachable or refuses the
+    client): no fault of the samples, so it is never retried sample by sample, dropped or scored NaN."""
+
+
 @dataclass
 class RewardOutput:
     """Scores (B,), named per-sample terms or diagnostics to log (`info`), and, for a reward that
@@ -460,7 +465,7 @@ def evaluate_rows(
         out = reward.evaluate(view, cond)
         scores, info, elements = out.scores, out.info, out.elements
         own = dict(getattr(reward, "last_invalid_reasons", None) or {})
-    except RewardShapeError:
+    except (RewardShapeError, RewardUnavailableError):  # the reward, not a row, is at fault
         raise
     except Exception as batch_error:  # find the failing rows one by one
         scores = torch.full((n,), float("nan"))
@@ -471,7 +476,7 @@ def evaluate_rows(
                 why = (getattr(reward, "last_invalid_reasons", None) or {}).get(0)
                 if why is not None:
                     own[i] = why
-            except RewardShapeError:
+            except (RewardShapeError, RewardUnavailableError):
                 raise
             except Exception as e:  # noqa: BLE001 - any reward failure is reported per sample
                 reasons[i] = f"{type(e).__name__}: {e}"

@@ -12,16 +12,17 @@ from torch import Tensor
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.reward import GuardedReward, SampleView, reward_metrics
 from diffalign.core.rollouts import AlignContext
-from diffalign.core.sampling import draw_seeds
 from diffalign.core.types import Batch, Cond
 
 
 def backprop_batch(ctx: AlignContext, batch: Mapping[str, Any]) -> Batch:
-    """The micro-batch of a reward-backprop step: the conditions, one sampling seed per row (drawn from
-    the run's generator), and the guarded reward and run generator passed through."""
+    """The micro-batch of a reward-backprop step: the conditions, one sampling seed per row (this rank's
+    rows of the global batch, `AlignContext.row_seeds`), and the guarded reward, the run generator (for
+    draws every rank makes alike: a truncation depth, a step index) and the run's processes passed
+    through."""
     cond = ctx.policy.backbone.condition(batch)
-    seeds = torch.tensor(draw_seeds(ctx.generator, len(cond)), dtype=torch.int64)
-    return Batch(cond=cond, seed=seeds, reward=ctx.reward, generator=ctx.generator)
+    seeds = torch.tensor(ctx.row_seeds(len(cond)), dtype=torch.int64)
+    return Batch(cond=cond, seed=seeds, reward=ctx.reward, generator=ctx.generator, ranks=ctx.ranks)
 
 
 def reward_loss(

@@ -9,28 +9,63 @@ the methods need — prompt keys, group ids, per-term rewards and metrics.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from diffalign.core.advantages import row_keys
+from diffalign.core.distributed import SINGLE, Ranks, RowShard
 from diffalign.core.functional import repeat_batch, repeat_rows
 from diffalign.core.kernels import TransitionKernel
 from diffalign.core.policy import DiffusionPolicy, RolloutHook
-from diffalign.core.reward import TERM_PREFIX, GuardedReward, reward_metrics
-from diffalign.core.sampling import draw_seeds, row_generators, sample_batch, score_batch
+from diffalign.core.reward import TERM_PREFIX, GuardedReward, ScoredBatch, reward_metrics
+from diffalign.core.sampling import draw_seeds_tensor, row_generators, sample_batch, score_batch
 from diffalign.core.types import Trajectory
 
 
 @dataclass
 class AlignContext:
-    """What `Algorithm.prepare` may use: the policy, the guarded reward, the run's RNG and the device."""
+    """What `Algorithm.prepare` may use: the policy, the guarded reward, the run's RNG and the device,
+    and the run's processes.
+
+    Attributes:
+        generator: the run's generator. In a multi-process run it is the same stream on every rank, so
+            draw from it only amounts every rank agrees on: draws for the rows of the global batch
+            through `rows(n)` (`row_seeds`, `RowShard.draw`/`noise`) and fixed-size draws (a truncation
+            depth, a step index).
+        ranks: the run's processes (`core.distributed.Ranks`; one process by default).
+        rank_generator: this rank's own stream, for draws sized by local data (shuffles); None: the run
+            generator (one process).
+        score_chunks: split each rollout batch into this many chunks and score each in a background
+            thread while the next one samples (for a remote or otherwise slow reward). The samples are
+            the same (every row has its own seed; batched matmuls of another size round differently,
+            ~1e-6); so are the scores, unless the reward's decode request is random (its generator is
+            seeded per scored batch).
+    """
 
     policy: DiffusionPolicy
     reward: GuardedReward | None
     generator: torch.Generator
     device: torch.device
+    ranks: Ranks = SINGLE
+    rank_generator: torch.Generator | None = None
+    score_chunks: int = 1
+
+    @property
+    def local_generator(self) -> torch.Generator:
+        """The stream for draws sized by this rank's data (the run generator with one process)."""
+        return self.rank_generator if self.rank_generator is not None else self.generator
+
+    def rows(self, count: int, event: Sequence[int] | None = None) -> RowShard:
+        """Where this rank's `count` rows sit in the global batch (a collective with several ranks)."""
+        return self.ranks.rows(count, event)
+
+    def row_seeds(self, count: int) -> list[int]:
+        """One sampling seed for each of this rank's `count` rows: the global batch's seeds are drawn
+        from the run generator and each rank keeps its own (one process: `draw_seeds(generator, n)`)."""
+        return self.rows(count).draw(lambda total: draw_seeds_tensor(self.generator, total)).tolist()
 
 
 def collect_rollouts(
@@ -54,15 +89,18 @@ def collect_rollouts(
 
     Returns the kept trajectories with `rewards` set and, in `extras`: `key` (the prompt key of each
     row), `group` (the index of the condition it came from), `seed` and `reward_terms` (per-sample terms
-    of a composite reward, for Pareto comparisons); and the metrics `reward_mean`, `reward_std`,
-    `reward_dropped` and `reward/<info>` means.
+    of a composite reward, for Pareto comparisons); and the metrics `reward_mean`, `reward_std` (over
+    the global batch: every rank's kept rows), `reward_dropped` (this rank's) and `reward/<info>` means.
+
+    Row seeds come from `ctx.row_seeds`: with several ranks, each rank samples its own rows of the
+    global batch, and the global batch is the one a single process would sample.
     """
     if ctx.reward is None:
         raise ValueError("collect_rollouts needs a reward")
     policy, backbone = ctx.policy, ctx.policy.backbone
     rows = repeat_batch(dict(batch), repeat) if repeat > 1 else dict(batch)
     cond = backbone.condition(rows)
-    seeds = draw_seeds(ctx.generator, len(cond))
+    seeds = ctx.row_seeds(len(cond))
     x_T = mask = None
     with torch.no_grad(), policy.sampling_with(kernel):
         if shared_noise and repeat > 1:
@@ -70,18 +108,8 @@ def collect_rollouts(
             x_T, mask = backbone.init_noise(first, row_generators(seeds[::repeat]))
             x_T = repeat_rows(x_T, repeat)
             mask = repeat_rows(mask, repeat) if mask is not None else None
-        sampled = sample_batch(
-            policy,
-            cond,
-            seeds,
-            x_T=x_T,
-            mask=mask,
-            sde_window=sde_window,
-            hooks=hooks,
-            record_means=record_means,
-        )
-        scored = score_batch(sampled, ctx.reward)
-    traj = sampled.trajectory
+        options = {"sde_window": sde_window, "hooks": hooks, "record_means": record_means}
+        traj, scored = _sample_and_score(ctx, cond, seeds, x_T, mask, repeat, options)
     b = traj.batch_size
     traj.extras["key"] = row_keys(traj.cond)
     traj.extras["group"] = torch.arange(b // repeat).repeat_interleave(repeat)
@@ -95,10 +123,61 @@ def collect_rollouts(
     traj.rewards = scored.scores.to(traj.states.device).float().detach()
     keep = scored.keep.to(traj.states.device)
     traj = traj[keep]
+    every = ctx.ranks.gather(traj.rewards)  # statistics of the global batch
     metrics = {
-        "reward_mean": traj.rewards.mean().item(),
-        "reward_std": traj.rewards.std(unbiased=False).item(),
+        "reward_mean": every.mean().item(),
+        "reward_std": every.std(unbiased=False).item(),
         "reward_dropped": float(scored.num_dropped),
     }
     metrics.update(reward_metrics(scored))
     return traj, metrics
+
+
+def _sample_and_score(
+    ctx: AlignContext,
+    cond: Any,
+    seeds: list[int],
+    x_T: Any,
+    mask: Any,
+    repeat: int,
+    options: Mapping[str, Any],
+) -> tuple[Trajectory, ScoredBatch]:
+    """Sample the rows and score them; with `ctx.score_chunks` > 1, chunk by chunk (whole groups of
+    `repeat` rows), each chunk scored in a background thread while the next one samples."""
+    groups = len(cond) // repeat
+    chunks = max(1, min(ctx.score_chunks, groups))
+    if chunks == 1:
+        sampled = sample_batch(ctx.policy, cond, seeds, x_T=x_T, mask=mask, **options)
+        return sampled.trajectory, score_batch(sampled, ctx.reward)
+    bounds = [round(groups * i / chunks) * repeat for i in range(chunks + 1)]
+    jobs = []
+    with ThreadPoolExecutor(max_workers=1) as pool:  # one scorer: the guarded reward's counts stay right
+        for lo, hi in zip(bounds, bounds[1:], strict=False):
+            rows = slice(lo, hi)
+            part = sample_batch(
+                ctx.policy,
+                cond[rows],
+                seeds[rows],
+                x_T=None if x_T is None else x_T[rows],
+                mask=None if mask is None else mask[rows],
+                **options,
+            )
+            jobs.append((part, pool.submit(score_batch, part, ctx.reward)))
+        parts = [(part.trajectory, job.result()) for part, job in jobs]
+    return Trajectory.cat([t for t, _ in parts]), _cat_scored([s for _, s in parts])
+
+
+def _cat_scored(parts: list[ScoredBatch]) -> ScoredBatch:
+    offsets = [0]
+    for p in parts:
+        offsets.append(offsets[-1] + len(p.keep))
+    reasons = {offsets[i] + r: why for i, p in enumerate(parts) for r, why in p.reasons.items()}
+    info = {k: torch.cat([torch.as_tensor(p.info[k]) for p in parts]) for k in parts[0].info}
+    elements = None if parts[0].elements is None else torch.cat([p.elements for p in parts])
+    return ScoredBatch(
+        scores=torch.cat([p.scores for p in parts]),
+        keep=torch.cat([p.keep for p in parts]),
+        info=info,
+        reasons=reasons,
+        elements=elements,
+    )

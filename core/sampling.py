@@ -27,6 +27,7 @@ from diffalign.core.reward import (
     Reward,
     RewardError,
     RewardShapeError,
+    RewardUnavailableError,
     SampleView,
     ScoredBatch,
 )
@@ -44,7 +45,12 @@ def row_generators(seeds: Sequence[int], device: torch.device | str | None = Non
 
 def draw_seeds(generator: torch.Generator, n: int) -> list[int]:
     """n row seeds drawn from a run's generator (training rollouts)."""
-    return torch.randint(0, SEED_BOUND, (n,), generator=generator, dtype=torch.int64).tolist()
+    return draw_seeds_tensor(generator, n).tolist()
+
+
+def draw_seeds_tensor(generator: torch.Generator, n: int) -> Tensor:
+    """`draw_seeds` as an int64 tensor."""
+    return torch.randint(0, SEED_BOUND, (n,), generator=generator, dtype=torch.int64)
 
 
 def seed_pairs(prompts: Sequence[Any], seeds_per_prompt: int, first_seed: int) -> list[tuple[Any, int]]:
@@ -204,7 +210,7 @@ def score_batch(batch: SampledBatch, reward: Reward | GuardedReward, on_invalid:
     else:
         try:
             scored = GuardedReward(reward, on_invalid="drop")(batch.view, batch.cond)
-        except RewardShapeError:
+        except (RewardShapeError, RewardUnavailableError):
             raise
         except RewardError as e:
             n = len(batch)

@@ -91,11 +91,11 @@ class D3PO(Algorithm):
                 first.append(int(rows[0]))
                 second.append(int(rows[1]))
         n_groups = len(groups.unique())
-        if not first:
+        if not any(ctx.ranks.flags(bool(first))):  # every rank stops, or none does
             raise RuntimeError(
                 "D3PO: no complete pair in this batch (every pair lost a sample to invalid rewards)"
             )
-        a, b = torch.tensor(first), torch.tensor(second)
+        a, b = torch.tensor(first, dtype=torch.long), torch.tensor(second, dtype=torch.long)
         h = pareto_compare(values[a.to(values.device)], values[b.to(values.device)]).cpu()
         decided = h != 0
         keep = torch.ones_like(decided) if self.keep_undecided else decided

@@ -6,7 +6,7 @@ Per rollout:
 1. sample trajectories without gradient, storing every state and each step's log-prob
    (`core.rollouts.collect_rollouts`);
 2. score the final samples; advantages are per-prompt (running buffer) or batch normalised, clipped
-   to ±`adv_clip_max`;
+   to ±`adv_clip_max` (statistics over the global batch when several processes train);
 3. for `num_inner_epochs`, shuffle samples and, per sample, shuffle the steps and train on the first
    `timestep_fraction` of them: loss = mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))), ρ = exp(log p_θ − log p_old).
 
@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from diffalign.core.advantages import PerPromptNormalizer, batch_advantages
+from diffalign.core.advantages import PerPromptNormalizer, batch_advantages, gather_rewards
 from diffalign.core.algorithms.base import Algorithm
 from diffalign.core.kernels import StepOutput
 from diffalign.core.policy import DiffusionPolicy
@@ -95,11 +95,14 @@ class DDPO(Algorithm):
 
     def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Trajectory, dict[str, float]]:
         traj, metrics = collect_rollouts(ctx, batch)
+        # statistics over the global batch (every rank's rows); each rank keeps its rows' advantages, and
+        # every rank's running buffers see the same rewards (so any rank's checkpoint holds them)
+        every = gather_rewards(ctx.ranks, traj.rewards, traj.extras["key"], traj.extras["group"])
         if self.advantages == "per_prompt":
-            adv = self.normalizer(traj.extras["key"], traj.rewards)
+            adv = self.normalizer(every.keys, every.rewards)
         else:
-            adv = batch_advantages(traj.rewards)
-        traj.advantages = adv.clamp(-self.adv_clip_max, self.adv_clip_max)
+            adv = batch_advantages(every.rewards)
+        traj.advantages = every.shard.take(adv).clamp(-self.adv_clip_max, self.adv_clip_max)
         return traj, metrics
 
     def minibatches(self, data: Trajectory, generator: torch.Generator) -> Iterator[list[Batch]]:

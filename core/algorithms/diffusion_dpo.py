@@ -27,7 +27,8 @@ from torch import Tensor
 
 from diffalign.core.algorithms.base import Algorithm
 from diffalign.core.denoising import denoising_errors
-from diffalign.core.functional import expand_mask, masked_noise, pad_along
+from diffalign.core.distributed import RowShard
+from diffalign.core.functional import expand_mask, pad_along
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.rollouts import AlignContext
 from diffalign.core.types import Batch, Cond
@@ -56,12 +57,15 @@ def noised_pairs(
     mask_w: Tensor | None = None,
     mask_l: Tensor | None = None,
     label: Tensor | None = None,
+    rows: RowShard | None = None,
 ) -> Batch:
     """Noise winners and losers with one shared (t, ε) per pair.
 
     Masked samples of different sizes (a molecule with more atoms on one side, clips of different
     lengths) are zero-padded along the backbone's `variable_axis` to one size, with the padding masked
     out; the shared noise is drawn under the union of both masks and each side keeps only its own.
+    With `rows` (this rank's pairs of the global batch), (t, ε) are drawn for the global batch and this
+    rank keeps its pairs' (the same draws at any number of processes).
     Returns `Batch(x_t_w, x_t_l, t, target_w, target_l, cond, mask_w, mask_l, label)`.
     """
     kernel = policy.kernel
@@ -78,9 +82,10 @@ def noised_pairs(
                     f"{type(policy.backbone).__name__} declares no variable_axis to pad along"
                 )
             x0_w, x0_l, mask_w, mask_l = pad_pair(x0_w, x0_l, mask_w, mask_l, axis)
-    t = kernel.draw_timesteps(b, generator, x0_w.device)
+    rows = rows if rows is not None else RowShard(0, b, b)
+    t = rows.draw(lambda n: kernel.draw_timesteps(n, generator, x0_w.device))
     union = None if mask_w is None else torch.maximum(mask_w.float(), mask_l.float())
-    noise = masked_noise(x0_w.shape, generator, union, device=x0_w.device)
+    noise = rows.noise(x0_w.shape, generator, union, device=x0_w.device)
     noise_w = noise if mask_w is None else noise * expand_mask(mask_w, noise)
     noise_l = noise if mask_l is None else noise * expand_mask(mask_l, noise)
     lab = torch.ones(b, device=x0_w.device) if label is None else label.to(x0_w.device).float()
@@ -130,16 +135,11 @@ class DiffusionDPO(Algorithm):
         x0_l, mask_l = backbone.encode(batch["loser"])
         cond = backbone.condition(batch)
         label = torch.as_tensor(batch["label"], dtype=torch.float32) if "label" in batch else None
-        pairs = noised_pairs(
-            ctx.policy,
-            x0_w.to(ctx.device).float(),
-            x0_l.to(ctx.device).float(),
-            cond,
-            ctx.generator,
-            mask_w,
-            mask_l,
-            label,
-        )
+        x0_w, x0_l = x0_w.to(ctx.device).float(), x0_l.to(ctx.device).float()
+        # ragged pairs are padded to the longer side first: the event shape here is an upper bound
+        event = [max(a, b) for a, b in zip(x0_w.shape[1:], x0_l.shape[1:], strict=True)]
+        rows = ctx.rows(len(x0_w), event)
+        pairs = noised_pairs(ctx.policy, x0_w, x0_l, cond, ctx.generator, mask_w, mask_l, label, rows)
         return pairs, {}
 
     def forward(self, policy: DiffusionPolicy, micro: Batch) -> dict[str, Tensor]:

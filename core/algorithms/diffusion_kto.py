@@ -30,10 +30,17 @@ from diffalign.core.types import Batch
 
 
 def kto_loss(
-    r: Tensor, label: Tensor, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+    r: Tensor,
+    label: Tensor,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    batch_mean: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Per-sample KTO loss for implicit rewards `r` and 0/1 labels; returns (losses, reference point)."""
-    z = r.detach().mean().clamp_min(0)
+    """Per-sample KTO loss for implicit rewards `r` and 0/1 labels; returns (losses, reference point).
+
+    The reference point is max(0, mean r) over the batch (`batch_mean`: that mean over the global batch
+    when several ranks train)."""
+    z = (r.detach().mean() if batch_mean is None else batch_mean.to(r.device)).clamp_min(0)
     good = label > 0.5
     loss = torch.where(
         good, desirable_weight * (1 - torch.sigmoid(r - z)), undesirable_weight * (1 - torch.sigmoid(z - r))
@@ -66,16 +73,27 @@ class DiffusionKTO(Algorithm):
         backbone = ctx.policy.backbone
         x0, mask = backbone.encode(batch["sample"])
         x0 = x0.to(ctx.device).float()
-        x_t, t, target = ctx.policy.kernel.training_sample(x0, ctx.generator, mask)
+        rows = ctx.rows(len(x0), x0.shape[1:])
+        x_t, t, target = ctx.policy.kernel.training_sample(x0, ctx.generator, mask, rows)
         label = torch.as_tensor(batch["label"], dtype=torch.float32, device=x0.device)
         metrics = {"desirable_fraction": float((label > 0.5).float().mean())}
-        micro = Batch(x_t=x_t, t=t, target=target, cond=backbone.condition(batch), mask=mask, label=label)
+        micro = Batch(
+            x_t=x_t,
+            t=t,
+            target=target,
+            cond=backbone.condition(batch),
+            mask=mask,
+            label=label,
+            ranks=ctx.ranks,
+        )
         return micro, metrics
 
     def forward(self, policy: DiffusionPolicy, micro: Batch) -> dict[str, Tensor]:
         err, ref_err = denoising_errors(policy, micro.x_t, micro.t, micro.cond, micro.target, micro.mask)
         r = -self.beta * (err - ref_err)
-        loss, z = kto_loss(r, micro.label, self.desirable_weight, self.undesirable_weight)
+        ranks = micro.get("ranks")
+        mean_r = ranks.gather(r.detach()).mean() if ranks is not None else None  # the global batch's
+        loss, z = kto_loss(r, micro.label, self.desirable_weight, self.undesirable_weight, mean_r)
         good = micro.label > 0.5
         return {
             "loss": loss.mean(),

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from diffalign.core.algorithms.base import Algorithm
-from diffalign.core.functional import masked_noise, repeat_rows
+from diffalign.core.distributed import SINGLE
+from diffalign.core.functional import repeat_rows
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.reward_backprop import backprop_batch, reward_loss
 from diffalign.core.rollouts import AlignContext
@@ -68,9 +69,12 @@ class DRaFT(Algorithm):
         mask = repeat_rows(traj.mask, n) if traj.mask is not None else None
         cond = traj.cond.repeat_interleave(n)
         t = repeat_rows(traj.timesteps[:, -1], n)
-        x_t = policy.kernel.add_noise(x0, masked_noise(x0.shape, micro.generator, mask, device=x0.device), t)
-        step = policy.kernel.step(
-            policy.model_output(x_t, t, cond, mask), t, x_t, generator=micro.generator, mask=mask
-        )
+        # the re-noising and step noise of the global batch, this rank's rows of it
+        ranks = micro.get("ranks") or SINGLE
+        rows = ranks.rows(len(x0), x0.shape[1:])
+        x_t = policy.kernel.add_noise(x0, rows.noise(x0.shape, micro.generator, mask, device=x0.device), t)
+        out = policy.model_output(x_t, t, cond, mask)
+        noise = rows.noise(x_t.shape, micro.generator, mask, device=x_t.device)
+        step = policy.kernel.step(out, t, x_t, mask=mask, noise=noise)
         x0_new = step.mean + (step.prev_sample - step.mean).detach()
         return reward_loss(policy, micro.reward, x0_new, mask, cond, self.reward_scale)

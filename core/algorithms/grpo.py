@@ -140,7 +140,7 @@ class GRPO(DDPO):
         if self.advantage_aggregation == "per_reward":
             weights = term_weights(ctx.reward.reward if ctx.reward is not None else None)
         adv, metrics = rollout_advantages(
-            rewards, traj.extras["group"], traj.extras.get("reward_terms"), weights, self.std_scope
+            rewards, traj.extras["group"], traj.extras.get("reward_terms"), weights, self.std_scope, ctx.ranks
         )
         return adv.clamp(-self.adv_clip_max, self.adv_clip_max).to(traj.states.device), metrics
 

@@ -179,7 +179,12 @@ class DiffusionNFT(Algorithm):
             )
         weights = term_weights(ctx.reward.reward) if self.advantage_aggregation == "per_reward" else None
         adv, adv_metrics = rollout_advantages(
-            traj.rewards, traj.extras["group"], traj.extras.get("reward_terms"), weights, self.std_scope
+            traj.rewards,
+            traj.extras["group"],
+            traj.extras.get("reward_terms"),
+            weights,
+            self.std_scope,
+            ctx.ranks,
         )
         count = max(1, int(policy.num_steps * self.timestep_fraction))
         t = training_timesteps(policy, len(traj), count, self.timesteps, ctx.generator)

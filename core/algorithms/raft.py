@@ -62,10 +62,18 @@ class RAFT(Algorithm):
         traj, metrics = collect_rollouts(ctx, batch, self.samples_per_condition)
         idx = select_top(traj.rewards.cpu(), traj.extras["group"].cpu(), self.keep_top).to(traj.x0.device)
         winners = traj[idx]
-        metrics["reward_selected_mean"] = float(winners.rewards.mean())
+        metrics["reward_selected_mean"] = float(ctx.ranks.gather(winners.rewards).mean())
+        rows = ctx.rows(winners.batch_size, winners.event_shape)  # groups stay whole on their rank
         data = [
             noised_batch(
-                ctx.policy, winners.x0, winners.cond, ctx.generator, winners.mask, None, self.cond_dropout
+                ctx.policy,
+                winners.x0,
+                winners.cond,
+                ctx.generator,
+                winners.mask,
+                None,
+                self.cond_dropout,
+                rows,
             )
             for _ in range(self.num_updates)
         ]

@@ -2,9 +2,10 @@
 
 Lee et al., "Aligning Text-to-Image Models using Human Feedback", arXiv:2302.12192, and the RWR
 baseline of DDPO (Black et al.). Sample without grad, score, and train the standard denoising loss on
-the samples with weights w_i ∝ exp(r_i / temperature), normalised to mean 1 over the batch (so the
-learning rate means the same at any temperature). As temperature → ∞ this is plain self-distillation;
-small temperatures approach training on the best sample only.
+the samples with weights w_i ∝ exp(r_i / temperature), normalised to mean 1 over the batch (the global
+batch when several processes train), so the learning rate means the same at any temperature. As
+temperature → ∞ this is plain self-distillation; small temperatures approach training on the best
+sample only.
 """
 
 from __future__ import annotations
@@ -54,11 +55,17 @@ class RWR(Algorithm):
 
     def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[list[Batch], dict[str, float]]:
         traj, metrics = collect_rollouts(ctx, batch, self.samples_per_condition)
-        w = reward_weights(traj.rewards, self.temperature).to(traj.x0.device)
-        metrics["weight_max"] = float(w.max())
-        metrics["effective_samples"] = float(w.sum() ** 2 / (w**2).sum())
+        # weights over the global batch (every rank's samples); each rank trains on its own rows
+        rows = ctx.rows(traj.batch_size, traj.event_shape)
+        every = reward_weights(ctx.ranks.gather(traj.rewards), self.temperature).to(traj.x0.device)
+        w = rows.take(every)
+        metrics["weight_max"] = float(every.max())
+        metrics["effective_samples"] = float(every.sum() ** 2 / (every**2).sum())
+        norm = every.sum() / ctx.ranks.world_size if ctx.ranks.distributed else None
         data = [
-            noised_batch(ctx.policy, traj.x0, traj.cond, ctx.generator, traj.mask, w, self.cond_dropout)
+            noised_batch(
+                ctx.policy, traj.x0, traj.cond, ctx.generator, traj.mask, w, self.cond_dropout, rows, norm
+            )
             for _ in range(self.num_updates)
         ]
         return data, metrics

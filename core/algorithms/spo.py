@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffalign.core.algorithms.base import Algorithm
+from diffalign.core.distributed import RowShard
 from diffalign.core.functional import expand_mask, masked_noise
 from diffalign.core.policy import DiffusionPolicy, RolloutHook, RolloutState
 from diffalign.core.reward import GuardedReward, SampleView
 from diffalign.core.rollouts import AlignContext
-from diffalign.core.sampling import draw_seeds, repeat_generators, row_generators, sample_batch
+from diffalign.core.sampling import draw_seeds_tensor, repeat_generators, row_generators, sample_batch
 from diffalign.core.types import Batch
 
 
@@ -40,10 +41,17 @@ class SPOCandidateHook(RolloutHook):
     (and the last), record (best, worst) pairs, and continue from a random candidate."""
 
     def __init__(
-        self, reward: GuardedReward, m: int, chosen: set[int], generators: list[torch.Generator], pick: Any
+        self,
+        reward: GuardedReward,
+        m: int,
+        chosen: set[int],
+        generators: list[torch.Generator],
+        pick: Any,
+        rows: RowShard | None = None,
     ) -> None:
         self.reward, self.m, self.chosen = reward, m, chosen
         self.generators, self.pick_generator = generators, pick
+        self.rows = rows  # this rank's rows of the global batch: picks are drawn for all of them
         self.pairs: list[Batch] = []
         self.ties = self.judged = 0
         self.final_scores: Tensor | None = None
@@ -95,7 +103,8 @@ class SPOCandidateHook(RolloutHook):
                             mask=None if state.mask is None else state.mask[rows],
                         )
                     )
-        pick = torch.randint(0, m, (n,), generator=self.pick_generator).to(cands.device)
+        rows = self.rows if self.rows is not None else RowShard(0, n, n)
+        pick = rows.draw(lambda k: torch.randint(0, m, (k,), generator=self.pick_generator)).to(cands.device)
         state.prev_sample = cands[torch.arange(n, device=cands.device), pick]
 
 
@@ -130,18 +139,24 @@ class SPO(Algorithm):
         cond = policy.backbone.condition(batch)
         n_pick = max(1, round(self.step_fraction * policy.num_steps))
         chosen = set(torch.randperm(policy.num_steps, generator=gen)[:n_pick].tolist())
-        seeds = draw_seeds(gen, len(cond))
-        hook = SPOCandidateHook(ctx.reward, self.num_candidates, chosen, row_generators(seeds), gen)
+        rows = ctx.rows(len(cond))
+        seeds = rows.draw(lambda n: draw_seeds_tensor(gen, n)).tolist()
+        hook = SPOCandidateHook(ctx.reward, self.num_candidates, chosen, row_generators(seeds), gen, rows)
         sample_batch(policy, cond, seeds, hooks=[hook])
-        if not hook.pairs:
+        if not any(ctx.ranks.flags(bool(hook.pairs))):  # every rank stops, or none does
             raise RuntimeError("SPO: every candidate set was tied or invalid; no pair to train on")
-        data = Batch.cat(hook.pairs)
-        metrics = {"pairs": float(len(data)), "tie_fraction": hook.ties / max(1, hook.judged)}
+        data = Batch.cat(hook.pairs) if hook.pairs else None  # None: this rank has none, others do
+        metrics = {
+            "pairs": float(len(data) if data is not None else 0),
+            "tie_fraction": hook.ties / max(1, hook.judged),
+        }
         if hook.final_scores is not None:
             metrics["reward_mean"] = float(torch.nan_to_num(hook.final_scores).mean())
         return data, metrics
 
-    def minibatches(self, data: Batch, generator: torch.Generator) -> Iterator[list[Batch]]:
+    def minibatches(self, data: Batch | None, generator: torch.Generator) -> Iterator[list[Batch]]:
+        if data is None:
+            return
         n = len(data)
         bs = self.train_batch_size or n
         perm = torch.randperm(n, generator=generator).to(data.x_t.device)

@@ -49,7 +49,10 @@ class SupervisedDenoising(Algorithm):
         backbone = ctx.policy.backbone
         x0, mask = backbone.encode(batch[self.sample_key])
         cond = backbone.condition(batch)
-        data = noised_batch(ctx.policy, x0.to(ctx.device), cond, ctx.generator, mask, None, self.cond_dropout)
+        rows = ctx.rows(len(x0), x0.shape[1:])  # the global batch's noise; this rank's rows of it
+        data = noised_batch(
+            ctx.policy, x0.to(ctx.device), cond, ctx.generator, mask, None, self.cond_dropout, rows
+        )
         return data, {}
 
     def forward(self, policy: DiffusionPolicy, micro: Batch) -> dict[str, Tensor]:

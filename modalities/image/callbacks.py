@@ -88,9 +88,10 @@ class SampleGrid(Callback):
                 experiment.add_image(tag, chw, global_step=trainer.global_step)
 
     def _write(self, trainer: L.Trainer, pl_module: Any, tag: str) -> Path | None:
+        folder = run_dir(trainer)  # a collective with several processes: every rank asks, rank 0 writes
         if not trainer.is_global_zero:
             return None
-        path = run_dir(trainer) / f"samples_{tag}.png"
+        path = folder / f"samples_{tag}.png"
         if tag == "before" and path.exists():
             return path
         grid = self._grid(trainer, pl_module, tag, ema=tag == "after")

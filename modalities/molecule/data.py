@@ -105,6 +105,10 @@ class MoleculeDataModule(EvaluationSetMixin, L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochSeededSampler(
-            len(self.dataset), self.batch_size * self.batches_per_epoch, self.seed, replacement=False
+            len(self.dataset),
+            self.batch_size * self.batches_per_epoch,
+            self.seed,
+            replacement=False,
+            batch_size=self.batch_size,
         )
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=self._collate)

@@ -75,6 +75,10 @@ class MixtureDataModule(EvaluationSetMixin, L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochSeededSampler(
-            self.num_samples, self.batch_size * self.batches_per_epoch, self.seed, replacement=False
+            self.num_samples,
+            self.batch_size * self.batches_per_epoch,
+            self.seed,
+            replacement=False,
+            batch_size=self.batch_size,
         )
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=_collate)
