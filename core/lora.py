@@ -167,6 +167,10 @@ class LoRABackbone(Backbone):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for n, p in self.inner.named_parameters() if "lora_" in n and p.requires_grad)
 
+    def lora_target(self) -> nn.Module:
+        """The adapted network: the wrapped backbone's `lora_target()` (e.g. the UNet)."""
+        return self.inner.lora_target()
+
     def freeze_reference(self) -> None:
         """Nothing to copy: the reference is this network with the adapters off."""
 

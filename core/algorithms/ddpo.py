@@ -51,6 +51,15 @@ class DDPO(Algorithm):
         kl_coef: β of a per-step KL(π_θ ‖ π_ref) penalty to the frozen initial model (0: plain DDPO;
             DPOK sets it by default). The KL of two Gaussian steps with the same std is
             ‖μ_θ − μ_ref‖²/(2σ²), reduced over event dims like the log-probs.
+        rollout_chunk_size: sample a rollout batch this many rows at a time (None: all at once); the
+            samples are the same (one seed per row), the memory of sampling smaller.
+        async_reward: with `rollout_chunk_size`, score each chunk in a worker thread while the next one
+            samples (for slow CPU rewards; see `core.rollouts.collect_rollouts`).
+
+    Speed options that change the algorithm (docs/performance.md): `timestep_fraction` < 1 trains on a
+    random subset of the steps; the policy's `rollout_steps` samples training rollouts with fewer steps
+    than evaluation; `guidance_scale: 1` on the policy trains (and samples) without classifier-free
+    guidance.
     """
 
     metric_reduction = SURROGATE_REDUCTION
@@ -67,8 +76,15 @@ class DDPO(Algorithm):
         train_batch_size: int | None = None,
         gradient_accumulation_steps: int = 1,
         kl_coef: float = 0.0,
+        rollout_chunk_size: int | None = None,
+        async_reward: bool = False,
     ) -> None:
         super().__init__()
+        if rollout_chunk_size is not None and rollout_chunk_size < 1:
+            raise ValueError(f"rollout_chunk_size must be >= 1 (or null), got {rollout_chunk_size}")
+        if async_reward and rollout_chunk_size is None:
+            raise ValueError("async_reward overlaps scoring with the next chunk: set rollout_chunk_size too")
+        self.rollout_chunk_size, self.async_reward = rollout_chunk_size, async_reward
         if kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
         if not 0 < timestep_fraction <= 1:
@@ -93,7 +109,9 @@ class DDPO(Algorithm):
         self.normalizer.load_state_dict(state.get("normalizer", {}))
 
     def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Trajectory, dict[str, float]]:
-        traj, metrics = collect_rollouts(ctx, batch)
+        traj, metrics = collect_rollouts(
+            ctx, batch, chunk_size=self.rollout_chunk_size, async_reward=self.async_reward
+        )
         if self.advantages == "per_prompt":
             adv = self.normalizer(traj.extras["key"], traj.rewards)
         else:

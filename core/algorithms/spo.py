@@ -31,7 +31,7 @@ from diffalign.core.functional import expand_mask, masked_noise
 from diffalign.core.policy import DiffusionPolicy, RolloutHook, RolloutState
 from diffalign.core.reward import GuardedReward, SampleView
 from diffalign.core.rollouts import AlignContext
-from diffalign.core.sampling import draw_seeds, repeat_generators, row_generators, sample_batch
+from diffalign.core.sampling import draw_seeds, policy_generators, repeat_generators, sample_batch
 from diffalign.core.types import Batch
 
 
@@ -131,7 +131,8 @@ class SPO(Algorithm):
         n_pick = max(1, round(self.step_fraction * policy.num_steps))
         chosen = set(torch.randperm(policy.num_steps, generator=gen)[:n_pick].tolist())
         seeds = draw_seeds(gen, len(cond))
-        hook = SPOCandidateHook(ctx.reward, self.num_candidates, chosen, row_generators(seeds), gen)
+        gens = policy_generators(policy, seeds)
+        hook = SPOCandidateHook(ctx.reward, self.num_candidates, chosen, gens, gen)
         sample_batch(policy, cond, seeds, hooks=[hook])
         if not hook.pairs:
             raise RuntimeError("SPO: every candidate set was tied or invalid; no pair to train on")

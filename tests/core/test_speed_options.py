@@ -1,13 +1,18 @@
-"""Speed of the sampling loop (docs/performance.md): no per-step host copies or host synchronisation."""
+"""Speed options of the sampling loop that leave the algorithm unchanged (docs/performance.md): no per-step
+host copies or host synchronisation, bf16 autocast with float32 kernels (ratio stays 1), generators on the
+policy's device, shorter training rollouts, torch.compile plumbing."""
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from diffalign.core import sampling
 from diffalign.core.kernels import DDIMKernel, DDPMKernel
 from diffalign.core.policy import DiffusionPolicy
-from diffalign.core.testing import ToyBackbone
+from diffalign.core.reward import GuardedReward
+from diffalign.core.rollouts import AlignContext, collect_rollouts
+from diffalign.core.testing import LinearReward, ToyBackbone
 
 
 class HostToDeviceCopies(TorchDispatchMode):
@@ -52,3 +57,113 @@ def test_denoising_loop_copies_nothing_per_step_and_never_syncs(kernel):
     few, many = (meta_rollout_copies(policy, cond, (3,), n) for n in (3, 9))
     # only the rollout's timesteps move (once); nothing moves per step
     assert few == many == 1 and first >= few, f"{type(kernel).__name__}: {first}, {few}, {many} copies"
+
+
+def test_bf16_autocast_keeps_log_probs_float32_and_the_ratio_at_one():
+    torch.manual_seed(0)
+    backbone = ToyBackbone(dim=4, hidden=32)
+    policy = DiffusionPolicy(backbone, num_steps=5, guidance_scale=3.0, autocast="bfloat16")
+    plain = DiffusionPolicy(backbone, num_steps=5, guidance_scale=3.0)
+    cond = backbone.condition({"prompt": [0, 1, 2, 3]})
+    x = torch.randn(4, 4)
+    t = torch.full((4,), 500)
+    out = policy.model_output(x, t, cond)
+    assert out.dtype == torch.float32
+    ref = plain.model_output(x, t, cond)
+    assert not torch.equal(out, ref), "autocast had no effect (the network ran in float32)"
+    assert torch.allclose(out, ref, atol=5e-2, rtol=5e-2)
+
+    traj = policy.rollout(cond, sampling.row_generators([1, 2, 3, 4]))
+    assert traj.log_probs.dtype == torch.float32 and traj.states.dtype == torch.float32
+    for step in range(traj.num_steps):
+        again = policy.log_prob(traj, step).log_prob
+        assert torch.equal(again, traj.log_probs[:, step]), f"ratio != 1 at step {step}"
+
+
+def test_autocast_rejects_unknown_dtypes():
+    with pytest.raises(ValueError, match="autocast"):
+        DiffusionPolicy(ToyBackbone(), autocast="int8")
+
+
+def test_generators_live_on_the_policy_device_unless_opted_out(monkeypatch):
+    backbone = ToyBackbone()
+    assert DiffusionPolicy(backbone).generator_device == torch.device("cpu")
+    assert DiffusionPolicy(backbone, device_generators=False).generator_device == torch.device("cpu")
+    seen = []
+    original = sampling.row_generators
+
+    def spy(seeds, device=None):
+        seen.append(device)
+        return original(seeds, device)
+
+    monkeypatch.setattr(sampling, "row_generators", spy)
+    policy = DiffusionPolicy(backbone, num_steps=2)
+    sampling.sample_batch(policy, backbone.condition({"prompt": [0, 1]}), [5, 6])
+    assert seen == [policy.generator_device]
+
+
+def test_rollout_steps_shorten_training_rollouts_only():
+    torch.manual_seed(0)
+    backbone = ToyBackbone(dim=2, hidden=16)
+    policy = DiffusionPolicy(backbone, num_steps=6, rollout_steps=3)
+    ctx = AlignContext(
+        policy, GuardedReward(LinearReward(), "raise"), torch.Generator().manual_seed(0), "cpu"
+    )
+    traj, _ = collect_rollouts(ctx, {"prompt": [0, 1, 2]})
+    assert traj.num_steps == 3 and traj.states.shape[1] == 4
+    for step in range(3):  # re-scoring follows the trajectory's own step count: ratio 1
+        assert torch.allclose(policy.log_prob(traj, step).log_prob, traj.log_probs[:, step], atol=1e-6)
+    evaluation = sampling.sample_batch(policy, backbone.condition({"prompt": [0]}), [7])
+    assert evaluation.trajectory.num_steps == 6
+    with pytest.raises(ValueError, match="rollout_steps"):
+        DiffusionPolicy(backbone, rollout_steps=0)
+
+
+def test_compile_needs_a_network_submodule():
+    with pytest.raises(ValueError, match="lora_target"):
+        DiffusionPolicy(ToyBackbone(), compile=True)
+
+
+class SlowLinear(LinearReward):
+    """LinearReward that records the thread it scores in and whether grad mode was on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, bool]] = []
+
+    def forward(self, samples, cond):
+        import threading
+
+        self.calls.append((threading.current_thread().name, torch.is_grad_enabled()))
+        return super().forward(samples, cond)
+
+
+@pytest.mark.parametrize("async_reward", [False, True], ids=["chunks", "chunks-async"])
+def test_chunked_and_async_rollouts_give_the_same_samples_and_rewards(async_reward):
+    backbone = ToyBackbone(dim=2, hidden=16)
+    policy = DiffusionPolicy(backbone, num_steps=3)
+    batch = {"prompt": [0, 1, 2, 3, 1]}
+
+    def collect(**kw):
+        reward = SlowLinear()
+        ctx = AlignContext(policy, GuardedReward(reward, "raise"), torch.Generator().manual_seed(4), "cpu")
+        return collect_rollouts(ctx, batch, **kw)[0], reward.calls
+
+    whole, calls = collect()
+    parts, part_calls = collect(chunk_size=2, async_reward=async_reward)
+    assert len(calls) == 1 and len(part_calls) == 3  # chunks of 2, 2, 1
+    assert torch.equal(whole.states, parts.states) and torch.equal(whole.log_probs, parts.log_probs)
+    assert torch.equal(whole.rewards, parts.rewards) and whole.cond.prompts == parts.cond.prompts
+    assert torch.equal(whole.extras["seed"], parts.extras["seed"])
+    threads = {name for name, _ in part_calls}
+    assert (threads != {"MainThread"}) == async_reward
+    assert not any(grad for _, grad in part_calls)  # the worker thread scores without grad too
+
+
+def test_async_reward_needs_chunks():
+    from diffalign.core.algorithms import DDPO
+
+    with pytest.raises(ValueError, match="rollout_chunk_size"):
+        DDPO(async_reward=True)
+    with pytest.raises(ValueError, match="rollout_chunk_size"):
+        DDPO(rollout_chunk_size=0)
