@@ -109,6 +109,7 @@ def test_bf16_ddpo_ratio_is_one_before_the_first_update(sd_path, lora):
     assert len(devs) == 3 and max(devs) == 0.0, devs
 
 
+@pytest.mark.slow
 def test_compile_flag_compiles_the_unet_in_place(sd_path):
     """torch.compile plumbing on CPU with the `eager` backend (no code generation); the GPU run measures
     inductor and CUDA graphs (benchmarks/sd_gpu.py)."""
