@@ -167,3 +167,18 @@ def test_async_reward_needs_chunks():
         DDPO(async_reward=True)
     with pytest.raises(ValueError, match="rollout_chunk_size"):
         DDPO(rollout_chunk_size=0)
+
+
+def test_guidance_runs_conditional_and_unconditional_rows_in_one_call(monkeypatch):
+    backbone = ToyBackbone(dim=2, hidden=16)
+    policy = DiffusionPolicy(backbone, num_steps=4, guidance_scale=3.0)
+    calls = []
+    original = backbone.denoise
+
+    def counting(x_t, t, cond, mask=None):
+        calls.append(x_t.shape[0])
+        return original(x_t, t, cond, mask)
+
+    monkeypatch.setattr(backbone, "denoise", counting)
+    policy.rollout(backbone.condition({"prompt": [0, 1, 2]}), sampling.row_generators([1, 2, 3]))
+    assert calls == [6] * 4  # one call per step, with the 3 conditional and 3 unconditional rows
