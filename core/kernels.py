@@ -58,13 +58,24 @@ class TransitionKernel(ABC):
         self.reduction = reduction
         self.scheduler: Any = None
         self.num_steps: int | None = None
+        self._tables: dict[tuple[str, str], Tensor] = {}
 
     # -- binding -------------------------------------------------------------------------------------
     def bind(self, scheduler: Any) -> TransitionKernel:
         """Build this kernel's own scheduler from the backbone's scheduler config."""
         self._check_compatible(scheduler)
         self.scheduler = self.scheduler_class.from_config(scheduler.config)
+        self._tables = {}
         return self
+
+    def _table(self, name: str, device: torch.device) -> Tensor:
+        """A float32 table of the scheduler (`alphas_cumprod`, ...) on `device`, copied there once: the
+        sampling loop then makes no CPU → GPU copy per step."""
+        key = (name, str(device))
+        if key not in self._tables:
+            value = torch.as_tensor(getattr(self.scheduler, name), dtype=torch.float32)
+            self._tables[key] = value.to(device)
+        return self._tables[key]
 
     def _check_compatible(self, scheduler: Any) -> None:  # noqa: B027 - optional hook
         """Raise ValueError if `scheduler` cannot drive this kernel (subclasses check)."""
@@ -192,7 +203,7 @@ class _AlphaKernel(TransitionKernel):
             raise ValueError(f"{type(self).__name__} does not support dynamic thresholding")
 
     def _alpha(self, t: Tensor) -> Tensor:
-        ac = self.scheduler.alphas_cumprod.to(device=t.device, dtype=torch.float32)
+        ac = self._table("alphas_cumprod", t.device)
         return ac[t.long().clamp(0, len(ac) - 1)]
 
     def _x0_eps(self, model_output: Tensor, alpha: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -279,8 +290,8 @@ class DDIMKernel(_AlphaKernel):
 
     def _alpha_prev(self, t: Tensor) -> Tensor:
         prev = t.long() - self.num_train_timesteps // self.num_steps
-        final = torch.as_tensor(self.scheduler.final_alpha_cumprod, dtype=torch.float32, device=t.device)
-        ac = self.scheduler.alphas_cumprod.to(device=t.device, dtype=torch.float32)
+        final = self._table("final_alpha_cumprod", t.device)
+        ac = self._table("alphas_cumprod", t.device)
         return torch.where(prev >= 0, ac[prev.clamp_min(0)], final)
 
     def mean_std(self, model_output: Tensor, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -318,7 +329,7 @@ class DDPMKernel(_AlphaKernel):
         pos = (ts[None, :] == t.long()[:, None]).float().argmax(dim=1)
         nxt = ts[(pos + 1).clamp_max(len(ts) - 1)]
         has_prev = pos + 1 < len(ts)
-        ac = self.scheduler.alphas_cumprod.to(device=t.device, dtype=torch.float32)
+        ac = self._table("alphas_cumprod", t.device)
         return torch.where(has_prev, ac[nxt.clamp_min(0)], torch.ones_like(ac[nxt]))
 
     def mean_std(self, model_output: Tensor, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

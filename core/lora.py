@@ -173,6 +173,10 @@ class LoRABackbone(Backbone):
     def _frozen(self) -> list[nn.Module]:
         return self.inner._frozen()
 
+    def lora_target(self) -> nn.Module:
+        """The adapted network: the wrapped backbone's `lora_target()` (e.g. the UNet)."""
+        return self.inner.lora_target()
+
     def freeze_reference(self) -> None:
         """Nothing to copy: the reference is this network with the adapters off."""
 

@@ -63,9 +63,11 @@ class AlignmentModule(L.LightningModule):
             use the live weights. (Lightning's weight-averaging callback is not used: it averages a deep
             copy of the whole LightningModule, frozen base models included, and hooks automatic
             optimisation's step; the EMA here holds only the trainable parameters.)
-        score_chunks: score each rollout batch in this many chunks, each in a background thread while
-            the next chunk samples (for a `RemoteReward` or another slow reward, as ddpo-pytorch does with
-            a thread pool); the samples do not change (see `AlignContext.score_chunks`).
+        rollout_chunk_size: sample each training rollout batch this many rows at a time (None: all at
+            once): the samples are the same (one seed per row), sampling memory smaller.
+        async_reward: with `rollout_chunk_size`, score each chunk in a worker thread while the next one
+            samples (a `RemoteReward` or another slow reward, as ddpo-pytorch does with a thread pool;
+            see `AlignContext`).
 
     The module knows no algorithm: it logs every named term an algorithm's `forward` returns, reduced
     over the micro-batches of a batch as the algorithm declares (`Algorithm.metric_reduction`), plus
@@ -84,7 +86,8 @@ class AlignmentModule(L.LightningModule):
         seed: int = 0,
         checkpoint_frozen_weights: bool = True,
         ema_decay: float | None = None,
-        score_chunks: int = 1,
+        rollout_chunk_size: int | None = None,
+        async_reward: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -104,9 +107,11 @@ class AlignmentModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.max_grad_norm = max_grad_norm
         self.seed = seed
-        if score_chunks < 1:
-            raise ValueError(f"score_chunks must be >= 1, got {score_chunks}")
-        self.score_chunks = score_chunks
+        if rollout_chunk_size is not None and rollout_chunk_size < 1:
+            raise ValueError(f"rollout_chunk_size must be >= 1 (or null), got {rollout_chunk_size}")
+        if async_reward and rollout_chunk_size is None:
+            raise ValueError("async_reward overlaps scoring with the next chunk: set rollout_chunk_size too")
+        self.rollout_chunk_size, self.async_reward = rollout_chunk_size, async_reward
         self.checkpoint_frozen_weights = checkpoint_frozen_weights
         # checkpoints without frozen weights load non-strictly (the frozen ones are already in place)
         self.strict_loading = checkpoint_frozen_weights
@@ -192,7 +197,14 @@ class AlignmentModule(L.LightningModule):
             own_seed = rank_seed(self.seed, ranks.rank, self.current_epoch, batch_idx)
             own = torch.Generator().manual_seed(own_seed)
         ctx = AlignContext(
-            self.policy, self.guarded_reward, self.generator, self.device, ranks, own, self.score_chunks
+            self.policy,
+            self.guarded_reward,
+            self.generator,
+            self.device,
+            ranks,
+            own,
+            self.rollout_chunk_size,
+            self.async_reward,
         )
         data, metrics = self.algorithm.prepare(ctx, batch)
         opt = self.optimizers()

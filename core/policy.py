@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from einops import rearrange, repeat
@@ -21,6 +21,8 @@ from diffalign.core.backbone import Backbone
 from diffalign.core.functional import Generator
 from diffalign.core.kernels import DDIMKernel, StepOutput, TransitionKernel
 from diffalign.core.types import Cond, Trajectory, as_cond
+
+_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -63,6 +65,22 @@ class DiffusionPolicy(nn.Module):
             u + w·(c − u) is the policy in both sampling and re-scoring.
         gradient_checkpointing: recompute denoiser activations in the backward pass of steps that
             keep their graph (reward backprop through many steps).
+        autocast: run the denoiser call under `torch.autocast` in this dtype ("bfloat16" on a GPU: the
+            network's matrix products in bf16 over float32 weights); the kernels, log-probs and
+            importance ratios stay float32 (the denoiser's output is cast back), so re-scoring a
+            trajectory under unchanged weights still gives a ratio of exactly 1. None: no autocast.
+        rollout_steps: sampling steps of TRAINING rollouts (`core.rollouts.collect_rollouts`: DDPO, DPOK,
+            GRPO, ...), when fewer than `num_steps` are wanted there; evaluation, `diffalign sample` and
+            test-time methods keep `num_steps`. This changes the algorithm (the trained chain is shorter
+            than the evaluated one): a speed/quality trade, see docs/performance.md. None: `num_steps`.
+        device_generators: on a GPU, each row's noise generator (the seeding rule's one generator per row)
+            lives on the GPU, so step noise is drawn there with no CPU → GPU copy per step. A (condition,
+            seed) pair then gives the same sample on every run on that kind of device, but not the same
+            sample as CPU-drawn noise; False draws on the CPU everywhere (and copies each step's noise).
+        compile: `torch.compile` the denoising network (`backbone.lora_target()`, e.g. the UNet) in
+            place: True for torch's defaults, or a dict of `torch.compile` arguments (`{"mode":
+            "reduce-overhead"}` captures CUDA graphs, for static shapes; `{"mode": "max-autotune"}`). The
+            first calls compile (minutes for an SD UNet); recompiles happen when shapes change.
     """
 
     def __init__(
@@ -72,10 +90,18 @@ class DiffusionPolicy(nn.Module):
         num_steps: int = 20,
         guidance_scale: float = 1.0,
         gradient_checkpointing: bool = False,
+        autocast: Literal["bfloat16", "float16"] | None = None,
+        rollout_steps: int | None = None,
+        device_generators: bool = True,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if rollout_steps is not None and rollout_steps < 1:
+            raise ValueError(f"rollout_steps must be >= 1 (or null for num_steps), got {rollout_steps}")
+        if autocast not in (None, *_AUTOCAST):
+            raise ValueError(f"autocast must be one of {sorted(_AUTOCAST)} or null, got {autocast!r}")
         self.backbone = backbone
         self.kernel = (kernel or DDIMKernel(eta=1.0)).bind(backbone.make_scheduler())
         if self.kernel.prediction_type != backbone.prediction_type:
@@ -87,6 +113,21 @@ class DiffusionPolicy(nn.Module):
         self.num_steps = num_steps
         self.guidance_scale = guidance_scale
         self.gradient_checkpointing = gradient_checkpointing
+        self.autocast = autocast
+        self.rollout_steps = rollout_steps
+        self.device_generators = device_generators
+        self.compile_options = compile  # not `self.compile`: that is nn.Module's method
+        if compile:
+            compile_network(backbone, compile)
+
+    @property
+    def generator_device(self) -> torch.device:
+        """Where the per-row noise generators live: the backbone's accelerator when `device_generators`
+        (and it is on one), else the CPU."""
+        p = next(self.backbone.parameters(), None)
+        if self.device_generators and p is not None and p.device.type not in ("cpu", "meta"):
+            return p.device
+        return torch.device("cpu")
 
     # -- model output --------------------------------------------------------------------------------
     def model_output(
@@ -102,6 +143,12 @@ class DiffusionPolicy(nn.Module):
         With guidance the conditional and unconditional passes run as one batched call.
         """
         net = backbone if backbone is not None else self.backbone
+        if self.autocast is not None:
+            with torch.autocast(x_t.device.type, dtype=_AUTOCAST[self.autocast]):
+                return self._guided(net, x_t, t, cond, mask).float()
+        return self._guided(net, x_t, t, cond, mask)
+
+    def _guided(self, net: Backbone, x_t: Tensor, t: Tensor, cond: Cond, mask: Tensor | None) -> Tensor:
         if self.guidance_scale == 1.0:
             return net.denoise(x_t, t, cond, mask)
         cond = as_cond(cond, x_t.shape[0])
@@ -117,8 +164,8 @@ class DiffusionPolicy(nn.Module):
         out_c, out_u = rearrange(out, "(two b) ... -> two b ...", two=2)
         return out_u + self.guidance_scale * (out_c - out_u)
 
-    def _timesteps(self, device: torch.device) -> Tensor:
-        return self.kernel.set_timesteps(self.num_steps, device=device)
+    def _timesteps(self, device: torch.device, num_steps: int | None = None) -> Tensor:
+        return self.kernel.set_timesteps(num_steps or self.num_steps, device=device)
 
     # -- sampling ------------------------------------------------------------------------------------
     def rollout(
@@ -132,6 +179,7 @@ class DiffusionPolicy(nn.Module):
         noises: Tensor | None = None,
         sde_window: tuple[int, int] | None = None,
         record_means: bool = False,
+        num_steps: int | None = None,
     ) -> Trajectory:
         """Sample one trajectory per condition row.
 
@@ -151,25 +199,26 @@ class DiffusionPolicy(nn.Module):
                 `extras["schedule_steps"]` and `start` in `extras["step_offset"]`.
             record_means: also keep each kept step's Gaussian mean in `extras["means"]` (B, T, *event)
                 (GRPO-Guard normalises the ratio with the behaviour policy's means).
+            num_steps: sampling steps of this rollout (default `self.num_steps`; training rollouts pass
+                `rollout_steps`).
         """
         cond = as_cond(cond)
         if x_T is None:
             x_T, mask = self.backbone.init_noise(cond, generator)
         device = x_T.device
-        timesteps = self._timesteps(device)
-        k = 0 if grad_steps is None else min(int(grad_steps), self.num_steps)
-        start, stop = (0, self.num_steps) if sde_window is None else (int(sde_window[0]), int(sde_window[1]))
-        if not 0 <= start < stop <= self.num_steps:
-            raise ValueError(
-                f"sde_window must satisfy 0 <= start < stop <= {self.num_steps}, got {sde_window}"
-            )
+        n = int(num_steps or self.num_steps)
+        timesteps = self._timesteps(device, n)
+        k = 0 if grad_steps is None else min(int(grad_steps), n)
+        start, stop = (0, n) if sde_window is None else (int(sde_window[0]), int(sde_window[1]))
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"sde_window must satisfy 0 <= start < stop <= {n}, got {sde_window}")
         x = x_T.float()
         noises_need_grad = torch.is_grad_enabled() and (
             x_T.requires_grad or (noises is not None and noises.requires_grad)
         )
         states, log_probs, means = ([x] if start == 0 else []), [], []
         for i, t in enumerate(timesteps):
-            keep_graph = i >= self.num_steps - k and torch.is_grad_enabled()
+            keep_graph = i >= n - k and torch.is_grad_enabled()
             with nullcontext() if keep_graph or noises_need_grad else torch.no_grad():
                 tb = t.expand(x.shape[0])
                 if keep_graph and self.gradient_checkpointing:
@@ -202,7 +251,7 @@ class DiffusionPolicy(nn.Module):
         b = x.shape[0]
         extras: dict[str, Any] = {}
         if sde_window is not None:
-            extras = {"x0": x, "schedule_steps": self.num_steps, "step_offset": start}
+            extras = {"x0": x, "schedule_steps": n, "step_offset": start}
         if record_means:
             extras["means"] = torch.stack(means, dim=1)
         return Trajectory(
@@ -255,3 +304,17 @@ class DiffusionPolicy(nn.Module):
         x_t, x_next, t = traj.states[rows, idx], traj.states[rows, idx + 1], traj.timesteps[rows, idx]
         out = self.model_output(x_t, t, traj.cond, traj.mask, backbone=backbone)
         return self.kernel.step(out, t, x_t, prev_sample=x_next, mask=traj.mask)
+
+
+def compile_network(backbone: Backbone, options: bool | dict[str, Any]) -> nn.Module:
+    """`torch.compile` the backbone's denoising network (`lora_target()`) in place (`nn.Module.compile`:
+    parameter names and checkpoints are unchanged) and return it. Compilation is lazy: it happens at
+    the first call, after LoRA adapters are in place."""
+    net = backbone.lora_target()
+    if net is backbone:
+        raise ValueError(
+            f"compile: {type(backbone).__name__}.lora_target() returns the backbone itself; compile needs "
+            "the network its denoise() calls (a submodule such as the UNet)"
+        )
+    net.compile(**(options if isinstance(options, dict) else {}))
+    return net

@@ -9,11 +9,12 @@ the methods need — prompt keys, group ids, per-term rewards and metrics.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from diffalign.core.advantages import row_keys
 from diffalign.core.distributed import SINGLE, Ranks, RowShard
@@ -21,7 +22,7 @@ from diffalign.core.functional import repeat_batch, repeat_rows
 from diffalign.core.kernels import TransitionKernel
 from diffalign.core.policy import DiffusionPolicy, RolloutHook
 from diffalign.core.reward import TERM_PREFIX, GuardedReward, ScoredBatch, reward_metrics
-from diffalign.core.sampling import draw_seeds_tensor, row_generators, sample_batch, score_batch
+from diffalign.core.sampling import draw_seeds_tensor, policy_generators, sample_batch, score_batch
 from diffalign.core.types import Trajectory
 
 
@@ -38,11 +39,14 @@ class AlignContext:
         ranks: the run's processes (`core.distributed.Ranks`; one process by default).
         rank_generator: this rank's own stream, for draws sized by local data (shuffles); None: the run
             generator (one process).
-        score_chunks: split each rollout batch into this many chunks and score each in a background
-            thread while the next one samples (for a remote or otherwise slow reward). The samples are
-            the same (every row has its own seed; batched matmuls of another size round differently,
+        rollout_chunk_size: sample each rollout batch this many rows at a time (bounds sampling
+            memory; None: all at once).
+        async_reward: with chunks, decode each chunk and score it in a worker thread while the next
+            chunk samples (a remote reward, JPEG, RDKit). The samples are the same with or without
+            chunks (every row has its own seed; batched matmuls of another size round differently,
             ~1e-6); so are the scores, unless the reward's decode request is random (its generator is
-            seeded per scored batch).
+            seeded per scored batch). Under `on_invalid="drop"` a chunk whose rows all fail raises, as a
+            whole batch would.
     """
 
     policy: DiffusionPolicy
@@ -51,7 +55,8 @@ class AlignContext:
     device: torch.device
     ranks: Ranks = SINGLE
     rank_generator: torch.Generator | None = None
-    score_chunks: int = 1
+    rollout_chunk_size: int | None = None
+    async_reward: bool = False
 
     @property
     def local_generator(self) -> torch.Generator:
@@ -87,6 +92,9 @@ def collect_rollouts(
     steps stochastic and keeps only them (MixGRPO); `hooks` are per-step rollout hooks; `record_means`
     keeps each step's Gaussian mean in `extras["means"]` (GRPO-Guard).
 
+    `ctx.rollout_chunk_size` / `ctx.async_reward` sample in chunks and score them in a worker thread (see
+    `AlignContext`); the policy's `rollout_steps` sets the number of sampling steps.
+
     Returns the kept trajectories with `rewards` set and, in `extras`: `key` (the prompt key of each
     row), `group` (the index of the condition it came from), `seed` and `reward_terms` (per-sample terms
     of a composite reward, for Pareto comparisons); and the metrics `reward_mean`, `reward_std` (over
@@ -105,11 +113,11 @@ def collect_rollouts(
     with torch.no_grad(), policy.sampling_with(kernel):
         if shared_noise and repeat > 1:
             first = cond[torch.arange(0, len(cond), repeat)]
-            x_T, mask = backbone.init_noise(first, row_generators(seeds[::repeat]))
+            x_T, mask = backbone.init_noise(first, policy_generators(policy, seeds[::repeat]))
             x_T = repeat_rows(x_T, repeat)
             mask = repeat_rows(mask, repeat) if mask is not None else None
         options = {"sde_window": sde_window, "hooks": hooks, "record_means": record_means}
-        traj, scored = _sample_and_score(ctx, cond, seeds, x_T, mask, repeat, options)
+        traj, scored = _sample_and_score(ctx, cond, seeds, x_T, mask, options)
     b = traj.batch_size
     traj.extras["key"] = row_keys(traj.cond)
     traj.extras["group"] = torch.arange(b // repeat).repeat_interleave(repeat)
@@ -137,47 +145,65 @@ def _sample_and_score(
     ctx: AlignContext,
     cond: Any,
     seeds: list[int],
-    x_T: Any,
-    mask: Any,
-    repeat: int,
+    x_T: Tensor | None,
+    mask: Tensor | None,
     options: Mapping[str, Any],
 ) -> tuple[Trajectory, ScoredBatch]:
-    """Sample the rows and score them; with `ctx.score_chunks` > 1, chunk by chunk (whole groups of
-    `repeat` rows), each chunk scored in a background thread while the next one samples."""
-    groups = len(cond) // repeat
-    chunks = max(1, min(ctx.score_chunks, groups))
-    if chunks == 1:
-        sampled = sample_batch(ctx.policy, cond, seeds, x_T=x_T, mask=mask, **options)
-        return sampled.trajectory, score_batch(sampled, ctx.reward)
-    bounds = [round(groups * i / chunks) * repeat for i in range(chunks + 1)]
-    jobs = []
-    with ThreadPoolExecutor(max_workers=1) as pool:  # one scorer: the guarded reward's counts stay right
-        for lo, hi in zip(bounds, bounds[1:], strict=False):
-            rows = slice(lo, hi)
-            part = sample_batch(
-                ctx.policy,
-                cond[rows],
+    """Sample the rows (in chunks of `ctx.rollout_chunk_size`) with the policy's `rollout_steps` and score
+    each chunk, in a worker thread with `ctx.async_reward`."""
+    policy, n = ctx.policy, len(cond)
+    size = min(ctx.rollout_chunk_size or n, n)
+    if size < 1:
+        raise ValueError(f"rollout_chunk_size must be >= 1, got {ctx.rollout_chunk_size}")
+    pool = ThreadPoolExecutor(max_workers=1) if ctx.async_reward and size < n else None
+    request = getattr(ctx.reward.reward, "request", None) or {}
+    trajs, scores = [], []
+    try:
+        for start in range(0, n, size):
+            rows = slice(start, min(start + size, n))
+            sampled = sample_batch(
+                policy,
+                cond[torch.arange(rows.start, rows.stop)] if size < n else cond,
                 seeds[rows],
                 x_T=None if x_T is None else x_T[rows],
                 mask=None if mask is None else mask[rows],
+                num_steps=policy.rollout_steps,
                 **options,
             )
-            jobs.append((part, pool.submit(score_batch, part, ctx.reward)))
-        parts = [(part.trajectory, job.result()) for part, job in jobs]
-    return Trajectory.cat([t for t, _ in parts]), _cat_scored([s for _, s in parts])
+            trajs.append(sampled.trajectory)
+            if pool is None:
+                scores.append(score_batch(sampled, ctx.reward))
+            else:  # one scorer thread: the guarded reward's counts stay right
+                sampled.view.get(request)  # decode here, on the sampler's device; the thread only scores
+                scores.append(pool.submit(_score_without_grad, sampled, ctx.reward))
+        scores = [s.result() if isinstance(s, Future) else s for s in scores]
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    if len(trajs) == 1:
+        return trajs[0], scores[0]
+    return Trajectory.cat(trajs), _cat_scored(scores)
+
+
+def _score_without_grad(sampled: Any, reward: GuardedReward) -> ScoredBatch:
+    with torch.no_grad():  # grad mode is per thread
+        return score_batch(sampled, reward)
 
 
 def _cat_scored(parts: list[ScoredBatch]) -> ScoredBatch:
-    offsets = [0]
-    for p in parts:
-        offsets.append(offsets[-1] + len(p.keep))
-    reasons = {offsets[i] + r: why for i, p in enumerate(parts) for r, why in p.reasons.items()}
-    info = {k: torch.cat([torch.as_tensor(p.info[k]) for p in parts]) for k in parts[0].info}
+    """The ScoredBatch of consecutive chunks: per-sample entries concatenated, reasons re-indexed."""
+    sizes = [p.scores.shape[0] for p in parts]
+    offsets = [sum(sizes[:i]) for i in range(len(parts))]
+    info: dict[str, Any] = {}
+    for name in parts[0].info:
+        values = [torch.as_tensor(p.info[name]) for p in parts]
+        per_sample = all(v.dim() >= 1 and v.shape[0] == s for v, s in zip(values, sizes, strict=True))
+        info[name] = torch.cat([v.cpu() for v in values]) if per_sample else values[0]
     elements = None if parts[0].elements is None else torch.cat([p.elements for p in parts])
     return ScoredBatch(
         scores=torch.cat([p.scores for p in parts]),
         keep=torch.cat([p.keep for p in parts]),
         info=info,
-        reasons=reasons,
+        reasons={i + off: r for p, off in zip(parts, offsets, strict=True) for i, r in p.reasons.items()},
         elements=elements,
     )

@@ -43,6 +43,11 @@ def row_generators(seeds: Sequence[int], device: torch.device | str | None = Non
     return [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
 
 
+def policy_generators(policy: Any, seeds: Sequence[int]) -> list[torch.Generator]:
+    """`row_generators(seeds)` on the policy's `generator_device` (its GPU, unless it opts out)."""
+    return row_generators(seeds, getattr(policy, "generator_device", None))
+
+
 def draw_seeds(generator: torch.Generator, n: int) -> list[int]:
     """n row seeds drawn from a run's generator (training rollouts)."""
     return draw_seeds_tensor(generator, n).tolist()
@@ -69,18 +74,17 @@ def repeat_generators(generator: Any, n: int) -> Any:
 
 def per_row_multinomial(probs: Tensor, num: int, generator: Any, replacement: bool = False) -> Tensor:
     """`torch.multinomial` of each row of `probs` (R, K); with a list of R generators row r draws from
-    generator r (the seeding rule), else all rows from the one generator."""
-    p = probs.detach().float().cpu()
+    generator r (the seeding rule), else all rows from the one generator. Returns CPU indices."""
+    p = probs.detach().float()
     if generator is None or isinstance(generator, torch.Generator):
-        g = generator if generator is None or generator.device.type == "cpu" else None
-        return torch.multinomial(p, num, replacement=replacement, generator=g)
+        dev = generator.device if generator is not None else p.device
+        return torch.multinomial(p.to(dev), num, replacement=replacement, generator=generator).cpu()
     gens = list(generator)
     if len(gens) != p.shape[0]:
         raise ValueError(f"got {len(gens)} generators for {p.shape[0]} rows")
+    # each row draws on its generator's device (a GPU generator cannot draw CPU tensors)
     rows = [
-        torch.multinomial(
-            p[i : i + 1], num, replacement=replacement, generator=g if g.device.type == "cpu" else None
-        )
+        torch.multinomial(p[i : i + 1].to(g.device), num, replacement=replacement, generator=g).cpu()
         for i, g in enumerate(gens)
     ]
     return torch.cat(rows, dim=0) if rows else torch.zeros((0, num), dtype=torch.long)
@@ -141,6 +145,7 @@ def sample_batch(
     hooks: Sequence[Any] = (),
     sde_window: tuple[int, int] | None = None,
     record_means: bool = False,
+    num_steps: int | None = None,
 ) -> SampledBatch:
     """Sample one output per condition row.
 
@@ -155,6 +160,9 @@ def sample_batch(
         hooks: per-step `RolloutHook`s of the plain sampler (e.g. SPO's candidate judge).
         sde_window: (start, stop) of the only stochastic steps (plain sampling; `DiffusionPolicy.rollout`).
         record_means: keep the steps' Gaussian means in the trajectory (plain sampling; GRPO-Guard).
+        num_steps: sampling steps of the plain sampler (default the policy's `num_steps`).
+
+    Row generators live on `policy.generator_device` (the GPU when the policy is on one).
     """
     from diffalign.core.guidance.base import count_denoiser_rows
 
@@ -162,7 +170,7 @@ def sample_batch(
     if seeds is not None:
         if len(seeds) != len(cond):
             raise ValueError(f"got {len(seeds)} seeds for {len(cond)} conditions")
-        generator = row_generators(seeds)
+        generator = policy_generators(policy, seeds)
     backbone = policy.backbone
     with count_denoiser_rows(backbone) as rows:
         if method is None:
@@ -175,6 +183,7 @@ def sample_batch(
                 mask=mask,
                 sde_window=sde_window,
                 record_means=record_means,
+                num_steps=num_steps,
             )
             x0, out_mask, extras = traj.x0, traj.mask, {}
         else:

@@ -2,6 +2,8 @@
 
 - `JpegCompressibility` / `JpegIncompressibility`: DDPO's tasks, −/+ JPEG size in kB at a fixed
   quality (PIL; not differentiable).
+- `TargetColor`: −mean squared distance of every pixel to one RGB colour (differentiable; a toy task
+  for reward backpropagation).
 - `DigitFidelity`: probability the shipped digit classifier gives the digit the prompt asks for
   (differentiable). The digit is read from the prompt text `cond["prompt"]` ("a handwritten 7" or
   "... seven" → 7; a prompt dict's `digit`; an int digit id).
@@ -177,6 +179,31 @@ class DigitRealism(Reward):
         nearest = same.min(1).values
         scores = torch.exp(-(nearest**2) / (2 * self.scale**2))
         return RewardOutput(scores=scores.to(samples.device), info={"nearest_real_distance": nearest})
+
+
+class TargetColor(Reward):
+    """−mean over pixels and channels of (x − rgb)² (maximum 0; differentiable): every pixel pulled towards
+    one colour. The `target_color` reward of the TRL peer harness (`benchmarks/peer/peer_common.py`), used
+    by `benchmarks/sd_gpu.py` to run AlignProp on the same workload as TRL.
+
+    Args:
+        rgb: the target colour, three values in [0, 1].
+    """
+
+    differentiable = True
+
+    def __init__(self, rgb: list[float] | tuple[float, float, float] = (0.9, 0.1, 0.1)) -> None:
+        super().__init__("target_color")
+        t = torch.as_tensor(list(rgb), dtype=torch.float32)
+        if t.shape != (3,) or not bool(((t >= 0) & (t <= 1)).all()):
+            raise ValueError(f"rgb must be three values in [0, 1], got {rgb}")
+        self.register_buffer("rgb", t.view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, samples: Tensor, cond: Cond) -> RewardOutput:
+        x = _check_images(samples, self.name).float()
+        if x.shape[1] != 3:
+            raise ValueError(f"{self.name} expects RGB images (B, 3, H, W), got {tuple(x.shape)}")
+        return RewardOutput(scores=-((x - self.rgb.to(x.device)) ** 2).mean(dim=(1, 2, 3)))
 
 
 def _digit_of(prompt: Any) -> int:

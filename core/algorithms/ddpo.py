@@ -52,6 +52,11 @@ class DDPO(Algorithm):
         kl_coef: β of a per-step KL(π_θ ‖ π_ref) penalty to the frozen initial model (0: plain DDPO;
             DPOK sets it by default). The KL of two Gaussian steps with the same std is
             ‖μ_θ − μ_ref‖²/(2σ²), reduced over event dims like the log-probs.
+
+    Speed options that change the algorithm (docs/performance.md): `timestep_fraction` < 1 trains on a
+    random subset of the steps; the policy's `rollout_steps` samples training rollouts with fewer steps
+    than evaluation; `guidance_scale: 1` on the policy trains (and samples) without classifier-free
+    guidance.
     """
 
     metric_reduction = SURROGATE_REDUCTION

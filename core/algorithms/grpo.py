@@ -123,7 +123,8 @@ class GRPO(DDPO):
 
     def rollouts(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Trajectory, dict[str, float]]:
         """The group rollouts of a batch (the window's steps only, with a window)."""
-        window = self.sde_window.window(ctx.policy.num_steps, ctx.generator) if self.sde_window else None
+        steps = ctx.policy.rollout_steps or ctx.policy.num_steps
+        window = self.sde_window.window(steps, ctx.generator) if self.sde_window else None
         traj, metrics = collect_rollouts(
             ctx, batch, self.group_size, self.shared_noise, sde_window=window, record_means=self.records_means
         )

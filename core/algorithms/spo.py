@@ -32,7 +32,7 @@ from diffalign.core.functional import expand_mask, masked_noise
 from diffalign.core.policy import DiffusionPolicy, RolloutHook, RolloutState
 from diffalign.core.reward import GuardedReward, SampleView
 from diffalign.core.rollouts import AlignContext
-from diffalign.core.sampling import draw_seeds_tensor, repeat_generators, row_generators, sample_batch
+from diffalign.core.sampling import draw_seeds_tensor, policy_generators, repeat_generators, sample_batch
 from diffalign.core.types import Batch
 
 
@@ -141,7 +141,8 @@ class SPO(Algorithm):
         chosen = set(torch.randperm(policy.num_steps, generator=gen)[:n_pick].tolist())
         rows = ctx.rows(len(cond))
         seeds = rows.draw(lambda n: draw_seeds_tensor(gen, n)).tolist()
-        hook = SPOCandidateHook(ctx.reward, self.num_candidates, chosen, row_generators(seeds), gen, rows)
+        gens = policy_generators(policy, seeds)
+        hook = SPOCandidateHook(ctx.reward, self.num_candidates, chosen, gens, gen, rows)
         sample_batch(policy, cond, seeds, hooks=[hook])
         if not any(ctx.ranks.flags(bool(hook.pairs))):  # every rank stops, or none does
             raise RuntimeError("SPO: every candidate set was tied or invalid; no pair to train on")

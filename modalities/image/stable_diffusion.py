@@ -123,6 +123,14 @@ class StableDiffusionBackbone(Backbone):
         encode_mode: what `encode(images)` returns: "mean" (the VAE posterior mean, deterministic; the
             default) or "sample" (a draw from the posterior, as when training SD; uses torch's global RNG).
         variant: weight-file variant to load, e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors.
+        channels_last: keep the UNet's and VAE's convolution weights and inputs in the channels-last memory
+            layout (NHWC), which GPU convolution kernels prefer in bf16/fp16; the result is the same
+            computation. Off by default: on a CPU it is often slower (see docs/performance.md).
+        decode_chunk_size: images the VAE decodes at once (`SampleView` splits a batch into chunks of this
+            many; None: the whole batch). Bounds the decoder's memory at 512 px, where it is large.
+
+    Attention runs through PyTorch's `scaled_dot_product_attention` (diffusers' `AttnProcessor2_0`, its
+    default with torch 2), which picks flash / memory-efficient kernels on a GPU.
 
     LoRA: wrap the backbone, `LoRABackbone(StableDiffusionBackbone(...), rank=4)`: the adapters go into
     the UNet (`lora_target`), the VAE and text encoder are `frozen_modules` (shared with the reference,
@@ -143,6 +151,8 @@ class StableDiffusionBackbone(Backbone):
         prediction_type: Literal["epsilon", "v_prediction"] | None = None,
         encode_mode: Literal["mean", "sample"] = "mean",
         variant: str | None = None,
+        channels_last: bool = False,
+        decode_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -196,6 +206,13 @@ class StableDiffusionBackbone(Backbone):
 
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if decode_chunk_size is not None and decode_chunk_size < 1:
+            raise ValueError(f"decode_chunk_size must be >= 1 or null, got {decode_chunk_size}")
+        self.decode_chunk_size = decode_chunk_size
+        self.channels_last = channels_last
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
         self._null_cache: dict[tuple[str, torch.dtype], Tensor] = {}
 
     # -- construction helpers ------------------------------------------------------------------------
@@ -333,7 +350,8 @@ class StableDiffusionBackbone(Backbone):
         t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
         dtype = self.unet.conv_in.weight.dtype  # float32, or a LoRA wrapper's bfloat16 base
         hs = cond["encoder_hidden_states"].to(dtype)
-        return self.unet(x_t.to(dtype), t, encoder_hidden_states=hs).sample.float()
+        x = x_t.to(dtype, memory_format=torch.channels_last) if self.channels_last else x_t.to(dtype)
+        return self.unet(x, t, encoder_hidden_states=hs).sample.float().contiguous()
 
     def decode(self, x0: Tensor, mask: Tensor | None = None, **request: Any) -> Tensor:
         """Latents → images float32 (B, 3, H, W) in [0, 1]: vae.decode(z / scaling + shift), then x/2 + ½.
@@ -345,7 +363,9 @@ class StableDiffusionBackbone(Backbone):
         if request:
             raise ValueError(f"StableDiffusionBackbone.decode takes no options, got {sorted(request)}")
         z = x0.to(self.frozen_dtype) / self.scaling_factor + self.shift_factor
-        images = self.vae.decode(z).sample.float()
+        if self.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        images = self.vae.decode(z).sample.float().contiguous()
         return (images / 2 + 0.5).clamp(0, 1)
 
     def encode(self, samples: Tensor) -> tuple[Tensor, None]:

@@ -144,18 +144,14 @@ class MoleculeBackbone(Backbone):
             raise RuntimeError("atom_count_probs is all zero: load weights or pass atom_count_probs")
         b = n.shape[0]
         if generator is None or isinstance(generator, torch.Generator):
-            g = generator if generator is None or generator.device.type == "cpu" else None
-            draws = torch.multinomial(probs, b, replacement=True, generator=g)
+            dev = generator.device if generator is not None else probs.device
+            draws = torch.multinomial(probs.to(dev), b, replacement=True, generator=generator).cpu()
         else:
             gens = list(generator)
             if len(gens) != b:
                 raise ValueError(f"got {len(gens)} generators for a batch of {b}")
-            draws = torch.cat(
-                [
-                    torch.multinomial(probs, 1, generator=gg if gg.device.type == "cpu" else None)
-                    for gg in gens
-                ]
-            )
+            # each row draws on its generator's device (GPU generators: the policy's device_generators)
+            draws = torch.cat([torch.multinomial(probs.to(g.device), 1, generator=g).cpu() for g in gens])
         return torch.where(n > 0, n, draws)
 
     def make_mask(self, num_atoms: Tensor) -> Tensor:

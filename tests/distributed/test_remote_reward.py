@@ -311,7 +311,8 @@ def test_rollouts_are_scored_while_the_next_chunk_samples():
             GuardedReward(reward),
             torch.Generator().manual_seed(5),
             torch.device("cpu"),
-            score_chunks=chunks,
+            rollout_chunk_size=32 // chunks,
+            async_reward=chunks > 1,
         )
         out[chunks] = (collect_rollouts(ctx, batch, repeat=2, shared_noise=True), reward.calls)
     (one, m1), calls1 = out[1]

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from diffalign.modalities.image import digit_prompt, load_digit_images
-from diffalign.rewards.image import Brightness, DigitFidelity, JpegCompressibility, JpegIncompressibility
+from diffalign.rewards.image import (
+    Brightness,
+    DigitFidelity,
+    JpegCompressibility,
+    JpegIncompressibility,
+    TargetColor,
+)
 
 
 def _rgb(x):
@@ -24,6 +30,37 @@ def test_jpeg_flat_image_is_smaller_than_noise():
         JpegCompressibility(quality=0)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         JpegCompressibility()(torch.rand(2, 16, 16), {})
+
+
+def test_jpeg_matches_the_trl_peer_harness_definition():
+    """benchmarks/sd_gpu.py compares with TRL on this reward: −(JPEG kB at quality 95), kB = 1000 bytes."""
+    import io
+
+    from PIL import Image
+
+    images = torch.rand((2, 3, 24, 24), generator=torch.Generator().manual_seed(1))
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    expected = []
+    for a in arr:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="JPEG", quality=95)
+        expected.append(-buf.tell() / 1000.0)
+    assert JpegCompressibility()(images, {}).scores.tolist() == pytest.approx(expected)
+
+
+def test_target_color_is_minus_mean_squared_distance_and_differentiable():
+    target = torch.tensor([0.9, 0.1, 0.1]).view(1, 3, 1, 1)
+    exact = target.expand(1, 3, 4, 4).clone()
+    images = torch.cat([exact, torch.zeros(1, 3, 4, 4)]).requires_grad_(True)
+    scores = TargetColor()(images, {}).scores
+    assert scores[0].item() == pytest.approx(0.0) and scores[1].item() == pytest.approx(
+        -(0.81 + 0.01 + 0.01) / 3
+    )
+    scores.sum().backward()
+    assert images.grad[1, 0].mean() > 0 and images.grad[1, 1].mean() > 0  # pulled up towards 0.9 and 0.1
+    assert TargetColor.differentiable
+    with pytest.raises(ValueError, match="rgb"):
+        TargetColor(rgb=[1.5, 0, 0])
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Stable Diffusion 1.5 at 512 px on one GPU: diffalign beside TRL 0.23.1 on the identical workload, in one run
+# (DDPO with LoRA r = 4, AlignProp with LoRA and random truncation, DDPO with full fine-tuning), then the
+# per-lever micro-benchmark if time is left. One table at the end; $OUT/sd_gpu.{md,json,log}.
+# What it measures and how: benchmarks/sd_gpu.py's docstring and docs/performance.md.
+#
+# ---- The GPU session (one H200; 15 minutes of device time in all, starts and idle time included) ----------
+# 1. Here, before the device call, in the repository root (diffusers and trl are not on the GPU image; peft is,
+#    in a version of its own):
+#      python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#        diffusers==0.42.1 trl==0.23.1 peft==0.21.2         # 7.7 MB, pure Python; .whl/ is git-ignored
+#    Nothing else needs carrying: the image has torch 2.11, transformers, accelerate, lightning, einops,
+#    safetensors, pillow, matplotlib, tensorboard; jsonargparse is not needed (no recipe is parsed).
+# 2. The device call: command `bash benchmarks/sd_gpu.sh`, carry [".whl"], timeout_s 570.
+#    Budget: the script itself stops starting work at BUDGET=530 s and prints the table of what finished.
+#    Expected: wheels 10 s, building + saving the SD 1.5 architecture (4 GB) 30-90 s, then 6 rows of 2 epochs
+#    (TRL at 0.64 samples/s needs about 25 s an epoch for DDPO, 16 s for AlignProp; each process also starts,
+#    imports and loads the model in 15-25 s) - about 6-7 min - and the levers in what is left (the compile
+#    levers need 240 s and are skipped unless the rows finish early).
+# 3. A second call only if >= 5 min of device time is left: rerun what failed or was skipped, e.g.
+#      ROWS=ddpo_full LEVERS=0 BUDGET=240 bash benchmarks/sd_gpu.sh        (timeout_s 280)
+#    or the compile levers alone: ROWS= LEVERS=1 BUDGET=300 bash benchmarks/sd_gpu.sh  (timeout_s 340).
+#    Then give the machine back.
+#
+# ---- CPU dry run (what tests/benchmarks/test_sd_gpu.py runs) ---------------------------------------------
+#    DEVICE=cpu PRESET=tiny PEER_SITE=.peer/trl bash benchmarks/sd_gpu.sh
+#    (TRL: python -m pip install --no-deps --target .peer/trl trl==0.23.1; never into the project's venv)
+#
+# Environment (all optional): DIFFALIGN_PYTHON (default python3), DEVICE cuda|cpu, PRESET sd15|tiny, OUT,
+# WORK (pipeline + per-row JSON; default $TMPDIR/sd_gpu_work, outside $OUT), BUDGET (s), WHL_DIR (.whl),
+# SITE (where the wheels go), PEER_SITE (a folder with TRL, used when there are no wheels), THREADS,
+# overrides of the preset: EPOCHS RES STEPS DDPO_BATCH DDPO_BATCHES AP_BATCH AP_ACCUM MP; ROWS (comma list of
+# ddpo_lora,alignprop_lora,ddpo_full; empty = none), FRAMEWORKS (trl,diffalign), REPEATS, LEVERS (1/0),
+# LEVER_FLAGS, DIFFALIGN_FLAGS (e.g. "--no-channels-last"), EXTRA (";"-separated ROW:FLAGS extra diffalign rows).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+PY="${DIFFALIGN_PYTHON:-python3}"
+DEVICE="${DEVICE:-cuda}"
+PRESET="${PRESET:-sd15}"
+OUT="${OUT:-$PWD/sd_gpu_out}"
+WORK="${WORK:-${TMPDIR:-/tmp}/sd_gpu_work}"
+BUDGET="${BUDGET:-530}"
+WHL_DIR="${WHL_DIR:-.whl}"
+SITE="${SITE:-${TMPDIR:-/tmp}/sd_gpu_site}"
+mkdir -p "$OUT" "$WORK"
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+
+# 1. carried wheels (GPU) or a TRL folder (CPU) ahead of the interpreter's own packages
+if compgen -G "$WHL_DIR/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHL_DIR"/*.whl
+  PEER_SITE="$SITE"
+  echo "== installed $(ls "$WHL_DIR"/*.whl | wc -l) wheels into $SITE"
+fi
+PEER_SITE="${PEER_SITE:-}"
+if [ -n "$PEER_SITE" ]; then
+  PEER_SITE="$(cd "$PEER_SITE" && pwd)"
+  export PYTHONPATH="$PEER_SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# 2. THIS checkout's diffalign importable without installing it (what pyproject.toml's package-dir maps)
+if ! "$PY" -c "import os, sys, diffalign.core as c; sys.exit(os.path.realpath(c.__path__[0]) != os.path.realpath('core'))" 2>/dev/null; then
+  mkdir -p "$TMP/pkg/diffalign"
+  for d in core modalities rewards; do ln -s "$PWD/$d" "$TMP/pkg/diffalign/$d"; done
+  export PYTHONPATH="$TMP/pkg${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# 3. preflight: versions, TRL and diffalign import, the device
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" - "$DEVICE" <<'EOF'
+import importlib.metadata as md
+import sys
+
+import torch
+
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda available", torch.cuda.is_available())
+print(" ".join(f"{p}={md.version(p)}" for p in ("trl", "diffusers", "transformers", "accelerate", "peft", "lightning")))
+try:
+    from trl import AlignPropTrainer, DDPOTrainer  # noqa: F401
+except ImportError as e:
+    sys.exit(f"sd_gpu: TRL 0.23.1 cannot be imported ({e}): carry the wheels (.whl/) or set PEER_SITE")
+import diffalign.core  # noqa: F401
+from diffalign.modalities.image.stable_diffusion import StableDiffusionBackbone  # noqa: F401
+
+if sys.argv[1] == "cuda" and not torch.cuda.is_available():
+    sys.exit("sd_gpu: DEVICE=cuda but torch.cuda.is_available() is False")
+EOF
+
+# 4. the run (each row in its own process, under one budget)
+LEFT=$((${BUDGET%.*} - SECONDS))   # the budget counts from this script's start (wheels, preflight)
+args=(run --preset "$PRESET" --device "$DEVICE" --out "$OUT" --work "$WORK" --budget "$LEFT")
+[ -n "$PEER_SITE" ] && args+=(--peer-site "$PEER_SITE")
+[ -n "${THREADS:-}" ] && args+=(--threads "$THREADS")
+[ "$DEVICE" = cpu ] && [ -z "${THREADS:-}" ] && args+=(--threads 1)
+for kv in EPOCHS:epochs RES:resolution STEPS:steps DDPO_BATCH:ddpo-batch DDPO_BATCHES:ddpo-batches \
+          AP_BATCH:ap-batch AP_ACCUM:ap-accum MP:mp REPEATS:repeats FRAMEWORKS:frameworks; do
+  var="${kv%%:*}"
+  [ -n "${!var:-}" ] && args+=("--${kv#*:}" "${!var}")
+done
+[ -n "${ROWS+x}" ] && args+=(--rows "$ROWS")
+[ "${LEVERS:-1}" = 0 ] && args+=(--no-levers)
+[ -n "${LEVER_FLAGS:-}" ] && args+=("--lever-flags=$LEVER_FLAGS")
+[ -n "${DIFFALIGN_FLAGS:-}" ] && args+=("--diffalign-flags=$DIFFALIGN_FLAGS")
+if [ -n "${EXTRA:-}" ]; then
+  IFS=';' read -ra extras <<<"$EXTRA"
+  for e in "${extras[@]}"; do args+=(--extra "$e"); done
+fi
+timeout "$((LEFT + 30))" "$PY" benchmarks/sd_gpu.py "${args[@]}"
