@@ -180,6 +180,23 @@ class AudioBackbone(AudioOutputs, Backbone):
         samples = AudioSamples(audio, self.sample_rate, lengths)
         return apply_request(samples, request) if request else samples
 
+    def features(self, samples: AudioSamples) -> Tensor:
+        """Diversity features of decoded clips (`core.guards`): the log-power spectrum (256-point STFT, hop
+        128, 129 bins) averaged over each clip's real frames, then its std over those frames (B, 258).
+        Unlike the raw waveform it ignores phase, so two takes of one note at shifted phase are close,
+        while pitch, timbre and envelope changes move it; silent clips sit at the floor (log 1e-8)."""
+        audio = samples.audio.detach().float().mean(1)  # (B, L) mono
+        n_fft, hop = 256, 128
+        spec = torch.stft(
+            audio, n_fft, hop, window=torch.hann_window(n_fft, device=audio.device), return_complex=True
+        )
+        logp = torch.log10(spec.abs() ** 2 + 1e-8)  # (B, 129, T)
+        frames = (samples.lengths.to(audio.device) // hop + 1).clamp(1, logp.shape[-1])
+        real = (torch.arange(logp.shape[-1], device=audio.device)[None] < frames[:, None]).float()[:, None]
+        mean = (logp * real).sum(-1) / real.sum(-1)
+        std = (((logp - mean[..., None]) ** 2 * real).sum(-1) / real.sum(-1)).sqrt()
+        return torch.cat([mean, std], dim=1)
+
     def encode(self, samples: Any) -> tuple[Tensor, Tensor]:
         """`AudioSamples`, a tensor (B, 1, L) / (B, L) of full clips, or a list of clips (C, L_i) / (L_i,)
         at `sample_rate` → (model space, mask); padding is exactly 0."""

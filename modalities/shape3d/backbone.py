@@ -220,6 +220,20 @@ class ShapeBackbone(Backbone):
         return self.net(x_t.float(), t, {a: cond[a] for a in self.net.attributes}, m)
 
     # -- sample layout -------------------------------------------------------------------------------
+    def features(self, samples: Mapping[str, Tensor]) -> Tensor:
+        """Diversity features of decoded shapes (`core.guards`), invariant to the order of the points
+        (the flattened points are not: the same shape with its points permuted would look far away):
+        16 quantiles of each coordinate and 16 of the distance to the centroid, over each shape's real
+        points (B, 64), in world units."""
+        points, mask = samples["points"].detach().float(), samples["mask"].detach()
+        levels = torch.linspace(0, 1, 16, device=points.device)
+        out = []
+        for p, m in zip(points, mask, strict=True):
+            real = p[m > 0] if bool((m > 0).any()) else torch.zeros(1, 3, device=p.device)
+            radius = (real - real.mean(0)).norm(dim=1, keepdim=True)
+            out.append(torch.quantile(torch.cat([real, radius], dim=1), levels, dim=0).T.reshape(-1))
+        return torch.stack(out)
+
     def decode(self, x0: Tensor, mask: Tensor | None = None, **request: Any) -> dict[str, Tensor]:
         """Model space → the sample layout (module docstring); differentiable.
 

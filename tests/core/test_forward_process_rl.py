@@ -251,7 +251,12 @@ def test_forward_process_methods_refuse_bad_settings():
 
 
 # -- end to end ---------------------------------------------------------------------------------------
-E2E = {"nft_mode": (15, 0.3), "awm_mode": (15, 0.3)}  # recipe: (epochs, minimum gain)
+E2E = {  # recipe: (epochs, minimum gain); the ε recipes check the parameterisation the docstrings claim
+    "nft_mode": (15, 0.3),
+    "awm_mode": (15, 0.3),
+    "nft_eps_mode": (15, 0.3),
+    "awm_eps_mode": (15, 0.3),
+}
 
 
 @pytest.mark.slow
