@@ -107,15 +107,21 @@ def orbit_views(points: Tensor, mask: Tensor) -> Tensor:
 
 
 def train(
-    epochs: int = 40, seed: int = 0, num_shapes: int = 3000, batch_size: int = 64, lr: float = 2e-3
+    epochs: int = 40,
+    seed: int = 0,
+    num_shapes: int = 3000,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    num_heldout: int = 600,
 ) -> tuple[ViewClassifier, dict]:
-    """Train on freshly rendered, augmented views every epoch; returns the model and a report."""
+    """Train on freshly rendered, augmented views every epoch; returns the model and a report on
+    `num_heldout` held-out primitives."""
     from diffalign.modalities.shape3d.data import CLASSIFIER_SEED, CLASSIFIER_TEST_SEED, make_dataset
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     train_set = make_dataset(num_shapes, CLASSIFIER_SEED)
-    test_set = make_dataset(600, CLASSIFIER_TEST_SEED)
+    test_set = make_dataset(num_heldout, CLASSIFIER_TEST_SEED)
     y_train, y_test = train_set.labels, test_set.labels
     model = ViewClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
