@@ -1,6 +1,6 @@
 """The classifier of rendered views behind the `ViewClassFidelity` reward, and how it is trained.
 
-    python -m diffalign.modalities.shape3d.view_classifier [--epochs 40] [--seed 0]
+    python -m diffalign.modalities.shape3d.view_classifier [--epochs 12] [--seed 0]
 
 A small CNN reads one rendered view (the renderer of `render.py`, 32×32, shaded gray) and names the
 primitive (6 classes, `SHAPES` order). It is trained on views of generated primitives (their own seed,
@@ -107,7 +107,7 @@ def orbit_views(points: Tensor, mask: Tensor) -> Tensor:
 
 
 def train(
-    epochs: int = 40,
+    epochs: int = 12,
     seed: int = 0,
     num_shapes: int = 3000,
     batch_size: int = 64,
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     from diffalign.core.io import save_state_dict, write_json
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-shapes", type=int, default=3000)
     ap.add_argument("--out", default=str(HERE / "view_classifier.safetensors"))
