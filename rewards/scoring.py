@@ -29,6 +29,7 @@ NAN = float("nan")
 _MOL = "diffalign.rewards.molecule."
 _IMG = "diffalign.rewards.image."
 _VID = "diffalign.rewards.video."
+_S3D = "diffalign.rewards.shape3d."
 
 REWARDS: dict[str, ShortName] = {
     # molecules (RDKit): SMILES, SDF, CSV/Parquet tables
@@ -52,12 +53,19 @@ REWARDS: dict[str, ShortName] = {
     "motion_agreement": ShortName(_VID + "MotionAgreement"),
     "frame_digit_fidelity": ShortName(_VID + "FrameDigitFidelity"),
     "motion_classifier": ShortName(_VID + "MotionClassifierReward"),
+    # shape3d: folders of .ply/.obj point clouds or meshes (the last two read the prompt)
+    "mirror_symmetry": ShortName(_S3D + "MirrorSymmetry"),
+    "surface_uniformity": ShortName(_S3D + "SurfaceUniformity"),
+    "stability": ShortName(_S3D + "Stability"),
+    "view_class_fidelity": ShortName(_S3D + "ViewClassFidelity"),
+    "chamfer_to_target": ShortName(_S3D + "ChamferToTarget", {"yaw_steps": 8}),
 }
 
 READERS: dict[str, ShortName] = {
     "molecule": ShortName("diffalign.modalities.molecule.io.MoleculeReader"),
     "image": ShortName("diffalign.modalities.image.io.ImageReader"),
     "video": ShortName("diffalign.modalities.video.io.ClipReader"),
+    "shape3d": ShortName("diffalign.modalities.shape3d.io.PointCloudReader"),
 }
 
 NAMES = ScoreNames(rewards=REWARDS, readers=READERS)

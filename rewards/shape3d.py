@@ -11,13 +11,18 @@ differentiable in the points.
 - `SizeTarget`: −Σ log²(measured / target) of height, horizontal diameter and/or their ratio.
 - `Stability`: does the centre of mass stand over the support polygon (not differentiable).
 - `ViewClassFidelity`: probability the shipped view classifier gives the prompted primitive, per
-  rendered view (asks `decode` for the views; one score per view, reduced by the mean).
+  rendered view (asks `decode` for the views, or renders them itself from points; one score per view,
+  reduced by the mean).
+
+Every one declares `PointCloudReader` (`modalities/shape3d/io.py`), so `diffalign score shapes/ -r
+stability,mirror_symmetry` scores a folder of .ply/.obj files, one row per file (short names in
+`rewards/scoring.py`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -26,6 +31,15 @@ from torch import Tensor
 
 from diffalign.core.reward import Reward, RewardOutput
 from diffalign.core.types import Cond
+
+#: the reader `diffalign score` uses for these rewards' layout (a folder of .ply/.obj files)
+POINT_CLOUD_READER = "diffalign.modalities.shape3d.io.PointCloudReader"
+
+
+class ShapeReward(Reward):
+    """Base of the rewards on the shape layout; declares the point-cloud reader of `diffalign score`."""
+
+    reader = POINT_CLOUD_READER
 
 
 def _layout(samples: Any, who: str) -> tuple[Tensor, Tensor]:
@@ -62,7 +76,7 @@ def yaw(points: Tensor, angle: float) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-class ChamferToTarget(Reward):
+class ChamferToTarget(ShapeReward):
     """−chamfer(sample, target): squared distances, both directions (`geometry.chamfer_distance`).
 
     The target is `target`, a PLY/OBJ path (its points, `io.read_point_cloud`) or a condition ("a tall
@@ -162,7 +176,7 @@ def reflect(points: Tensor, center: Tensor, angle: float) -> Tensor:
     return points - 2 * d * n
 
 
-class MirrorSymmetry(Reward):
+class MirrorSymmetry(ShapeReward):
     """−min over `planes` vertical mirror planes through the centroid (normals at kπ/planes) of
     chamfer(cloud, mirrored cloud) / mean squared radius. 0 for a cloud symmetric in one of the planes;
     unchanged by scaling the cloud.
@@ -201,7 +215,7 @@ class MirrorSymmetry(Reward):
 
 
 # ---------------------------------------------------------------------------------------------------
-class SurfaceUniformity(Reward):
+class SurfaceUniformity(ShapeReward):
     """−std / mean of each real point's distance to its nearest other point: 0 when every point has its
     neighbour at the same distance (an even sampling), larger for clumps and gaps. Scale-free.
 
@@ -241,7 +255,7 @@ def height_and_width(points: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return top - bottom, width
 
 
-class SizeTarget(Reward):
+class SizeTarget(ShapeReward):
     """−Σ log²(measured / target) over the targets given: `height` (z extent), `width` (horizontal
     diameter, `height_and_width`) and `aspect` (height / width). 0 when all are met.
 
@@ -314,7 +328,7 @@ def support_margin(point: np.ndarray, hull: np.ndarray) -> float:
     return dist if inside else -dist
 
 
-class Stability(Reward):
+class Stability(ShapeReward):
     """Static stability on a horizontal floor: is the centre of mass over the support polygon?
 
     The support is the set of real points within `tolerance` × height of the lowest one; the support
@@ -353,9 +367,10 @@ class Stability(Reward):
 
 
 # ---------------------------------------------------------------------------------------------------
-class ViewClassFidelity(Reward):
+class ViewClassFidelity(ShapeReward):
     """Probability the shipped view classifier (`view_classifier.py`) gives the primitive each row's
-    prompt names, in every view `decode` renders for it (`request = {"views": views}`). Scores are per
+    prompt names, in every view `decode` renders for it (`request = {"views": views}`; samples without
+    `images`, such as files being scored, are rendered here from their points, `views_of`). Scores are per
     view (B, V), reduced by their mean; `info["class_accuracy"]` is 1 where the views' mean
     log-probabilities pick the prompted primitive. Differentiable through the renderer.
 
@@ -375,12 +390,23 @@ class ViewClassFidelity(Reward):
         self.classifier = load_view_classifier(weights or CLASSIFIER_WEIGHTS)
         self.log_prob = log_prob
 
+    def views_of(self, samples: Any) -> Tensor:
+        """The rendered views (B, V, C, H, W) of the samples: the decoded `images` when the backbone
+        rendered them, else rendered here from `points` (files being scored have no backbone) with the
+        renderer's defaults (32 px, σ = 1, what `ShapeBackbone.decode` uses) and the cameras of
+        `request["views"]`; random views then come from a generator seeded 0, the same for every call."""
+        if isinstance(samples, Mapping) and "images" in samples:
+            return samples["images"]
+        from diffalign.modalities.shape3d.render import parse_views, render_points
+
+        points, mask = _layout(samples, self.name)
+        cameras = parse_views(self.request["views"], torch.Generator().manual_seed(0))
+        return render_points(points, mask, cameras, colors=samples.get("colors"))
+
     def forward(self, samples: Any, cond: Cond) -> RewardOutput:
         from diffalign.modalities.shape3d.conditioning import prompted_shapes
 
-        if not isinstance(samples, Mapping) or "images" not in samples:
-            raise ValueError(f"{self.name} needs rendered views: decode with request {self.request}")
-        images = samples["images"]  # (B, V, C, H, W)
+        images = self.views_of(samples)  # (B, V, C, H, W)
         b, v = images.shape[:2]
         shape = prompted_shapes(cond.get("prompt"), b, self.name).to(images.device)
         self.classifier.to(images.device)
@@ -389,167 +415,3 @@ class ViewClassFidelity(Reward):
         scores = chosen if self.log_prob else chosen.exp()
         correct = (logp.mean(1).argmax(-1) == shape).float().detach()
         return RewardOutput(scores=scores, info={"class_accuracy": correct})
-
-
-# ---------------------------------------------------------------------------------------------------
-# Scoring files: `diffalign score cloud.ply` (one file) and `score_point_clouds(folder)` (a folder)
-# ---------------------------------------------------------------------------------------------------
-#: rewards by the names `diffalign score -r` and `score_point_clouds` take; the last two need a prompt
-FILE_REWARDS: dict[str, Any] = {
-    "mirror_symmetry": MirrorSymmetry,
-    "surface_uniformity": SurfaceUniformity,
-    "stability": Stability,
-    "view_class_fidelity": ViewClassFidelity,
-    "chamfer_to_target": lambda: ChamferToTarget(None, yaw_steps=8),
-}
-NEEDS_PROMPT = ("view_class_fidelity", "chamfer_to_target")
-
-
-def cloud_layout(cloud: Tensor) -> dict[str, Tensor]:
-    """One cloud (n, 3) or (n, 6) as a batch of one in the sample layout (with "colors" if it has them)."""
-    out = {"points": cloud[None, :, :3].float(), "mask": torch.ones((1, cloud.shape[0]))}
-    if cloud.shape[1] >= 6:
-        out["colors"] = cloud[None, :, 3:6].float()
-    return out
-
-
-def _views_for(reward: Reward, layout: dict[str, Tensor]) -> dict[str, Tensor]:
-    if "views" not in reward.request:
-        return layout
-    from diffalign.modalities.shape3d.render import parse_views, render_points
-
-    cams = parse_views(reward.request["views"], torch.Generator().manual_seed(0))
-    return {
-        **layout,
-        "images": render_points(layout["points"], layout["mask"], cams, colors=layout.get("colors")),
-    }
-
-
-def score_point_clouds(
-    source: Any, rewards: Sequence[str] | str | None = None, prompt: Any = None, max_points: int | None = None
-) -> list[dict[str, Any]]:
-    """Score every .ply/.obj file of a folder (or a list of paths) with named rewards (`FILE_REWARDS`),
-    one row per file in name order: `record`, `id` (file name), one value per reward (None when it could
-    not be computed) and `error` (None, or why the file could not be read or a reward failed). `prompt`
-    is the condition the files were made for (needed by view_class_fidelity and chamfer_to_target).
-    Meshes are sampled on their surface; `max_points` subsamples large clouds (default: keep all)."""
-    from diffalign.modalities.shape3d.io import iter_point_clouds
-
-    names = _reward_names(rewards, prompt)
-    built = {n: FILE_REWARDS[n]() for n in names}
-    cond = Cond({"prompt": [prompt]}) if prompt is not None else Cond.empty(1)
-    rows = []
-    for k, (name, cloud) in enumerate(iter_point_clouds(source, max_points), 1):
-        row: dict[str, Any] = {"record": k, "id": name}
-        if isinstance(cloud, str):
-            rows.append({**row, **dict.fromkeys(names), "error": cloud})
-            continue
-        layout, errors = cloud_layout(cloud), []
-        for n, reward in built.items():
-            try:
-                with torch.no_grad():
-                    value = float(reward(_views_for(reward, layout), cond).scores[0])
-                if not math.isfinite(value):
-                    raise ValueError(f"value is {value}")
-                row[n] = value
-            except Exception as e:  # noqa: BLE001 - one failing reward becomes this row's error
-                row[n] = None
-                errors.append(f"{n}: {e}")
-        row["error"] = "; ".join(errors) or None
-        rows.append(row)
-    return rows
-
-
-def _reward_names(rewards: Sequence[str] | str | None, prompt: Any) -> list[str]:
-    if isinstance(rewards, str):
-        rewards = [r.strip() for r in rewards.split(",") if r.strip()]
-    names = (
-        list(rewards) if rewards else [n for n in FILE_REWARDS if prompt is not None or n not in NEEDS_PROMPT]
-    )
-    unknown = [n for n in names if n not in FILE_REWARDS]
-    if unknown:
-        raise ValueError(f"unknown shape rewards {unknown}; known: {', '.join(FILE_REWARDS)}")
-    return names
-
-
-def _can_read(path: Any) -> bool:
-    from diffalign.modalities.shape3d.io import SUFFIXES
-
-    return str(path).lower().endswith(SUFFIXES)
-
-
-def _read_file(path: Any, **opts: Any):
-    from diffalign.core.score import Record
-
-    yield Record(id=str(path).rsplit("/", 1)[-1], item=str(path), source=str(path))
-
-
-def _prepare(item: str) -> dict[str, Tensor]:
-    from diffalign.modalities.shape3d.io import read_point_cloud
-
-    return cloud_layout(read_point_cloud(item, max_points=None))
-
-
-def _file_reward(name: str):
-    def fn(layout: dict[str, Tensor]) -> float:
-        with torch.no_grad():
-            return float(FILE_REWARDS[name]()(layout, Cond.empty(1)).scores[0])
-
-    return fn
-
-
-def _mirror_symmetry(layout: dict[str, Tensor]) -> float:
-    return _file_reward("mirror_symmetry")(layout)
-
-
-def _surface_uniformity(layout: dict[str, Tensor]) -> float:
-    return _file_reward("surface_uniformity")(layout)
-
-
-def _stability(layout: dict[str, Tensor]) -> float:
-    return _file_reward("stability")(layout)
-
-
-def _scoring_plugin() -> Any:
-    from diffalign.core.score import ScoringPlugin
-
-    return ScoringPlugin(
-        name="shape3d",
-        can_read=_can_read,
-        read=_read_file,
-        rewards={
-            "mirror_symmetry": _mirror_symmetry,
-            "surface_uniformity": _surface_uniformity,
-            "stability": _stability,
-        },
-        prepare=_prepare,
-        default_rewards=("mirror_symmetry", "surface_uniformity", "stability"),
-        source_column="path",
-        description="one point cloud per .ply/.obj file (meshes sampled on their surface)",
-    )
-
-
-#: `diffalign score cloud.ply -r stability` (the engine reads one file; folders: `score_point_clouds`)
-SCORING = _scoring_plugin()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m diffalign.rewards.shape3d FOLDER [-r names] [--prompt P] [-o out.csv]`: one row per file."""
-    import argparse
-
-    from diffalign.core.score import write_rows
-
-    p = argparse.ArgumentParser(description="Score a folder of .ply/.obj point clouds, one row per file.")
-    p.add_argument("source", help="a folder of .ply/.obj files, or one file")
-    p.add_argument("-r", "--rewards", default=None, help=f"comma-separated, of {', '.join(FILE_REWARDS)}")
-    p.add_argument("--prompt", default=None, help="the condition the shapes were made for, e.g. 'a box'")
-    p.add_argument("--max-points", type=int, default=None, help="subsample larger clouds (seeded)")
-    p.add_argument("-o", "--output", default="-", help="CSV file, or - for stdout")
-    a = p.parse_args(argv)
-    rows = score_point_clouds(a.source, a.rewards, a.prompt, a.max_points)
-    write_rows(iter(rows), a.output)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

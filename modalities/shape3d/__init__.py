@@ -6,7 +6,7 @@ Conditions: prompt strings ("a tall cylinder"), shape ids or attribute dicts (`c
 (chamfer, kNN) and the soft point-splatting renderer are pure torch, using pytorch3d where installed.
 """
 
-from diffalign.modalities.shape3d.backbone import BASE_WEIGHTS, FLOW_BASE_WEIGHTS, ShapeBackbone
+from diffalign.modalities.shape3d.backbone import FLOW_BASE_WEIGHTS, ShapeBackbone
 from diffalign.modalities.shape3d.conditioning import (
     SHAPE_PROMPTS,
     SHAPES,
@@ -20,7 +20,6 @@ from diffalign.modalities.shape3d.geometry import chamfer_distance, have_pytorch
 from diffalign.modalities.shape3d.render import VIEW_SETS, Camera, parse_views, render_points
 
 __all__ = [
-    "BASE_WEIGHTS",
     "FLOW_BASE_WEIGHTS",
     "SHAPES",
     "SHAPE_PROMPTS",

@@ -31,8 +31,6 @@ from diffalign.modalities.shape3d.transformer import PointTransformer
 
 #: the shipped flow-matching model (trained by recipes/shape3d/pretrain_shapes_flow.yaml)
 FLOW_BASE_WEIGHTS = "pkg://diffalign.modalities.shape3d/shapes_flow_base.safetensors"
-#: the shipped ε-prediction model (trained by recipes/shape3d/pretrain_shapes.yaml)
-BASE_WEIGHTS = "pkg://diffalign.modalities.shape3d/shapes_base.safetensors"
 #: decode options a reward may ask for
 DECODE_OPTIONS = ("views", "image_size", "sigma")
 

@@ -7,21 +7,24 @@
   seeded); a point cloud with more than `max_points` points is subsampled (seeded), so any file fits
   a model's `max_points`;
 - `write_samples(samples, folder)`: every row of a decoded batch as `{index:05d}.ply`;
-- `iter_point_clouds(source)`: the reader behind scoring a folder: `(id, cloud or error message)` for
-  every .ply/.obj file of a folder (sorted by name) or of a list of paths; an unreadable file yields its
-  error instead of stopping the iteration.
+- `collate_clouds(clouds)`: clouds of different sizes as one batch of the sample layout
+  `{"points": (B, N, 3), "mask": (B, N)[, "colors"]}`, zero-padded;
+- `PointCloudReader`: the reader of `diffalign score` (a folder of .ply/.obj files, or one file; one
+  record per file in name order; a file that cannot be read is that record's error row).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from diffalign.core.score.readers import Reader, ReadError, Record, relative_id
 
 SUFFIXES = (".ply", ".obj")
 
@@ -45,10 +48,13 @@ def write_point_cloud(path: str | os.PathLike[str], points: Any, colors: Any = N
     return path
 
 
-def read_point_cloud(path: str | os.PathLike[str], max_points: int | None = 96, seed: int = 0) -> Tensor:
+def read_point_cloud(
+    path: str | os.PathLike[str], max_points: int | None = 96, seed: int = 0, mesh_points: int | None = None
+) -> Tensor:
     """The points of a .ply / .obj file as float (n, 3), or (n, 6) with colours in [0, 1] when the file
-    has per-point colours. Meshes are sampled on their surface (`max_points` points); larger clouds are
-    subsampled to `max_points` (both seeded). Raises ValueError naming the file when it holds no points."""
+    has per-point colours. Meshes are sampled on their surface (`mesh_points` points, default
+    `max_points`, else 96; never more than `max_points`); larger clouds are subsampled to `max_points`
+    (both seeded). Raises ValueError naming the file when it holds no points."""
     import trimesh
 
     path = Path(path)
@@ -68,7 +74,7 @@ def read_point_cloud(path: str | os.PathLike[str], max_points: int | None = 96, 
     rng = np.random.default_rng(seed)
     colors = None
     if isinstance(loaded, trimesh.Trimesh) and len(loaded.faces):
-        n = max_points or 96
+        n = min(mesh_points or max_points or 96, max_points or mesh_points or 96)
         pts, _ = trimesh.sample.sample_surface(loaded, n, seed=rng)
     else:
         pts = np.asarray(getattr(loaded, "vertices", np.zeros((0, 3))))
@@ -113,23 +119,74 @@ def write_samples(
     return out
 
 
-def point_cloud_files(source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """The .ply/.obj files of a folder (sorted by name), or the given paths."""
-    if isinstance(source, (str, os.PathLike)):
-        src = Path(source)
-        if src.is_dir():
-            return sorted(p for p in src.iterdir() if p.suffix.lower() in SUFFIXES)
-        return [src]
-    return [Path(p) for p in source]
+def collate_clouds(clouds: list[Tensor]) -> dict[str, Tensor]:
+    """Clouds (n_i, 3) — or all (n_i, 6) with colours — as one zero-padded batch of the sample layout
+    `{"points": (B, N, 3), "mask": (B, N)[, "colors": (B, N, 3)]}`, N the largest n_i. Raises ValueError
+    for a mix of clouds with and without colours (the engine then scores them one at a time)."""
+    from diffalign.core.functional import pad_stack
+
+    if not clouds:
+        raise ValueError("collate_clouds got no clouds")
+    widths = {int(c.shape[1]) for c in clouds}
+    if len(widths) > 1:
+        raise ValueError("clouds with and without colours cannot form one batch")
+    values, mask = pad_stack([c.float() for c in clouds], 0)
+    mask = mask.reshape(values.shape[:2]).float()
+    out = {"points": values[..., :3], "mask": mask}
+    if values.shape[-1] >= 6:
+        out["colors"] = values[..., 3:6]
+    return out
 
 
-def iter_point_clouds(
-    source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], max_points: int | None = 96
-) -> Iterator[tuple[str, Tensor | str]]:
-    """`(file name, cloud)` for every readable file of `source` (a folder or paths), `(file name, error)`
-    for the others, in order."""
-    for path in point_cloud_files(source):
+class PointCloudReader(Reader):
+    """Reads .ply/.obj files for `diffalign score` into the shape sample layout (what the shape rewards
+    of `diffalign.rewards.shape3d` take).
+
+    The input is one file or a folder of them (the folder itself only, unless `recursive=True`); one
+    record per file, in name order, with id the path relative to the folder (the key of a `prompts.csv`
+    inside it: `file,prompt` rows; or `--prompt "a box"` for all). `load` (in the workers) reads a file
+    with `read_point_cloud`: a mesh is sampled on its surface (`mesh_points` points, seeded), a cloud of
+    more than `max_points` points is subsampled (seeded; default keep every point); a file that does not
+    read is that record's error. `collate` pads the clouds of a chunk to one batch (`collate_clouds`),
+    the padding masked out, so a file scores the same in any batch.
+
+    Args:
+        max_points: subsample larger clouds to this many points (None: keep all).
+        mesh_points: surface samples taken from a mesh.
+        recursive: also read files in subfolders.
+    """
+
+    source_column = "path"
+    suffixes = (*SUFFIXES, "/")
+    chunk_size = 32
+
+    def __init__(
+        self, max_points: int | None = None, mesh_points: int = 1024, recursive: bool = False
+    ) -> None:
+        if max_points is not None and int(max_points) < 1:
+            raise ValueError(f"max_points must be >= 1, got {max_points}")
+        if int(mesh_points) < 1:
+            raise ValueError(f"mesh_points must be >= 1, got {mesh_points}")
+        self.max_points = None if max_points is None else int(max_points)
+        self.mesh_points = int(mesh_points)
+        self.recursive = bool(recursive)
+
+    def records(self, path: Path) -> Iterator[Record]:
+        path = Path(path)
+        if path.is_file():
+            return iter([Record(path.name, payload=str(path), source=str(path))])
         try:
-            yield path.name, read_point_cloud(path, max_points)
-        except (OSError, ValueError) as e:
-            yield path.name, str(e)
+            found = path.rglob("*") if self.recursive else path.iterdir()
+            files = sorted(
+                (p for p in found if p.suffix.lower() in SUFFIXES and p.is_file()),
+                key=lambda p: relative_id(p, path),
+            )
+        except OSError as e:
+            raise ReadError(f"cannot list {path}: {e}") from None
+        return (Record(relative_id(f, path), payload=str(f), source=str(f)) for f in files)
+
+    def load(self, payload: Any) -> Tensor:
+        return read_point_cloud(payload, max_points=self.max_points, mesh_points=self.mesh_points)
+
+    def collate(self, samples: list[Tensor]) -> dict[str, Tensor]:
+        return collate_clouds(samples)

@@ -1,6 +1,6 @@
 """The classifier of rendered views behind the `ViewClassFidelity` reward, and how it is trained.
 
-    python -m diffalign.modalities.shape3d.view_classifier [--epochs 40] [--seed 0]
+    python -m diffalign.modalities.shape3d.view_classifier [--epochs 12] [--seed 0]
 
 A small CNN reads one rendered view (the renderer of `render.py`, 32×32, shaded gray) and names the
 primitive (6 classes, `SHAPES` order). It is trained on views of generated primitives (their own seed,
@@ -107,15 +107,21 @@ def orbit_views(points: Tensor, mask: Tensor) -> Tensor:
 
 
 def train(
-    epochs: int = 40, seed: int = 0, num_shapes: int = 3000, batch_size: int = 64, lr: float = 2e-3
+    epochs: int = 12,
+    seed: int = 0,
+    num_shapes: int = 3000,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    num_heldout: int = 600,
 ) -> tuple[ViewClassifier, dict]:
-    """Train on freshly rendered, augmented views every epoch; returns the model and a report."""
+    """Train on freshly rendered, augmented views every epoch; returns the model and a report on
+    `num_heldout` held-out primitives."""
     from diffalign.modalities.shape3d.data import CLASSIFIER_SEED, CLASSIFIER_TEST_SEED, make_dataset
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     train_set = make_dataset(num_shapes, CLASSIFIER_SEED)
-    test_set = make_dataset(600, CLASSIFIER_TEST_SEED)
+    test_set = make_dataset(num_heldout, CLASSIFIER_TEST_SEED)
     y_train, y_test = train_set.labels, test_set.labels
     model = ViewClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     from diffalign.core.io import save_state_dict, write_json
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-shapes", type=int, default=3000)
     ap.add_argument("--out", default=str(HERE / "view_classifier.safetensors"))

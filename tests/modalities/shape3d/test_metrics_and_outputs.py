@@ -78,7 +78,7 @@ def test_shape_callbacks_write_pictures_plys_and_metrics(tmp_path):
 def test_point_cloud_files_round_trip_and_errors(tmp_path):
     import trimesh
 
-    from diffalign.modalities.shape3d.io import iter_point_clouds, read_point_cloud, write_point_cloud
+    from diffalign.modalities.shape3d.io import PointCloudReader, read_point_cloud, write_point_cloud
 
     pts = torch.randn(20, 3)
     colors = torch.rand(20, 3)
@@ -93,8 +93,11 @@ def test_point_cloud_files_round_trip_and_errors(tmp_path):
     mesh_points = read_point_cloud(tmp_path / "c.obj", max_points=50)
     assert mesh_points.shape == (50, 3) and mesh_points.abs().max() <= 0.5 + 1e-6
     (tmp_path / "d.ply").write_text("not a ply file")
-    rows = dict(iter_point_clouds(tmp_path))
-    assert sorted(rows) == ["a.ply", "b.obj", "c.obj", "d.ply"]
-    assert isinstance(rows["d.ply"], str) and "d.ply" in rows["d.ply"]
+    reader = PointCloudReader(mesh_points=64)
+    records = list(reader.records(tmp_path))
+    assert [r.id for r in records] == ["a.ply", "b.obj", "c.obj", "d.ply"]
+    assert reader.load(records[2].payload).shape == (64, 3)
+    with pytest.raises(ValueError, match="d.ply"):
+        reader.load(records[3].payload)
     with pytest.raises(ValueError, match="not a point-cloud file"):
         read_point_cloud(tmp_path / "x.txt")
