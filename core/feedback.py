@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from diffalign.core.types import Batch
+
 
 def _detached(sample: Any) -> Any:
     """A CPU copy of one decoded sample to save: tensors are detached (also inside a dict layout); other
@@ -33,8 +35,9 @@ def _detached(sample: Any) -> Any:
 
 def _row(samples: Any, k: int) -> Any:
     """Sample k of a decoded batch: an item of a list or tensor, or, for a dict layout of batch-first
-    entries (`{"points": (B, N, 2), "mask": (B, N)}`), the dict of every entry's row k."""
-    if isinstance(samples, Mapping):
+    entries (`{"points": (B, N, 2), "mask": (B, N)}`), the dict of every entry's row k. A `Batch` layout
+    (e.g. audio clips with their sample rate) indexes itself: its pass-through values are not rows."""
+    if isinstance(samples, Mapping) and not isinstance(samples, Batch):
         return {key: v[k] for key, v in samples.items()}
     return samples[k]
 
