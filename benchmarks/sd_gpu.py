@@ -40,6 +40,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 PEER = Path(os.environ.get("PEER_DIR", REPO / "benchmarks" / "peer"))
 ROWS = ("ddpo_lora", "alignprop_lora", "ddpo_full")
+NOT_RUN = "not run (TRL not importable)"
 PRESETS: dict[str, dict[str, Any]] = {
     # the reference workload of benchmarks/peer/README.md
     "sd15": dict(
@@ -206,6 +207,8 @@ def table(result: dict[str, Any]) -> str:
         "| target |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    if result.get("peer", "").startswith("not run"):
+        lines[2:2] = [f"PEER (TRL) NOT RUN: {result['peer'][len('not run: ') :]}", ""]
 
     def cell(x: Any, fmt: str = "{:.3g}") -> str:
         return "-" if x is None else fmt.format(x)
@@ -301,8 +304,14 @@ def driver(a: argparse.Namespace) -> int:
         "rows": {},
         "skipped": [],
         "budget_s": a.budget,
+        "peer": f"not run: {a.peer_unavailable}" if a.peer_unavailable else "TRL 0.23.1",
     }
-    plan = [(row, fw) for row in a.rows for fw in a.frameworks] + [
+    frameworks = [fw for fw in a.frameworks if not (a.peer_unavailable and fw == "trl")]
+    if a.peer_unavailable:
+        log(f"== THE PEER (TRL) IS NOT RUN: {a.peer_unavailable}; diffalign's rows only, no ratios")
+        for row in a.rows:
+            result["rows"][row] = {"status": {"trl": NOT_RUN}}
+    plan = [(row, fw) for row in a.rows for fw in frameworks] + [
         (f"{row}:{flags}", "diffalign") for row, flags in a.extra
     ]
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -372,7 +381,10 @@ def driver(a: argparse.Namespace) -> int:
     (out / "sd_gpu.md").write_text(text + "\n")
     log("\n" + text + f"\n\nwrote {out / 'sd_gpu.json'} and {out / 'sd_gpu.md'}")
     failed = [
-        f"{row}/{fw}" for row, rec in result["rows"].items() for fw, st in rec["status"].items() if st != "ok"
+        f"{row}/{fw}"
+        for row, rec in result["rows"].items()
+        for fw, st in rec["status"].items()
+        if st not in ("ok", NOT_RUN)
     ]
     if failed:
         log("FAILED: " + ", ".join(failed))
@@ -948,6 +960,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--row-timeout", type=float, default=200.0)
     r.add_argument("--build-timeout", type=float, default=150.0)
     r.add_argument("--peer-site", default=None, help="folder with TRL (and carried wheels) put on PYTHONPATH")
+    r.add_argument(
+        "--peer-unavailable",
+        default=None,
+        metavar="REASON",
+        help="TRL cannot be imported (sd_gpu.sh's preflight): run diffalign's rows only and say why",
+    )
     r.add_argument("--threads", type=int, default=None)
     r.add_argument("--levers", action=argparse.BooleanOptionalAction, default=True)
     r.add_argument("--lever-flags", default="", type=lambda s: s.split())

@@ -32,7 +32,8 @@
 # SITE (where the wheels go), PEER_SITE (a folder with TRL, used when there are no wheels), THREADS,
 # overrides of the preset: EPOCHS RES STEPS DDPO_BATCH DDPO_BATCHES AP_BATCH AP_ACCUM MP; ROWS (comma list of
 # ddpo_lora,alignprop_lora,ddpo_full; empty = none), FRAMEWORKS (trl,diffalign), REPEATS, LEVERS (1/0),
-# LEVER_FLAGS, DIFFALIGN_FLAGS (e.g. "--no-channels-last"), EXTRA (";"-separated ROW:FLAGS extra diffalign rows).
+# LEVER_FLAGS, DIFFALIGN_FLAGS (e.g. "--no-channels-last"), EXTRA (";"-separated ROW:FLAGS extra diffalign rows),
+# REQUIRE_PEER=1 (fail when TRL cannot be imported; by default only diffalign's rows run then, said loudly).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
@@ -69,29 +70,44 @@ fi
 
 # 3. preflight: versions, TRL and diffalign import, the device
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PY" - "$DEVICE" <<'EOF'
+"$PY" - "$DEVICE" "$TMP/no_peer" <<'EOF'
 import importlib.metadata as md
 import sys
 
 import torch
 
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda available", torch.cuda.is_available())
-print(" ".join(f"{p}={md.version(p)}" for p in ("trl", "diffusers", "transformers", "accelerate", "peft", "lightning")))
-try:
-    from trl import AlignPropTrainer, DDPOTrainer  # noqa: F401
-except ImportError as e:
-    sys.exit(f"sd_gpu: TRL 0.23.1 cannot be imported ({e}): carry the wheels (.whl/) or set PEER_SITE")
+
+
+def version(p: str) -> str:
+    try:
+        return md.version(p)
+    except md.PackageNotFoundError:
+        return "missing"
+
+
+print(" ".join(f"{p}={version(p)}" for p in ("trl", "diffusers", "transformers", "accelerate", "peft", "lightning")))
 import diffalign.core  # noqa: F401
 from diffalign.modalities.image.stable_diffusion import StableDiffusionBackbone  # noqa: F401
 
 if sys.argv[1] == "cuda" and not torch.cuda.is_available():
     sys.exit("sd_gpu: DEVICE=cuda but torch.cuda.is_available() is False")
+try:
+    from trl import AlignPropTrainer, DDPOTrainer  # noqa: F401
+except ImportError as e:  # the peer side cannot run: said on stdout, in the JSON and in the table
+    with open(sys.argv[2], "w") as f:
+        f.write(f"TRL 0.23.1 cannot be imported ({e}); carry the wheels (.whl/) or set PEER_SITE")
 EOF
+if [ -s "$TMP/no_peer" ]; then
+  echo "== WARNING: THE PEER (TRL) IS NOT RUN: $(cat "$TMP/no_peer"). Only diffalign's rows run; no ratios."
+  if [ "${REQUIRE_PEER:-0}" = 1 ]; then echo "sd_gpu: REQUIRE_PEER=1 and TRL is missing"; exit 1; fi
+fi
 
 # 4. the run (each row in its own process, under one budget)
 LEFT=$((${BUDGET%.*} - SECONDS))   # the budget counts from this script's start (wheels, preflight)
 args=(run --preset "$PRESET" --device "$DEVICE" --out "$OUT" --work "$WORK" --budget "$LEFT")
 [ -n "$PEER_SITE" ] && args+=(--peer-site "$PEER_SITE")
+[ -s "$TMP/no_peer" ] && args+=(--peer-unavailable "$(cat "$TMP/no_peer")")
 [ -n "${THREADS:-}" ] && args+=(--threads "$THREADS")
 [ "$DEVICE" = cpu ] && [ -z "${THREADS:-}" ] && args+=(--threads 1)
 for kv in EPOCHS:epochs RES:resolution STEPS:steps DDPO_BATCH:ddpo-batch DDPO_BATCHES:ddpo-batches \
