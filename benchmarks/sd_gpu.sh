@@ -5,23 +5,21 @@
 # What it measures and how: benchmarks/sd_gpu.py's docstring and docs/performance.md.
 #
 # ---- The GPU session (one H200; 15 minutes of device time in all, starts and idle time included) ----------
-# 1. Here, before the device call, in the repository root (diffusers and trl are not on the GPU image; peft is,
-#    in a version of its own):
-#      python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
-#        diffusers==0.42.1 trl==0.23.1 peft==0.21.2         # 7.7 MB, pure Python; .whl/ is git-ignored
-#    Nothing else needs carrying: the image has torch 2.11, transformers, accelerate, lightning, einops,
-#    safetensors, pillow, matplotlib, tensorboard; jsonargparse is not needed (no recipe is parsed).
-# 2. The device call: command `bash benchmarks/sd_gpu.sh`, carry [".whl"], timeout_s 570.
-#    Budget: the script itself stops starting work at BUDGET=530 s and prints the table of what finished.
-#    Expected: wheels 10 s, building + saving the SD 1.5 architecture (4 GB) 30-90 s, then 6 rows of 2 epochs
-#    (TRL at 0.64 samples/s needs about 25 s an epoch for DDPO, 16 s for AlignProp; each process also starts,
-#    imports and loads the model in 15-25 s) - about 6-7 min - and the levers in what is left (the compile
-#    levers need 240 s and are skipped unless the rows finish early).
-# 3. A second call only if >= 5 min of device time is left: rerun what failed or was skipped, e.g.
-#      ROWS=ddpo_full LEVERS=0 BUDGET=240 bash benchmarks/sd_gpu.sh        (timeout_s 280)
-#    or the compile levers alone: ROWS= LEVERS=1 BUDGET=300 bash benchmarks/sd_gpu.sh  (timeout_s 340).
-#    Then give the machine back.
+# 1. Here, before the device call, in the repository root: `bash benchmarks/sd_gpu.sh download-wheels`
+#    (pip download of diffusers==0.42.1 trl==0.23.1 peft==0.21.2 as pure-Python wheels into .whl/, 7.5 MB,
+#    git-ignored: the GPU image has torch, transformers, accelerate, lightning, peft of its own, not diffusers
+#    or trl; benchmarks/peer/README.md). Nothing else needs carrying; no recipe is parsed (no jsonargparse).
+# 2. The device call: command `bash benchmarks/sd_gpu.sh`, carry [".whl"], timeout_s 560. $OUT (set by the
+#    device tool) receives sd_gpu.json, sd_gpu.md, sd_gpu.log; the 4 GB pipeline stays in $WORK, outside it.
+#    Budget: the script stops starting work at BUDGET=510 s (a row pair starts only if both halves fit),
+#    writes the JSON and table after every row, and is killed at BUDGET + 20 s whatever happens: < 9 min.
+#    Expected: wheels 10 s, preflight 10 s, building + saving the SD 1.5 architecture (4 GB) 30-90 s, then
+#    6 row processes of 2 epochs (TRL at 0.64 samples/s needs about 25 s an epoch for DDPO, 16 s for
+#    AlignProp; each process also starts, imports and loads the model in 15-25 s): about 6-7 min; the lever
+#    micro-benchmark only runs in what is left (its compile cases need 240 s and are skipped then).
+# 3. A second call only if the first failed early and >= 5 min of device time is left (a fresh machine
+#    starts in minutes), e.g. the rows that did not finish: ROWS=ddpo_full LEVERS=0 BUDGET=200 (timeout_s
+#    240). Then give the machine back.
 #
 # ---- CPU dry run (what tests/benchmarks/test_sd_gpu.py runs) ---------------------------------------------
 #    DEVICE=cpu PRESET=tiny PEER_SITE=.peer/trl bash benchmarks/sd_gpu.sh
@@ -36,13 +34,18 @@
 # REQUIRE_PEER=1 (fail when TRL cannot be imported; by default only diffalign's rows run then, said loudly).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = download-wheels ]; then  # here, never on the GPU machine (it has no registry)
+  exec "${DIFFALIGN_PYTHON:-python3}" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    -d "${WHL_DIR:-.whl}" diffusers==0.42.1 trl==0.23.1 peft==0.21.2
+fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 PY="${DIFFALIGN_PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}"
 PRESET="${PRESET:-sd15}"
 OUT="${OUT:-$PWD/sd_gpu_out}"
 WORK="${WORK:-${TMPDIR:-/tmp}/sd_gpu_work}"
-BUDGET="${BUDGET:-530}"
+BUDGET="${BUDGET:-510}"
 WHL_DIR="${WHL_DIR:-.whl}"
 SITE="${SITE:-${TMPDIR:-/tmp}/sd_gpu_site}"
 mkdir -p "$OUT" "$WORK"
@@ -123,4 +126,4 @@ if [ -n "${EXTRA:-}" ]; then
   IFS=';' read -ra extras <<<"$EXTRA"
   for e in "${extras[@]}"; do args+=(--extra "$e"); done
 fi
-timeout "$((LEFT + 30))" "$PY" benchmarks/sd_gpu.py "${args[@]}"
+timeout -k 5 "$((LEFT + 20))" "$PY" benchmarks/sd_gpu.py "${args[@]}"
