@@ -307,6 +307,7 @@ def driver(a: argparse.Namespace) -> int:
         "skipped": [],
         "budget_s": a.budget,
         "peer": f"not run: {a.peer_unavailable}" if a.peer_unavailable else "TRL 0.23.1",
+        "load_average_at_start": os.getloadavg(),  # a shared machine's timings move with it
     }
     frameworks = [fw for fw in a.frameworks if not (a.peer_unavailable and fw == "trl")]
     if a.peer_unavailable:
@@ -395,6 +396,7 @@ def driver(a: argparse.Namespace) -> int:
         result["skipped"].append("levers")
 
     collect()
+    result["load_average_at_end"] = os.getloadavg()
     text = write()
     log("\n" + text + f"\n\nwrote {out / 'sd_gpu.json'} and {out / 'sd_gpu.md'}")
     failed = [

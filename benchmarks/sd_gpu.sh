@@ -30,8 +30,9 @@
 # SITE (where the wheels go), PEER_SITE (a folder with TRL, used when there are no wheels), THREADS,
 # overrides of the preset: EPOCHS RES STEPS DDPO_BATCH DDPO_BATCHES AP_BATCH AP_ACCUM MP; ROWS (comma list of
 # ddpo_lora,alignprop_lora,ddpo_full; empty = none), FRAMEWORKS (trl,diffalign), REPEATS, LEVERS (1/0),
-# LEVER_FLAGS, DIFFALIGN_FLAGS (e.g. "--no-channels-last"), EXTRA (";"-separated ROW:FLAGS extra diffalign rows),
-# REQUIRE_PEER=1 (fail when TRL cannot be imported; by default only diffalign's rows run then, said loudly).
+# LEVER_FLAGS, DIFFALIGN_FLAGS (e.g. "--no-channels-last"), EXTRA (";"-separated ROW:FLAGS extra diffalign rows;
+# sd15 default: the 24 GiB preset's row, see below), REQUIRE_PEER=1 (fail when TRL cannot be imported; by
+# default only diffalign's rows run then, said loudly).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = download-wheels ]; then  # here, never on the GPU machine (it has no registry)
@@ -122,6 +123,11 @@ done
 [ "${LEVERS:-1}" = 0 ] && args+=(--no-levers)
 [ -n "${LEVER_FLAGS:-}" ] && args+=("--lever-flags=$LEVER_FLAGS")
 [ -n "${DIFFALIGN_FLAGS:-}" ] && args+=("--diffalign-flags=$DIFFALIGN_FLAGS")
+# sd15: the 24 GiB preset's configuration (recipes/_base/image/sd15_lora_24gb.yaml) as one more diffalign row,
+# after the six, for its peak memory (set EXTRA= to leave it out); the ddpo_full row is the 80 GiB preset's
+if [ "$PRESET" = sd15 ] && [ -z "${EXTRA+x}" ]; then
+  EXTRA="ddpo_lora:--checkpointing unet --decode-chunk-size 2 --train-batch-size 2"
+fi
 if [ -n "${EXTRA:-}" ]; then
   IFS=';' read -ra extras <<<"$EXTRA"
   for e in "${extras[@]}"; do args+=(--extra "$e"); done

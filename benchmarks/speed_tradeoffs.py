@@ -93,9 +93,9 @@ def run(variant: str, root: Path, max_epochs: int | None) -> dict:
     args += ["--trainer.enable_model_summary=false", *VARIANTS[variant]]
     if max_epochs is not None:
         args.append(f"--trainer.max_epochs={max_epochs}")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cli = cli_main(args)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     s = json.loads((Path(cli.trainer.log_dir) / "summary.json").read_text())
     n = s["eval_samples"]
     se = math.sqrt((s["reward_before_std"] ** 2 + s["reward_after_std"] ** 2) / n)
@@ -112,6 +112,8 @@ def run(variant: str, root: Path, max_epochs: int | None) -> dict:
         "reward_queries": s["reward_queries"],
         "train_wall_seconds": s["wall_seconds"],
         "total_wall_seconds": round(wall, 1),
+        "total_cpu_seconds": round(cpu, 1),
+        "max_epochs": max_epochs or 12,
         "work_per_sample": work(variant),
         "work_relative_to": SETTINGS[variant][1],
         "work_vs_reference": work(variant) / work(SETTINGS[variant][1]),
@@ -129,29 +131,29 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    rows = []
+    command = " ".join(
+        ["python", "benchmarks/speed_tradeoffs.py", *(argv if argv is not None else sys.argv[1:])]
+    )
+    # rows of an earlier run with the same epochs are kept (a variant rerun replaces its row); the JSON is
+    # written after every variant, so a run cut short keeps what finished
+    old = json.loads(a.out.read_text()).get("rows", []) if a.out.is_file() else []
+    rows = [r for r in old if r.get("max_epochs") == (a.max_epochs or 12) and r["variant"] not in a.variants]
+    a.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for v in a.variants:
             rows.append(run(v, Path(tmp), a.max_epochs))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            doc = {"command": command, "max_epochs": a.max_epochs or 12, "threads": 1, "rows": rows}
+            a.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\nDDPO / GRPO on the digits ({a.max_epochs or 12} epochs), one override per variant\n")
     print("| variant | recipe | reward before -> after | gain (±2 SE) | work / reference | train wall s |")
     print("|---|---|---|---|---:|---:|")
-    for r in rows:
+    for r in sorted(rows, key=lambda r: list(VARIANTS).index(r["variant"])):
         print(
             f"| {r['variant']} | {Path(r['recipe']).stem} | {r['reward_before']:.3f} -> "
             f"{r['reward_after']:.3f} | {r['gain']:+.3f} (±{r['gain_2se']:.3f}) | "
             f"{r['work_vs_reference']:.2f} ({r['work_relative_to']}) | {r['train_wall_seconds']:.0f} |"
         )
-    command = " ".join(
-        ["python", "benchmarks/speed_tradeoffs.py", *(argv if argv is not None else sys.argv[1:])]
-    )
-    old = json.loads(a.out.read_text())["rows"] if a.out.is_file() else []
-    keep = [r for r in old if r["variant"] not in {x["variant"] for x in rows}]
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(
-        json.dumps({"command": command, "max_epochs": a.max_epochs, "rows": keep + rows}, indent=2) + "\n"
-    )
     print(f"wrote {a.out}")
     return 0
 
