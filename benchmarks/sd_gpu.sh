@@ -25,7 +25,7 @@
 #    DEVICE=cpu PRESET=tiny PEER_SITE=.peer/trl bash benchmarks/sd_gpu.sh
 #    (TRL: python -m pip install --no-deps --target .peer/trl trl==0.23.1; never into the project's venv)
 #
-# Environment (all optional): DIFFALIGN_PYTHON (default python3), DEVICE cuda|cpu, PRESET sd15|tiny, OUT,
+# Environment (all optional): DIFFALIGN_PYTHON (default .venv/bin/python if present, else python3), DEVICE cuda|cpu, PRESET sd15|tiny, OUT,
 # WORK (pipeline + per-row JSON; default $TMPDIR/sd_gpu_work, outside $OUT), BUDGET (s), WHL_DIR (.whl),
 # SITE (where the wheels go), PEER_SITE (a folder with TRL, used when there are no wheels), THREADS,
 # overrides of the preset: EPOCHS RES STEPS DDPO_BATCH DDPO_BATCHES AP_BATCH AP_ACCUM MP; ROWS (comma list of
@@ -41,7 +41,14 @@ if [ "${1:-}" = download-wheels ]; then  # here, never on the GPU machine (it ha
     -d "${WHL_DIR:-.whl}" diffusers==0.42.1 trl==0.23.1 peft==0.21.2
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
-PY="${DIFFALIGN_PYTHON:-python3}"
+PY="${DIFFALIGN_PYTHON:-}"
+if [ -z "$PY" ]; then  # the project's .venv (Makefile) when there is one, else the machine's python3
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "sd_gpu: $PY cannot import torch: set DIFFALIGN_PYTHON to the interpreter of the project's environment"
+  exit 1
+fi
 DEVICE="${DEVICE:-cuda}"
 PRESET="${PRESET:-sd15}"
 OUT="${OUT:-$PWD/sd_gpu_out}"
