@@ -3,8 +3,9 @@ tiny pipeline, and its vendored TRL harness is the project's, unmodified. Withou
 diffalign's rows alone and says that the peer was not run.
 
 The end-to-end test runs one row (DDPO with LoRA: TRL, then diffalign) without the lever micro-benchmark:
-every process imports diffusers/transformers (15-30 s each on a shared 2-core machine), so the three rows
-and the levers take about 5 minutes; `DEVICE=cpu PRESET=tiny bash benchmarks/sd_gpu.sh` runs them all.
+three processes (build, TRL, diffalign), each importing diffusers/transformers, about 45 CPU-seconds (it
+took 5 minutes of wall time on 2 cores shared with a load of 13); the three rows and the levers take about
+three times that: `DEVICE=cpu PRESET=tiny bash benchmarks/sd_gpu.sh` runs them all.
 
 TRL is never installed into the project's environment: the test installs trl==0.23.1 on demand into the
 git-ignored folder `.peer/trl` with `pip install --no-deps --target` (its DDPO/AlignProp trainers need only
