@@ -40,6 +40,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 PEER = Path(os.environ.get("PEER_DIR", REPO / "benchmarks" / "peer"))
 ROWS = ("ddpo_lora", "alignprop_lora", "ddpo_full")
+NOT_RUN = "not run (TRL not importable)"
+# the least a row process needs: on one H200 an sd15 row is 55-75 s (start, load, 2 epochs; see sd_gpu.sh)
+MIN_ROW_S = {"cuda": 75.0, "cpu": 45.0}
 PRESETS: dict[str, dict[str, Any]] = {
     # the reference workload of benchmarks/peer/README.md
     "sd15": dict(
@@ -206,6 +209,8 @@ def table(result: dict[str, Any]) -> str:
         "| target |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    if result.get("peer", "").startswith("not run"):
+        lines[2:2] = [f"PEER (TRL) NOT RUN: {result['peer'][len('not run: ') :]}", ""]
 
     def cell(x: Any, fmt: str = "{:.3g}") -> str:
         return "-" if x is None else fmt.format(x)
@@ -301,15 +306,43 @@ def driver(a: argparse.Namespace) -> int:
         "rows": {},
         "skipped": [],
         "budget_s": a.budget,
+        "peer": f"not run: {a.peer_unavailable}" if a.peer_unavailable else "TRL 0.23.1",
+        "load_average_at_start": os.getloadavg(),  # a shared machine's timings move with it
     }
-    plan = [(row, fw) for row in a.rows for fw in a.frameworks] + [
+    frameworks = [fw for fw in a.frameworks if not (a.peer_unavailable and fw == "trl")]
+    if a.peer_unavailable:
+        log(f"== THE PEER (TRL) IS NOT RUN: {a.peer_unavailable}; diffalign's rows only, no ratios")
+        for row in a.rows:
+            result["rows"][row] = {"status": {"trl": NOT_RUN}}
+    plan = [(row, fw) for row in a.rows for fw in frameworks] + [
         (f"{row}:{flags}", "diffalign") for row, flags in a.extra
     ]
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+
+    def collect() -> None:
+        """Medians, ratios and targets of what has finished, into `result`."""
+        for (row, fw), rs in runs.items():
+            result["rows"][row][fw] = median_of(rs)
+        for row, rec in result["rows"].items():
+            base = row.split(":")[0]
+            trl = result["rows"].get(base, {}).get("trl")
+            rec["ratios"] = ratios(trl, rec.get("diffalign"))
+            rec["target"] = target_verdict(a.preset, row, rec["ratios"], rec.get("diffalign"))  # extras: none
+
+    def write() -> str:
+        """sd_gpu.json and sd_gpu.md as they stand (after every row: a run cut short keeps its figures)."""
+        text = table(result)
+        (out / "sd_gpu.json").write_text(json.dumps(result, indent=1, default=repr) + "\n")
+        (out / "sd_gpu.md").write_text(text + "\n")
+        return text
+
+    min_row_s = a.min_row_s if a.min_row_s is not None else MIN_ROW_S[a.device]
     for rep in range(a.repeats):
-        for row, fw in plan:
+        for i, (row, fw) in enumerate(plan):
             base, _, flags = row.partition(":")
-            if budget.left() < a.min_row_s:
+            # a TRL half starts only when its diffalign half fits after it: no ratio-less TRL figures
+            pair = fw == "trl" and i + 1 < len(plan) and plan[i + 1] == (row, "diffalign")
+            if budget.left() < min_row_s * (2 if pair else 1) + a.reserve_s:
                 result["skipped"].append(f"{row}/{fw}#{rep}")
                 continue
             tag = f"_{abs(hash(flags)) % 10**6}" if flags else ""
@@ -328,13 +361,8 @@ def driver(a: argparse.Namespace) -> int:
                 if rep == 0:
                     summary["raw"] = json.loads(path.read_text())  # the row's whole JSON, kept in sd_gpu.json
                 runs.setdefault((row, fw), []).append(summary)
-    for (row, fw), rs in runs.items():
-        result["rows"][row][fw] = median_of(rs)
-    for row, rec in result["rows"].items():
-        base = row.split(":")[0]
-        trl = result["rows"].get(base, {}).get("trl")
-        rec["ratios"] = ratios(trl, rec.get("diffalign"))
-        rec["target"] = target_verdict(a.preset, row, rec["ratios"], rec.get("diffalign"))  # extras: none
+            collect()
+            write()
 
     # 2. the per-lever micro-benchmark, if time is left
     if a.levers and budget.left() > a.min_levers_s:
@@ -367,12 +395,15 @@ def driver(a: argparse.Namespace) -> int:
     elif a.levers:
         result["skipped"].append("levers")
 
-    text = table(result)
-    (out / "sd_gpu.json").write_text(json.dumps(result, indent=1, default=repr) + "\n")
-    (out / "sd_gpu.md").write_text(text + "\n")
+    collect()
+    result["load_average_at_end"] = os.getloadavg()
+    text = write()
     log("\n" + text + f"\n\nwrote {out / 'sd_gpu.json'} and {out / 'sd_gpu.md'}")
     failed = [
-        f"{row}/{fw}" for row, rec in result["rows"].items() for fw, st in rec["status"].items() if st != "ok"
+        f"{row}/{fw}"
+        for row, rec in result["rows"].items()
+        for fw, st in rec["status"].items()
+        if st not in ("ok", NOT_RUN)
     ]
     if failed:
         log("FAILED: " + ", ".join(failed))
@@ -449,7 +480,7 @@ def build_diffalign(a: argparse.Namespace):
             advantages="batch",  # TRL's default (per_prompt_stat_tracking off)
             timestep_fraction=1.0,
             num_inner_epochs=1,
-            train_batch_size=a.sample_batch_size,
+            train_batch_size=a.train_batch_size or a.sample_batch_size,
         )
         reward, lr, batch, batches = (
             JpegCompressibility(quality=95),
@@ -493,7 +524,8 @@ def build_diffalign(a: argparse.Namespace):
         "compile": a.compile,
         "cudnn_benchmark": a.cudnn_benchmark,
         "decode_chunk_size": a.decode_chunk_size,
-        "checkpointing": a.checkpointing if a.algo == "alignprop" else None,
+        "checkpointing": a.checkpointing if a.algo == "alignprop" else a.checkpointing in ("unet", "both"),
+        "train_batch_size": (a.train_batch_size or a.sample_batch_size) if a.algo == "ddpo" else None,
         "rollout_chunk_size": a.rollout_chunk,
         "async_reward": a.async_reward,
     }
@@ -937,17 +969,26 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument(
         "--budget",
         type=float,
-        default=530.0,
+        default=510.0,
         help="seconds for the whole run (rows that no longer fit are skipped)",
     )
     r.add_argument(
-        "--min-row-s", type=float, default=45.0, help="a row starts only with this much budget left"
+        "--min-row-s",
+        type=float,
+        default=None,
+        help="a row starts only with this much budget left (default: 75 s on cuda, 45 s on a CPU)",
     )
     r.add_argument("--min-levers-s", type=float, default=40.0)
     r.add_argument("--reserve-s", type=float, default=8.0, help="kept back for the table at the end")
     r.add_argument("--row-timeout", type=float, default=200.0)
     r.add_argument("--build-timeout", type=float, default=150.0)
     r.add_argument("--peer-site", default=None, help="folder with TRL (and carried wheels) put on PYTHONPATH")
+    r.add_argument(
+        "--peer-unavailable",
+        default=None,
+        metavar="REASON",
+        help="TRL cannot be imported (sd_gpu.sh's preflight): run diffalign's rows only and say why",
+    )
     r.add_argument("--threads", type=int, default=None)
     r.add_argument("--levers", action=argparse.BooleanOptionalAction, default=True)
     r.add_argument("--lever-flags", default="", type=lambda s: s.split())
@@ -979,6 +1020,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--grad-accum", type=int, default=2, help="AlignProp steps per epoch")
     w.add_argument(
         "--lr", type=float, default=None, help="default: TRL's script defaults (3e-4 DDPO, 1e-3 AlignProp)"
+    )
+    w.add_argument(
+        "--train-batch-size",
+        type=int,
+        default=None,
+        help="DDPO micro-batch of the re-scoring passes (default: the sample batch, TRL's default)",
     )
     w.add_argument("--guidance-scale", type=float, default=5.0)
     w.add_argument("--eta", type=float, default=1.0)

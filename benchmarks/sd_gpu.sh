@@ -5,43 +5,55 @@
 # What it measures and how: benchmarks/sd_gpu.py's docstring and docs/performance.md.
 #
 # ---- The GPU session (one H200; 15 minutes of device time in all, starts and idle time included) ----------
-# 1. Here, before the device call, in the repository root (diffusers and trl are not on the GPU image; peft is,
-#    in a version of its own):
-#      python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
-#        diffusers==0.42.1 trl==0.23.1 peft==0.21.2         # 7.7 MB, pure Python; .whl/ is git-ignored
-#    Nothing else needs carrying: the image has torch 2.11, transformers, accelerate, lightning, einops,
-#    safetensors, pillow, matplotlib, tensorboard; jsonargparse is not needed (no recipe is parsed).
-# 2. The device call: command `bash benchmarks/sd_gpu.sh`, carry [".whl"], timeout_s 570.
-#    Budget: the script itself stops starting work at BUDGET=530 s and prints the table of what finished.
-#    Expected: wheels 10 s, building + saving the SD 1.5 architecture (4 GB) 30-90 s, then 6 rows of 2 epochs
-#    (TRL at 0.64 samples/s needs about 25 s an epoch for DDPO, 16 s for AlignProp; each process also starts,
-#    imports and loads the model in 15-25 s) - about 6-7 min - and the levers in what is left (the compile
-#    levers need 240 s and are skipped unless the rows finish early).
-# 3. A second call only if >= 5 min of device time is left: rerun what failed or was skipped, e.g.
-#      ROWS=ddpo_full LEVERS=0 BUDGET=240 bash benchmarks/sd_gpu.sh        (timeout_s 280)
-#    or the compile levers alone: ROWS= LEVERS=1 BUDGET=300 bash benchmarks/sd_gpu.sh  (timeout_s 340).
-#    Then give the machine back.
+# 1. Here, before the device call, in the repository root: `bash benchmarks/sd_gpu.sh download-wheels`
+#    (pip download of diffusers==0.42.1 trl==0.23.1 peft==0.21.2 as pure-Python wheels into .whl/, 7.5 MB,
+#    git-ignored: the GPU image has torch, transformers, accelerate, lightning, peft of its own, not diffusers
+#    or trl; benchmarks/peer/README.md). Nothing else needs carrying; no recipe is parsed (no jsonargparse).
+# 2. The device call: command `bash benchmarks/sd_gpu.sh`, carry [".whl"], timeout_s 560. $OUT (set by the
+#    device tool) receives sd_gpu.json, sd_gpu.md, sd_gpu.log; the 4 GB pipeline stays in $WORK, outside it.
+#    Budget: the script stops starting work at BUDGET=510 s (a row pair starts only if both halves fit),
+#    writes the JSON and table after every row, and is killed at BUDGET + 20 s whatever happens: < 9 min.
+#    Expected: wheels 10 s, preflight 10 s, building + saving the SD 1.5 architecture (4 GB) 30-90 s, then
+#    6 row processes of 2 epochs (TRL at 0.64 samples/s needs about 25 s an epoch for DDPO, 16 s for
+#    AlignProp; each process also starts, imports and loads the model in 15-25 s): about 6-7 min; the lever
+#    micro-benchmark only runs in what is left (its compile cases need 240 s and are skipped then).
+# 3. A second call only if the first failed early and >= 5 min of device time is left (a fresh machine
+#    starts in minutes), e.g. the rows that did not finish: ROWS=ddpo_full LEVERS=0 BUDGET=200 (timeout_s
+#    240). Then give the machine back.
 #
 # ---- CPU dry run (what tests/benchmarks/test_sd_gpu.py runs) ---------------------------------------------
 #    DEVICE=cpu PRESET=tiny PEER_SITE=.peer/trl bash benchmarks/sd_gpu.sh
 #    (TRL: python -m pip install --no-deps --target .peer/trl trl==0.23.1; never into the project's venv)
 #
-# Environment (all optional): DIFFALIGN_PYTHON (default python3), DEVICE cuda|cpu, PRESET sd15|tiny, OUT,
+# Environment (all optional): DIFFALIGN_PYTHON (default .venv/bin/python if present, else python3), DEVICE cuda|cpu, PRESET sd15|tiny, OUT,
 # WORK (pipeline + per-row JSON; default $TMPDIR/sd_gpu_work, outside $OUT), BUDGET (s), WHL_DIR (.whl),
 # SITE (where the wheels go), PEER_SITE (a folder with TRL, used when there are no wheels), THREADS,
 # overrides of the preset: EPOCHS RES STEPS DDPO_BATCH DDPO_BATCHES AP_BATCH AP_ACCUM MP; ROWS (comma list of
 # ddpo_lora,alignprop_lora,ddpo_full; empty = none), FRAMEWORKS (trl,diffalign), REPEATS, LEVERS (1/0),
-# LEVER_FLAGS, DIFFALIGN_FLAGS (e.g. "--no-channels-last"), EXTRA (";"-separated ROW:FLAGS extra diffalign rows).
+# LEVER_FLAGS, DIFFALIGN_FLAGS (e.g. "--no-channels-last"), EXTRA (";"-separated ROW:FLAGS extra diffalign rows;
+# sd15 default: the 24 GiB preset's row, see below), REQUIRE_PEER=1 (fail when TRL cannot be imported; by
+# default only diffalign's rows run then, said loudly).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = download-wheels ]; then  # here, never on the GPU machine (it has no registry)
+  exec "${DIFFALIGN_PYTHON:-python3}" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    -d "${WHL_DIR:-.whl}" diffusers==0.42.1 trl==0.23.1 peft==0.21.2
+fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
-PY="${DIFFALIGN_PYTHON:-python3}"
+PY="${DIFFALIGN_PYTHON:-}"
+if [ -z "$PY" ]; then  # the project's .venv (Makefile) when there is one, else the machine's python3
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "sd_gpu: $PY cannot import torch: set DIFFALIGN_PYTHON to the interpreter of the project's environment"
+  exit 1
+fi
 DEVICE="${DEVICE:-cuda}"
 PRESET="${PRESET:-sd15}"
 OUT="${OUT:-$PWD/sd_gpu_out}"
 WORK="${WORK:-${TMPDIR:-/tmp}/sd_gpu_work}"
-BUDGET="${BUDGET:-530}"
+BUDGET="${BUDGET:-510}"
 WHL_DIR="${WHL_DIR:-.whl}"
 SITE="${SITE:-${TMPDIR:-/tmp}/sd_gpu_site}"
 mkdir -p "$OUT" "$WORK"
@@ -69,29 +81,44 @@ fi
 
 # 3. preflight: versions, TRL and diffalign import, the device
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PY" - "$DEVICE" <<'EOF'
+"$PY" - "$DEVICE" "$TMP/no_peer" <<'EOF'
 import importlib.metadata as md
 import sys
 
 import torch
 
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda available", torch.cuda.is_available())
-print(" ".join(f"{p}={md.version(p)}" for p in ("trl", "diffusers", "transformers", "accelerate", "peft", "lightning")))
-try:
-    from trl import AlignPropTrainer, DDPOTrainer  # noqa: F401
-except ImportError as e:
-    sys.exit(f"sd_gpu: TRL 0.23.1 cannot be imported ({e}): carry the wheels (.whl/) or set PEER_SITE")
+
+
+def version(p: str) -> str:
+    try:
+        return md.version(p)
+    except md.PackageNotFoundError:
+        return "missing"
+
+
+print(" ".join(f"{p}={version(p)}" for p in ("trl", "diffusers", "transformers", "accelerate", "peft", "lightning")))
 import diffalign.core  # noqa: F401
 from diffalign.modalities.image.stable_diffusion import StableDiffusionBackbone  # noqa: F401
 
 if sys.argv[1] == "cuda" and not torch.cuda.is_available():
     sys.exit("sd_gpu: DEVICE=cuda but torch.cuda.is_available() is False")
+try:
+    from trl import AlignPropTrainer, DDPOTrainer  # noqa: F401
+except ImportError as e:  # the peer side cannot run: said on stdout, in the JSON and in the table
+    with open(sys.argv[2], "w") as f:
+        f.write(f"TRL 0.23.1 cannot be imported ({e}); carry the wheels (.whl/) or set PEER_SITE")
 EOF
+if [ -s "$TMP/no_peer" ]; then
+  echo "== WARNING: THE PEER (TRL) IS NOT RUN: $(cat "$TMP/no_peer"). Only diffalign's rows run; no ratios."
+  if [ "${REQUIRE_PEER:-0}" = 1 ]; then echo "sd_gpu: REQUIRE_PEER=1 and TRL is missing"; exit 1; fi
+fi
 
 # 4. the run (each row in its own process, under one budget)
 LEFT=$((${BUDGET%.*} - SECONDS))   # the budget counts from this script's start (wheels, preflight)
 args=(run --preset "$PRESET" --device "$DEVICE" --out "$OUT" --work "$WORK" --budget "$LEFT")
 [ -n "$PEER_SITE" ] && args+=(--peer-site "$PEER_SITE")
+[ -s "$TMP/no_peer" ] && args+=(--peer-unavailable "$(cat "$TMP/no_peer")")
 [ -n "${THREADS:-}" ] && args+=(--threads "$THREADS")
 [ "$DEVICE" = cpu ] && [ -z "${THREADS:-}" ] && args+=(--threads 1)
 for kv in EPOCHS:epochs RES:resolution STEPS:steps DDPO_BATCH:ddpo-batch DDPO_BATCHES:ddpo-batches \
@@ -103,8 +130,13 @@ done
 [ "${LEVERS:-1}" = 0 ] && args+=(--no-levers)
 [ -n "${LEVER_FLAGS:-}" ] && args+=("--lever-flags=$LEVER_FLAGS")
 [ -n "${DIFFALIGN_FLAGS:-}" ] && args+=("--diffalign-flags=$DIFFALIGN_FLAGS")
+# sd15: the 24 GiB preset's configuration (recipes/_base/image/sd15_lora_24gb.yaml) as one more diffalign row,
+# after the six, for its peak memory (set EXTRA= to leave it out); the ddpo_full row is the 80 GiB preset's
+if [ "$PRESET" = sd15 ] && [ -z "${EXTRA+x}" ]; then
+  EXTRA="ddpo_lora:--checkpointing unet --decode-chunk-size 2 --train-batch-size 2"
+fi
 if [ -n "${EXTRA:-}" ]; then
   IFS=';' read -ra extras <<<"$EXTRA"
   for e in "${extras[@]}"; do args+=(--extra "$e"); done
 fi
-timeout "$((LEFT + 30))" "$PY" benchmarks/sd_gpu.py "${args[@]}"
+timeout -k 5 "$((LEFT + 20))" "$PY" benchmarks/sd_gpu.py "${args[@]}"
