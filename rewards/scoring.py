@@ -29,6 +29,7 @@ NAN = float("nan")
 _MOL = "diffalign.rewards.molecule."
 _IMG = "diffalign.rewards.image."
 _VID = "diffalign.rewards.video."
+_AUD = "diffalign.rewards.audio."
 
 REWARDS: dict[str, ShortName] = {
     # molecules (RDKit): SMILES, SDF, CSV/Parquet tables
@@ -52,12 +53,22 @@ REWARDS: dict[str, ShortName] = {
     "motion_agreement": ShortName(_VID + "MotionAgreement"),
     "frame_digit_fidelity": ShortName(_VID + "FrameDigitFidelity"),
     "motion_classifier": ShortName(_VID + "MotionClassifierReward"),
+    # audio: folders of WAV/FLAC/OGG (prompts from prompts.csv or --prompt: "a C4 square note, quiet")
+    "pitch_accuracy": ShortName(_AUD + "PitchAccuracy"),
+    "loudness_lufs": ShortName(_AUD + "LoudnessLUFS"),
+    "rms_loudness": ShortName(_AUD + "RMSLoudness"),
+    "spectral_flatness": ShortName(_AUD + "SpectralFlatness"),
+    "clipping_ratio": ShortName(_AUD + "ClippingRatio"),
+    "noise_floor": ShortName(_AUD + "NoiseFloor"),
+    "timbre_fidelity": ShortName(_AUD + "TimbreFidelity"),
 }
 
 READERS: dict[str, ShortName] = {
     "molecule": ShortName("diffalign.modalities.molecule.io.MoleculeReader"),
     "image": ShortName("diffalign.modalities.image.io.ImageReader"),
     "video": ShortName("diffalign.modalities.video.io.ClipReader"),
+    # audio
+    "audio": ShortName("diffalign.modalities.audio.io.AudioReader"),
 }
 
 NAMES = ScoreNames(rewards=REWARDS, readers=READERS)
