@@ -14,8 +14,11 @@ LUFS error), the note accuracy (share of notes within 50 cents) and the LUFS lev
 each prompt's samples (mean pairwise L1 distance of their log-mel spectrograms in dB; a gain bought by
 collapsing onto one sample shows as a drop). `test_time` samples the sampling recipes' pairs with plain
 sampling (10 NFE), best-of-4 and FK steering with 4 particles (both 40 NFE). `throughput` times
-sampling + decoding of 32 single notes (10 steps) with each backbone. Prints markdown tables and writes
-benchmarks/results/audio_alignment.json (rows of tasks not run this time are kept).
+sampling + decoding of 32 single notes (10 steps) with each backbone. `base_models` measures how far the
+shipped models follow their prompts (as the recipes sample them): note accuracy (share of notes within 50
+cents) and timbre accuracy (the timbre classifier's argmax) over the 32 single-note prompts × 2 seeds, and
+the LUFS of "quiet" vs "loud" prompts (C4/G4 × sine/square × 3 seeds; targets −34 and −18). Prints
+markdown tables and writes benchmarks/results/audio_alignment.json (rows of tasks not run this time are kept).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ FIT_TASKS = {
     "draft_loudness": "recipes/audio/draft_loudness.yaml",
     "ddpo_multi": "recipes/audio/ddpo_multi.yaml",
 }
-TASKS = [*FIT_TASKS, "test_time", "throughput"]
+TASKS = [*FIT_TASKS, "test_time", "throughput", "base_models"]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
@@ -228,6 +231,50 @@ def run_throughput(batch_size: int = 32, repeats: int = 2) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def run_base_models() -> list[dict]:
+    from diffalign.core.kernels import DDIMKernel, FlowSDEKernel
+    from diffalign.core.policy import DiffusionPolicy
+    from diffalign.core.sampling import sample_pairs, seed_pairs
+    from diffalign.modalities.audio import MelBackbone, WaveformBackbone, note_prompts
+    from diffalign.rewards.audio import LoudnessLUFS, PitchAccuracy, TimbreFidelity
+
+    levels = [
+        f"a {n} {t} note, {lv}" for n in ("C4", "G4") for t in ("sine", "square") for lv in ("quiet", "loud")
+    ]
+    pitch, timbre, lufs = PitchAccuracy(), TimbreFidelity(), LoudnessLUFS()
+    rows = []
+    for name, policy in (
+        ("mel", DiffusionPolicy(MelBackbone(), DDIMKernel(eta=1.0), num_steps=10)),
+        ("waveform", DiffusionPolicy(WaveformBackbone(), FlowSDEKernel(noise_level=0.7), num_steps=10)),
+    ):
+        policy.eval()
+        notes, timbres = [], []
+        for batch in sample_pairs(policy, seed_pairs(note_prompts(), 2, 10_000), 32):
+            samples = batch.samples()
+            notes.append(pitch(samples, batch.cond).info["note_accuracy"])
+            timbres.append(timbre(samples, batch.cond).info["timbre_accuracy"])
+        level, quiet = [], []
+        for batch in sample_pairs(policy, seed_pairs(levels, 3, 10_000), 24):
+            level.append(lufs(batch.samples(), batch.cond).info["lufs"])
+            quiet += [str(p).endswith("quiet") for p in batch.cond.prompts]
+        level_t, q = torch.cat(level), torch.tensor(quiet)
+        rows.append(
+            {
+                "task": "base_models",
+                "backbone": name,
+                "note_accuracy": torch.cat(notes).mean().item(),
+                "timbre_accuracy": torch.cat(timbres).mean().item(),
+                "samples": len(torch.cat(notes)),
+                "lufs_quiet": level_t[q].mean().item(),
+                "lufs_quiet_standard_error": level_t[q].std().item() / math.sqrt(int(q.sum())),
+                "lufs_loud": level_t[~q].mean().item(),
+                "lufs_loud_standard_error": level_t[~q].std().item() / math.sqrt(int((~q).sum())),
+            }
+        )
+    return rows
+
+
 def print_tables(rows: list[dict]) -> None:
     fits = [r for r in rows if r["task"] in FIT_TASKS]
     if fits:
@@ -259,6 +306,19 @@ def print_tables(rows: list[dict]) -> None:
                 f"| {r['method']} | {r['reward']} | "
                 f"{r['reward_mean']:.4f} (±{2 * r['reward_standard_error']:.4f}) | "
                 f"{r['nfe_per_sample']:.0f} | {r['samples']} | {r['wall_seconds']:.0f} |"
+            )
+    bm = [r for r in rows if r["task"] == "base_models"]
+    if bm:
+        print(
+            "\n| base model | note acc. | timbre acc. | samples | LUFS quiet (−34) | LUFS loud (−18) |"
+            "\n|---|---|---|---|---|---|"
+        )
+        for r in bm:
+            print(
+                f"| {r['backbone']} | {r['note_accuracy']:.3f} | {r['timbre_accuracy']:.3f} | "
+                f"{r['samples']} | "
+                f"{r['lufs_quiet']:.1f} ± {r['lufs_quiet_standard_error']:.1f} | "
+                f"{r['lufs_loud']:.1f} ± {r['lufs_loud_standard_error']:.1f} |"
             )
     tp = [r for r in rows if r["task"] == "throughput"]
     if tp:
@@ -293,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(run_fit(name, extra, feedback_extra, Path(tmp) / name))
             elif name == "test_time":
                 rows += run_test_time([], Path(tmp))
+            elif name == "base_models":
+                rows += run_base_models()
             else:
                 rows += run_throughput()
     print_tables(rows)

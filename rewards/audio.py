@@ -36,6 +36,9 @@ from diffalign.modalities.audio.loudness import integrated_lufs, rms_db
 from diffalign.modalities.audio.prompts import AudioPrompt, cents, parse_prompt
 from diffalign.rewards.audio_pitch import segment_pitch, yin
 
+#: the reader of audio files for `diffalign score` (every audio reward declares it)
+AUDIO_READER = "diffalign.modalities.audio.io.AudioReader"
+
 
 def as_audio(samples: Any, who: str) -> AudioSamples:
     """`samples` as `AudioSamples` (a mapping with audio, sample_rate and optional lengths is wrapped);
@@ -70,6 +73,8 @@ class PitchAccuracy(Reward):
             ship in the package).
         f_min, f_max: pitch search range in Hz.
     """
+
+    reader = AUDIO_READER
 
     def __init__(
         self,
@@ -171,6 +176,8 @@ class LoudnessLUFS(Reward):
         target_lufs: a fixed target; None reads each prompt's level.
     """
 
+    reader = AUDIO_READER
+
     def __init__(self, target_lufs: float | None = None, name: str | None = None) -> None:
         super().__init__(name or "loudness_lufs")
         self.target = target_lufs
@@ -194,6 +201,7 @@ class RMSLoudness(Reward):
             taken as dB RMS).
     """
 
+    reader = AUDIO_READER
     differentiable = True
 
     def __init__(self, target_db: float | None = None, name: str | None = None) -> None:
@@ -237,6 +245,7 @@ class SpectralFlatness(Reward):
         silence_db: frames more than this far below the clip's loudest frame are left out.
     """
 
+    reader = AUDIO_READER
     differentiable = True
 
     def __init__(
@@ -268,6 +277,8 @@ class ClippingRatio(Reward):
         threshold: the level counted as clipped.
     """
 
+    reader = AUDIO_READER
+
     def __init__(self, threshold: float = 0.99, name: str | None = None) -> None:
         super().__init__(name or "clipping_ratio")
         self.threshold = threshold
@@ -287,6 +298,8 @@ class NoiseFloor(Reward):
     Args:
         floor_db: what silence reads (the floor is clamped below at this level).
     """
+
+    reader = AUDIO_READER
 
     def __init__(self, floor_db: float = -120.0, name: str | None = None) -> None:
         super().__init__(name or "noise_floor")
@@ -313,6 +326,7 @@ class TimbreFidelity(Reward):
         log_prob: score with the log-probability instead.
     """
 
+    reader = AUDIO_READER
     differentiable = True
 
     def __init__(self, weights: str | None = None, log_prob: bool = False, name: str | None = None) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from diffalign.core.reward import Reward, RewardOutput
 from diffalign.core.types import Cond
-from diffalign.rewards.audio import as_audio
+from diffalign.rewards.audio import AUDIO_READER, as_audio
 
 
 def _require(folder: Path, names: list[str], what: str) -> None:
@@ -62,6 +62,8 @@ class CLAPScore(Reward):
         scale: multiplies the cosine.
         template: how a prompt becomes text ("{}" uses it as is; e.g. "the sound of {}").
     """
+
+    reader = AUDIO_READER
 
     def __init__(
         self, clap_path: str, scale: float = 1.0, template: str = "{}", name: str | None = None

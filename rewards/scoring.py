@@ -31,6 +31,8 @@ _IMG = "diffalign.rewards.image."
 _VID = "diffalign.rewards.video."
 _S3D = "diffalign.rewards.shape3d."
 
+_AUD = "diffalign.rewards.audio."
+
 REWARDS: dict[str, ShortName] = {
     # molecules (RDKit): SMILES, SDF, CSV/Parquet tables
     "validity": ShortName(_MOL + "Validity", {"invalid_value": 0.0}),
@@ -59,6 +61,15 @@ REWARDS: dict[str, ShortName] = {
     "stability": ShortName(_S3D + "Stability"),
     "view_class_fidelity": ShortName(_S3D + "ViewClassFidelity"),
     "chamfer_to_target": ShortName(_S3D + "ChamferToTarget", {"yaw_steps": 8}),
+
+    # audio: folders of WAV/FLAC/OGG (prompts from prompts.csv or --prompt: "a C4 square note, quiet")
+    "pitch_accuracy": ShortName(_AUD + "PitchAccuracy"),
+    "loudness_lufs": ShortName(_AUD + "LoudnessLUFS"),
+    "rms_loudness": ShortName(_AUD + "RMSLoudness"),
+    "spectral_flatness": ShortName(_AUD + "SpectralFlatness"),
+    "clipping_ratio": ShortName(_AUD + "ClippingRatio"),
+    "noise_floor": ShortName(_AUD + "NoiseFloor"),
+    "timbre_fidelity": ShortName(_AUD + "TimbreFidelity"),
 }
 
 READERS: dict[str, ShortName] = {
@@ -66,6 +77,9 @@ READERS: dict[str, ShortName] = {
     "image": ShortName("diffalign.modalities.image.io.ImageReader"),
     "video": ShortName("diffalign.modalities.video.io.ClipReader"),
     "shape3d": ShortName("diffalign.modalities.shape3d.io.PointCloudReader"),
+
+    # audio
+    "audio": ShortName("diffalign.modalities.audio.io.AudioReader"),
 }
 
 NAMES = ScoreNames(rewards=REWARDS, readers=READERS)

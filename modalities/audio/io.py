@@ -1,9 +1,10 @@
 """Audio files and pictures of audio: WAV/FLAC through soundfile, log-mel spectrogram grids.
 
-- `read_audio(path)` → (clip (C, L) float32 in [−1, 1], sample rate); `read_audio_folder(folder)`
-  iterates (file id, `AudioSamples` of one clip, or the error message) over the WAV/FLAC/OGG files of a
-  folder — what `diffalign score` of a folder of audio files needs (an unreadable file becomes an error
-  row, never a crash).
+- `read_audio(path)` → (clip (C, L) float32 in [−1, 1], sample rate); `AudioReader`, the reader of
+  `diffalign score` for a folder of WAV/FLAC/OGG files (or one file): one record per file in name
+  order, an error row for a file that does not decode, batches in the layout the audio rewards take
+  (`AudioSamples`, padded, lengths explicit); `read_audio_folder(folder)` iterates (file id,
+  `AudioSamples` of one clip, or the error message) through the same reader.
 - `write_wav(path, clip, sample_rate)` writes 16-bit PCM; `write_wavs(samples, folder)` one file per clip
   of an `AudioSamples`, cut to its length.
 - `spectrogram_grid(rows, ...)` draws log-mel spectrograms (a fixed display transform: 48 mel bands up
@@ -23,7 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffalign.modalities.audio.layout import AudioSamples
+from diffalign.core.functional import pad_stack
+from diffalign.core.score.readers import Reader, ReadError, Record, relative_id
+from diffalign.modalities.audio.layout import AudioSamples, resample
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 SPECTROGRAMS = "spectrograms.png"
@@ -37,23 +40,94 @@ def read_audio(path: str | os.PathLike[str]) -> tuple[Tensor, int]:
     return torch.from_numpy(np.ascontiguousarray(data.T)), int(rate)
 
 
+def load_audio(
+    path: str | os.PathLike[str], mono: bool = True, sample_rate: int | None = None
+) -> AudioSamples:
+    """One audio file as `AudioSamples` of one clip (channels averaged when `mono`, resampled to
+    `sample_rate` when given); raises ValueError naming the file when it does not decode or is empty."""
+    name = Path(path).name
+    try:
+        clip, rate = read_audio(path)
+    except Exception as e:  # noqa: BLE001 - soundfile raises LibsndfileError, RuntimeError, ...
+        raise ValueError(f"cannot read audio {name}: {type(e).__name__}: {e}") from None
+    if clip.shape[-1] == 0:
+        raise ValueError(f"cannot read audio {name}: the file has no samples")
+    if mono:
+        clip = clip.mean(0, keepdim=True)
+    samples = AudioSamples(clip[None].clamp(-1, 1), rate)
+    return resample(samples, sample_rate) if sample_rate else samples
+
+
+class AudioReader(Reader):
+    """Reads a folder of WAV/FLAC/OGG files (or one file) for `diffalign score` into the audio layout.
+
+    One record per audio file, in name order (the folder itself only, unless `recursive`); the record id
+    is the file's path relative to the folder (`a.wav`, `sub/b.flac`): the key of a `prompts.csv`
+    (`file,prompt`) inside the folder, which the score command reads (or `--prompt TEXT`). Files with
+    other suffixes are not records. `load` decodes a file into `AudioSamples` of one clip; `collate`
+    pads the clips of a batch into one `AudioSamples` (lengths explicit) — clips of different sample
+    rates cannot share a batch, so such a batch is scored one file at a time.
+
+    Args:
+        recursive: also read audio files in subfolders.
+        mono: average the channels (the audio models and the timbre classifier are mono).
+        sample_rate: resample every file to this rate (Hz); None keeps each file's rate.
+    """
+
+    source_column = "path"
+    suffixes = (*AUDIO_SUFFIXES, "/")
+    chunk_size = 16
+
+    def __init__(self, recursive: bool = False, mono: bool = True, sample_rate: int | None = None) -> None:
+        if sample_rate is not None and int(sample_rate) <= 0:
+            raise ValueError(f"sample_rate must be a positive number of Hz, got {sample_rate}")
+        self.recursive, self.mono = bool(recursive), bool(mono)
+        self.sample_rate = None if sample_rate is None else int(sample_rate)
+
+    def records(self, path: Path) -> Iterator[Record]:
+        path = Path(path)
+        if path.is_file():
+            return iter([Record(path.name, payload=str(path), source=str(path))])
+        try:
+            files = sorted(self._files(path), key=lambda p: relative_id(p, path))
+        except OSError as e:
+            raise ReadError(f"cannot list {path}: {e}") from None
+        return (Record(relative_id(f, path), payload=str(f), source=str(f)) for f in files)
+
+    def _files(self, folder: Path) -> Iterator[Path]:
+        walk = os.walk(folder) if self.recursive else [(str(folder), [], os.listdir(folder))]
+        for root, _, names in walk:
+            for name in names:
+                p = Path(root) / name
+                if name.lower().endswith(AUDIO_SUFFIXES) and p.is_file():
+                    yield p
+
+    def load(self, payload: Any) -> AudioSamples:
+        return load_audio(payload, self.mono, self.sample_rate)
+
+    def collate(self, samples: list[AudioSamples]) -> AudioSamples:
+        rates = {s.sample_rate for s in samples}
+        if len(rates) > 1:
+            raise ValueError(f"clips at {len(rates)} different sample rates cannot form one batch")
+        channels = {s.audio.shape[1] for s in samples}
+        if len(channels) > 1:
+            raise ValueError(f"clips with {len(channels)} different channel counts cannot form one batch")
+        audio, _ = pad_stack([s.audio[0] for s in samples], axis=1)
+        return AudioSamples(audio, rates.pop(), torch.cat([s.lengths for s in samples]))
+
+
 def read_audio_folder(folder: str | os.PathLike[str], mono: bool = True) -> Iterator[tuple[str, Any]]:
     """(relative path, `AudioSamples` of the one clip, or an error string) for every audio file under
-    `folder` in sorted order. `mono` averages channels."""
+    `folder` (subfolders too) in sorted order, read by `AudioReader`. `mono` averages channels."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"audio folder not found: {root}")
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES):
-        rel = str(path.relative_to(root))
+    reader = AudioReader(recursive=True, mono=mono)
+    for record in reader.records(root):
         try:
-            clip, rate = read_audio(path)
-            if clip.shape[-1] == 0:
-                raise ValueError("no samples")
-            if mono:
-                clip = clip.mean(0, keepdim=True)
-            yield rel, AudioSamples(clip[None].clamp(-1, 1), rate)
-        except Exception as e:  # noqa: BLE001 - an unreadable file is a row with its error
-            yield rel, f"{type(e).__name__}: {e}"
+            yield record.id, reader.load(record.payload)
+        except ValueError as e:  # an unreadable file is a row with its error
+            yield record.id, str(e)
 
 
 def write_wav(path: str | os.PathLike[str], clip: Tensor, sample_rate: int) -> Path:
