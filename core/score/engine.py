@@ -319,7 +319,13 @@ def score_records(
         from diffalign.core.score.ray_engine import ray_results
 
         results = ray_results(
-            chunks, items, reader, rewards, workers=ray_workers, max_in_flight=max_in_flight, stop=stop,
+            chunks,
+            items,
+            reader,
+            rewards,
+            workers=ray_workers,
+            max_in_flight=max_in_flight,
+            stop=stop,
             address=address,
         )
         for chunk, res in results:
@@ -337,7 +343,9 @@ def score_records(
                     raise ScoreError(f"cannot build the reader or the rewards: {describe(e)}") from None
             yield from rows_for(chunk, local.score(items(chunk)))
         return
-    for chunk, res in _pool_results(chunks, items, reader, rewards, workers, max_in_flight or 2 * workers, stop):
+    for chunk, res in _pool_results(
+        chunks, items, reader, rewards, workers, max_in_flight or 2 * workers, stop
+    ):
         yield from rows_for(chunk, res)
 
 

@@ -90,5 +90,9 @@ def test_guards_on_two_ranks_measure_the_whole_set_as_one_rank(summaries):
 def test_early_stop_is_decided_on_every_rank_alike(summaries):
     one, two = summaries
     # the evaluation after step 1 warns (KL > max_kl = 0): both runs stop there instead of taking 3 steps
-    assert [w["step"] for w in one["guards"]["warnings"]] == [w["step"] for w in two["guards"]["warnings"]] == [1]
+    assert (
+        [w["step"] for w in one["guards"]["warnings"]]
+        == [w["step"] for w in two["guards"]["warnings"]]
+        == [1]
+    )
     assert one["global_step"] == two["global_step"] == 1

@@ -60,7 +60,9 @@ def _malformed_inputs(folder) -> list:
     blocks = _sdf_blocks()
     broken = b"broken\n  RDKit\n\n  2  1  0  0  0  0  0  0  0  0999 V2000\n  garbage\nM  END\n"
     sdf = folder / "m.sdf"
-    sdf.write_bytes(blocks[0] + b"$$$$\n" + broken + b"$$$$\n" + blocks[1] + b"$$$$\n\xff\xff\n$$$$\n" + blocks[2])
+    sdf.write_bytes(
+        blocks[0] + b"$$$$\n" + broken + b"$$$$\n" + blocks[1] + b"$$$$\n\xff\xff\n$$$$\n" + blocks[2]
+    )
     merged = folder / "merged.sdf"
     merged.write_bytes(blocks[0] + blocks[1] + b"$$$$\n" + blocks[2] + b"$$$$\n")
     parquet = folder / "in.parquet"
