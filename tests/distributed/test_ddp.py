@@ -1,7 +1,8 @@
 """DDP on CPU with the gloo backend and 2 processes, through `diffalign fit` as a user runs it.
 
 - one optimiser step on 2 ranks × B/2 gives the parameters of 1 rank × B (DDPO, GRPO, Diffusion-DPO,
-  AlignProp, DiffusionNFT, AWM, GRPO-Guard and SDE-window GRPO on the toy; SGD, so a gradient twice too large or advantages normalised per rank show);
+  AlignProp, DiffusionNFT, AWM, GRPO-Guard and SDE-window GRPO on the toy; SGD, so a gradient twice too
+  large or advantages normalised per rank show);
 - the ranks sample different rows (seeds and initial noise), and together the global batch of 1 rank;
 - evaluation covers the fixed set once, split over the ranks, and rank 0 writes one run folder;
 - a 2-rank run killed with SIGKILL and resumed ends as an uninterrupted 2-rank run.
