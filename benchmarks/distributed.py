@@ -44,10 +44,10 @@ REPO = HERE.parent
 RESULTS = HERE / "results" / "distributed.json"
 TIMING_ENV = "DIFFALIGN_BENCH_TIMING"
 
-#: recipe, per-process overrides for a global batch of `conditions` (× the recipe's repeats) per step
+#: recipe and the global batch (conditions per optimiser step; DDPO samples each once)
 TRAIN = {
-    "toy": ("toy/ddpo_mode", 32, 1),  # 32 conditions × 1 sample a step
-    "digits": ("image/ddpo_digit_fidelity", 8, 1),
+    "toy": ("toy/ddpo_mode", 32),
+    "digits": ("image/ddpo_digit_fidelity", 8),
 }
 
 
@@ -123,15 +123,14 @@ def train_once(recipe: str, world: int, conditions: int, steps: int, folder: Pat
             )
         log = open(folder / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
         procs.append((subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=log), log))
-    for p, log in procs:
+    for rank, (p, log) in enumerate(procs):
         code = p.wait(timeout=1800)
         log.close()
         if code != 0:
-            tail = (folder / f"rank{procs.index((p, log))}.log").read_text()[-2000:]
+            tail = (folder / f"rank{rank}.log").read_text()[-2000:]
             raise RuntimeError(f"{recipe} on {world} processes failed ({code}):\n{tail}")
     ranks = [json.loads(Path(f"{timing}.{r}.json").read_text()) for r in range(world)]
     seconds = max(r["seconds"] for r in ranks)
-    # the first step also builds the optimiser and warms up: time from its end when there are several
     return {
         "recipe": recipe,
         "processes": world,
@@ -146,7 +145,7 @@ def train_once(recipe: str, world: int, conditions: int, steps: int, folder: Pat
 def bench_train(names: list[str], steps: int, work: Path) -> list[dict[str, Any]]:
     rows = []
     for name in names:
-        recipe, conditions, _ = TRAIN[name]
+        recipe, conditions = TRAIN[name]
         one = train_once(recipe, 1, conditions, steps, work / f"{name}_1")
         two = train_once(recipe, 2, conditions, steps, work / f"{name}_2")
         rows.append(
@@ -171,7 +170,17 @@ sys.exit(code)
 
 
 def score_once(src: Path, out: Path, engine: str, workers: int, chunk: int) -> dict[str, Any]:
-    args = [str(src), "-r", "qed,sa,logp", "-o", str(out), "--workers", str(workers), "--chunk-size", str(chunk)]
+    args = [
+        str(src),
+        "-r",
+        "qed,sa,logp",
+        "-o",
+        str(out),
+        "--workers",
+        str(workers),
+        "--chunk-size",
+        str(chunk),
+    ]
     args += ["--engine", engine, "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     t = time.perf_counter()
@@ -213,13 +222,15 @@ def table(train: list[dict[str, Any]], score: dict[str, Any] | None) -> str:
     if score:
         lines += [
             "",
-            f"| scoring {score['rows']} SMILES (qed, sa, logp), {score['workers']} workers | wall s | rows/s | "
-            "driver peak MB |",
+            f"| scoring {score['rows']} SMILES (qed, sa, logp), {score['workers']} workers | wall s "
+            "| rows/s | driver peak MB |",
             "|---|---|---|---|",
         ]
         for e in ("pool", "ray"):
             s = score[e]
-            lines.append(f"| {e} | {s['seconds']:.1f} | {s['rows_per_s']:.0f} | {s['driver_peak_rss_mb']:.0f} |")
+            lines.append(
+                f"| {e} | {s['seconds']:.1f} | {s['rows_per_s']:.0f} | {s['driver_peak_rss_mb']:.0f} |"
+            )
         lines.append(f"\nsame rows from both engines: {score['same_rows']}")
     return "\n".join(lines)
 
