@@ -101,6 +101,12 @@ def ray_results(
         raise ScoreError(f"workers must be >= 1, got {workers}")
     started = _start(ray, address, workers)
     task = ray.remote(num_cpus=1, max_retries=0)(score_task)
+    # a worker that died (a segfault, os._exit) or was killed for memory while scoring a chunk
+    crashes = tuple(
+        getattr(ray.exceptions, n)
+        for n in ("WorkerCrashedError", "OutOfMemoryError")
+        if hasattr(ray.exceptions, n)
+    )
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         limit = max_in_flight or 2 * (workers or cpus)
@@ -115,13 +121,13 @@ def ray_results(
                 if isinstance(cause, WorkerSetupError):
                     raise ScoreError(f"a worker could not build the reader or the rewards: {cause}") from None
                 raise ScoreError(f"a Ray scoring task failed: {describe(cause or e)}") from None
-            except (ray.exceptions.WorkerCrashedError, ray.exceptions.ActorDiedError, OSError):
+            except crashes:
                 log.warning("scoring: a Ray worker died; re-scoring the affected records one by one")
                 out: list[Result] = []
                 for item in items_:
                     try:
                         out.extend(ray.get(task.remote(specs, [item])))
-                    except ray.exceptions.WorkerCrashedError:
+                    except crashes:
                         out.append((None, CRASHED))
                 return out
 
