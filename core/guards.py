@@ -200,11 +200,12 @@ class GuardMeter:
             "features": self.features is not None,
             "kl": self.kl,
         }
-        parts = ranks.gather_objects(mine) if ranks.distributed else [mine]
+        parts = ranks.gather_objects(mine)
         self.keys = [k for p in parts for k in p["keys"]]
-        # a rank that lost its features (or its reference) takes them from every rank's result
+        # when any rank lost its features (or its reference), no rank reports them: the values agree
         with_feats = all(p["features"] for p in parts)
-        self.feats = [torch.cat([p["feats"] for p in parts if p["feats"] is not None])] if with_feats else []
+        present = [p["feats"] for p in parts if p["feats"] is not None]
+        self.feats = [torch.cat(present)] if with_feats and present else []
         if not with_feats:
             self.features = None
         self.gold_scores = [g for p in parts for g in p["gold"]]
