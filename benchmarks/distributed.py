@@ -192,10 +192,12 @@ def score_once(src: Path, out: Path, engine: str, workers: int, chunk: int) -> d
 
 
 def bench_score(n: int, workers: int, chunk: int, work: Path) -> dict[str, Any]:
-    sys.path.insert(0, str(HERE))
-    from molecule_scoring import make_smiles_file
+    import importlib.util
 
-    src = make_smiles_file(work / f"smiles_{n}.smi", n)
+    spec = importlib.util.spec_from_file_location("molecule_scoring", HERE / "molecule_scoring.py")
+    molecule_scoring = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(molecule_scoring)  # the molecule benchmark's SMILES file
+    src = molecule_scoring.make_smiles_file(work / f"smiles_{n}.smi", n)
     runs = {e: score_once(src, work / f"{e}.csv", e, workers, chunk) for e in ("pool", "ray")}
     with open(work / "pool.csv", newline="") as a, open(work / "ray.csv", newline="") as b:
         same = list(csv.reader(a)) == list(csv.reader(b))

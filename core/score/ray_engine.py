@@ -45,14 +45,13 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
 
 
 def require_ray() -> Any:
-    """The `ray` module, or a ScoreError that says how to install it."""
+    """The `ray` module, or a ScoreError that says how to install it (the `ray` extra)."""
+    from diffalign.core.extras import MissingExtraError, require
+
     try:
-        import ray
-    except ImportError:
-        raise ScoreError(
-            "--engine ray needs Ray: pip install 'diffalign[ray]' (or pip install 'ray>=2.9')"
-        ) from None
-    return ray
+        return require("ray", "ray", "diffalign score --engine ray")
+    except MissingExtraError as e:
+        raise ScoreError(str(e)) from None
 
 
 def score_task(specs: tuple[ReaderSpec, list[RewardSpec]], items: Sequence[tuple[Any, Any]]) -> list[Result]:
