@@ -9,7 +9,7 @@ with the same global batch on 1 process and on 2 processes (DDP over gloo, launc
 MASTER_ADDR, WORLD_SIZE, LOCAL_RANK in each process's environment, each an OS process of its own).
 A callback in every rank times the training steps only (from the first training batch to the end of
 fit's training, evaluation and start-up excluded) and reads the rank's peak resident memory
-(ru_maxrss). Samples/s = rollout samples of the global batch × steps / the slowest rank's seconds; the
+(VmHWM). Samples/s = rollout samples of the global batch × steps / the slowest rank's seconds; the
 table reports the 2-process/1-process ratio. On a machine whose cores are shared the ratio says how
 much of the work the second process overlaps, not what a GPU node does.
 
@@ -72,9 +72,18 @@ class TrainTiming(L.Callback):
         if not out or self.t0 is None:
             return
         rank = trainer.global_rank
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = peak_rss_mb()
         record = {"rank": rank, "seconds": self.t1 - self.t0, "steps": self.steps, "peak_rss_mb": peak}
         Path(f"{out}.{rank}.json").write_text(json.dumps(record))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries the peak of the process
+    that forked it across exec, so a child of a large parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _free_port() -> int:
@@ -161,10 +170,11 @@ def bench_train(names: list[str], steps: int, work: Path) -> list[dict[str, Any]
 
 
 SCORE = r"""
-import resource, sys
+import sys
 from diffalign.rewards.scoring import main
 code = main(sys.argv[1:])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]
+print(hwm[0].split()[1])  # kB, the driver's own peak (ru_maxrss would carry the parent's across exec)
 sys.exit(code)
 """
 
