@@ -48,7 +48,10 @@ def evaluate_reward(
     (`core.sampling`: each sample from its own seed, so results do not depend on `batch_size`).
 
     Returns mean, std, count of finite scores, number of failed scores, and per-prompt means.
-    `on_batch(sampled_batch)` sees every scored batch (the reward-hacking guards measure there).
+    `on_batch(sampled_batch)` sees every scored batch (the reward-hacking guards measure there); when it
+    has a `finish(real, ranks)` method, that is called once after the last batch, on every rank, with
+    the number of rows this rank scored that belong to the set (the rest pad its shard), to gather what
+    it collected (`core.guards.GuardMeter.finish`).
 
     With several processes (a collective: every rank calls it) each rank samples one contiguous shard of
     the pairs and the scores are gathered in the set's order, so every rank returns the statistics of
@@ -76,6 +79,9 @@ def evaluate_reward(
             rows += zip(batch.cond.prompts or [None] * len(batch), batch.scores.tolist(), strict=True)
     finally:
         policy.train(was_training)
+    finish = getattr(on_batch, "finish", None)
+    if finish is not None:
+        finish(real, ranks)
     rows = rows[:real]
     scores: list[float] = []
     per_prompt: dict[str, list[float]] = {}
@@ -215,8 +221,13 @@ class RewardEvaluation(Callback):
             ema = getattr(pl_module, "ema_weights", None)
             with ema() if ema is not None else contextlib.nullcontext():
                 self._evaluate(trainer, pl_module)
-            if self.early_stop and len(self.guards.warnings) > warned:
-                trainer.should_stop = True
+            if self.early_stop:
+                # the guards' values are the whole set's on every rank, so the ranks agree; the flags
+                # make sure of it (every rank takes this branch: the schedule depends on steps only)
+                from diffalign.core.distributed import Ranks
+
+                if any(Ranks.current().flags(len(self.guards.warnings) > warned)):
+                    trainer.should_stop = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if trainer.sanity_checking:

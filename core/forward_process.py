@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from diffalign.core.functional import masked_noise
+from diffalign.core.distributed import RowShard
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.types import Batch, Cond
 
@@ -31,11 +31,24 @@ POINT_FIELDS = ("t", "x_t", "target", "reference", "reference_log_prob")
 
 
 def training_timesteps(
-    policy: DiffusionPolicy, batch: int, count: int, strategy: TimestepStrategy, generator: torch.Generator
+    policy: DiffusionPolicy,
+    batch: int,
+    count: int,
+    strategy: TimestepStrategy,
+    generator: torch.Generator,
+    rows: RowShard | None = None,
 ) -> Tensor:
     """(batch, count) training timesteps: per row, `count` of the sampling schedule's T timesteps in a
     random order ("schedule", DiffusionNFT's choice) or `count` uniform draws over the whole schedule
-    ("uniform", `kernel.draw_timesteps`)."""
+    ("uniform", `kernel.draw_timesteps`).
+
+    With `rows` (this rank's rows of the global batch, `AlignContext.rows`) the timesteps are drawn for
+    the whole global batch from the run generator and this rank keeps its rows', so 2 ranks × B/2 train
+    at the points 1 rank × B does."""
+    if rows is not None:
+        if rows.count != batch:
+            raise ValueError(f"rows hold {rows.count} rows of this rank, the batch {batch}")
+        return rows.draw(lambda total: training_timesteps(policy, total, count, strategy, generator))
     kernel = policy.kernel
     if strategy == "schedule":
         ts = kernel.set_timesteps(policy.num_steps).cpu()
@@ -57,19 +70,22 @@ def forward_points(
     t: Tensor,
     generator: torch.Generator,
     reference: Callable[[Tensor, Tensor], Tensor] | None = None,
+    rows: RowShard | None = None,
 ) -> Batch:
     """The forward-process points of `x0` (B, *event) at timesteps `t` (B, J).
 
     Returns a `Batch` with `x0`, `cond`, `mask`, `t` (B, J), `x_t` and `target` (B, J, *event), and — when
     `reference(x_t, t)` (the output of fixed weights, no grad) is given — `reference` (B, J, *event).
-    Noise is masked: padded entries get none.
+    Noise is masked: padded entries get none. With `rows` (this rank's rows of the global batch) the
+    noise of each point is cut from one draw for the global batch (`RowShard.noise`), as the timesteps.
     """
     kernel = policy.kernel
     b, j = t.shape
     t = t.to(x0.device)
+    rows = rows if rows is not None else RowShard(0, b, b)
     xs, targets, refs = [], [], []
     for k in range(j):
-        noise = masked_noise(x0.shape, generator, mask, device=x0.device)
+        noise = rows.noise(x0.shape, generator, mask, device=x0.device)
         x_t = kernel.add_noise(x0, noise, t[:, k])
         xs.append(x_t)
         targets.append(kernel.target(x0, noise, t[:, k]))

@@ -134,7 +134,14 @@ def path_kl(policy: Any, traj: Any, reference: Any) -> tuple[Tensor, int]:
 # -- one evaluation's measurements ------------------------------------------------------------------
 class GuardMeter:
     """Collects what the guards need from the batches of one evaluation (`evaluate_reward(on_batch=...)`):
-    per-sample features, gold scores and KL estimates, keyed by prompt; `result()` reduces them."""
+    per-sample features, gold scores and KL estimates, keyed by prompt; `result()` reduces them.
+
+    Under several processes each rank sees its shard of the set, padded with repeats of the last pair
+    (so every rank makes the same denoiser calls). `finish(real, ranks)` — which `evaluate_reward` calls
+    on every rank after its last batch — keeps this rank's `real` rows of the set and gathers every
+    rank's rows in the set's order, so `result()` then reduces the whole set, each pair once, and gives
+    the same values on every rank (the early stop decided from them agrees everywhere).
+    """
 
     def __init__(
         self,
@@ -147,9 +154,9 @@ class GuardMeter:
         self.module, self.gold, self.features, self.kl = module, gold, features, kl
         self.bandwidth = bandwidth  # the Vendi kernel's; None: set from these samples
         self.keys: list[str] = []
-        self.feats: list[Tensor] = []
-        self.gold_scores: list[float] = []
-        self.kls: list[float] = []
+        self.feats: list[Tensor] = []  # one (B, D) tensor per batch, then one for the whole set
+        self.gold_scores: list[float] = []  # per row
+        self.kls: list[float] = []  # per row (NaN where the batch had no stochastic step)
         self.stochastic_steps = 0
         self.notes: list[str] = []
 
@@ -161,6 +168,7 @@ class GuardMeter:
             f = self.features(batch.samples(), batch.cond)
             if f is None:
                 self.features = None
+                self.feats = []
                 self.notes.append("the feature function returned None: no diversity")
             else:
                 self.feats.append(torch.as_tensor(f).detach().float().reshape(len(batch), -1).cpu())
@@ -172,11 +180,39 @@ class GuardMeter:
                     kl, steps = path_kl(self.module.policy, batch.trajectory, ref)
             except RuntimeError as e:  # no reference model kept
                 self.kl = False
+                self.kls = []
                 self.notes.append(f"no KL to the reference: {e}")
                 return
-            self.stochastic_steps = steps
-            if steps:
-                self.kls.extend(kl.cpu().tolist())
+            self.stochastic_steps = max(self.stochastic_steps, steps)
+            self.kls.extend(kl.cpu().tolist() if steps else [float("nan")] * len(batch))
+
+    def finish(self, real: int, ranks: Any) -> None:
+        """Keep the first `real` rows (the set's; the rest pad the shard) and gather every rank's rows in
+        rank order (a collective with several processes: every rank calls it once per evaluation)."""
+        feats = torch.cat(self.feats)[:real] if self.feats else None
+        mine = {
+            "keys": self.keys[:real],
+            "feats": feats,
+            "gold": self.gold_scores[:real],
+            "kls": self.kls[:real],
+            "steps": self.stochastic_steps,
+            "notes": self.notes,
+            "features": self.features is not None,
+            "kl": self.kl,
+        }
+        parts = ranks.gather_objects(mine)
+        self.keys = [k for p in parts for k in p["keys"]]
+        # when any rank lost its features (or its reference), no rank reports them: the values agree
+        with_feats = all(p["features"] for p in parts)
+        present = [p["feats"] for p in parts if p["feats"] is not None]
+        self.feats = [torch.cat(present)] if with_feats and present else []
+        if not with_feats:
+            self.features = None
+        self.gold_scores = [g for p in parts for g in p["gold"]]
+        self.kl = all(p["kl"] for p in parts)
+        self.kls = [v for p in parts for v in p["kls"]] if self.kl else []
+        self.stochastic_steps = max(p["steps"] for p in parts)
+        self.notes = [n for p in parts for n in p["notes"]]
 
     def result(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -191,8 +227,9 @@ class GuardMeter:
             ok = [s for s in self.gold_scores if math.isfinite(s)]
             out["gold_mean"] = sum(ok) / len(ok) if ok else float("nan")
             out["gold_failed"] = len(self.gold_scores) - len(ok)
-        if self.kls:
-            out["kl_to_reference"] = sum(self.kls) / len(self.kls)
+        kls = [v for v in self.kls if math.isfinite(v)]
+        if kls:
+            out["kl_to_reference"] = sum(kls) / len(kls)
             out["kl_stochastic_steps"] = self.stochastic_steps
         if self.notes:
             out["notes"] = list(dict.fromkeys(self.notes))

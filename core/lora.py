@@ -182,17 +182,19 @@ class LoRABackbone(Backbone):
 
     @contextmanager
     def reference(self) -> Iterator[Backbone]:
-        """Yields the wrapped backbone with every adapter disabled, under torch.no_grad()."""
+        """Yields the wrapped backbone with every adapter disabled, under torch.no_grad().
+
+        The adapters are switched off by peft's flag alone: peft's `enable_adapters` also flips the
+        adapters' requires_grad, which under FSDP (`use_orig_params`) between a forward pass and its
+        backward pass loses the adapters' gradients of the live forward pass."""
         for layer in self._layers:
-            layer.enable_adapters(False)
+            layer._disable_adapters = True
         try:
             with torch.no_grad():
                 yield self.inner
         finally:
             for layer in self._layers:
-                layer.enable_adapters(True)
-            for n, p in self.inner.named_parameters():  # peft's enable_adapters resets requires_grad
-                p.requires_grad_("lora_" in n)
+                layer._disable_adapters = False
 
     # -- the Backbone interface, delegated ----------------------------------------------------------
     def make_scheduler(self) -> Any:

@@ -110,12 +110,13 @@ class AWM(Algorithm):
             ctx.ranks,
         )
         count = max(1, int(policy.num_steps * self.timestep_fraction))
-        t = training_timesteps(policy, len(traj), count, self.timesteps, ctx.generator)
+        rows = ctx.rows(len(traj), tuple(traj.x0.shape[1:]))  # timesteps and noise of the global batch
+        t = training_timesteps(policy, len(traj), count, self.timesteps, ctx.generator, rows)
 
         def behaviour(x_t: Tensor, tt: Tensor) -> Tensor:
             return policy.backbone.denoise(x_t, tt, traj.cond, traj.mask)
 
-        data = forward_points(policy, traj.x0, traj.cond, traj.mask, t, ctx.generator, behaviour)
+        data = forward_points(policy, traj.x0, traj.cond, traj.mask, t, ctx.generator, behaviour, rows)
         old_lp = torch.stack(
             [-masked_mse(data.reference[:, k], data.target[:, k], traj.mask) for k in range(count)], dim=1
         )

@@ -187,13 +187,14 @@ class DiffusionNFT(Algorithm):
             ctx.ranks,
         )
         count = max(1, int(policy.num_steps * self.timestep_fraction))
-        t = training_timesteps(policy, len(traj), count, self.timesteps, ctx.generator)
+        rows = ctx.rows(len(traj), tuple(traj.x0.shape[1:]))  # timesteps and noise of the global batch
+        t = training_timesteps(policy, len(traj), count, self.timesteps, ctx.generator, rows)
 
         def old_output(x_t: Tensor, tt: Tensor) -> Tensor:
             with self.old.swapped_in(params):
                 return policy.backbone.denoise(x_t, tt, traj.cond, traj.mask)
 
-        data = forward_points(policy, traj.x0, traj.cond, traj.mask, t, ctx.generator, old_output)
+        data = forward_points(policy, traj.x0, traj.cond, traj.mask, t, ctx.generator, old_output, rows)
         metrics.update(adv_metrics)
         metrics["old_decay"] = self.decay()
         return data.replace(advantages=adv.to(traj.x0.device)), metrics

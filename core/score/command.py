@@ -149,11 +149,14 @@ def iter_score_file(
     input: str | os.PathLike[str],
     rewards: str | Sequence[str] | None = None,
     *,
-    workers: int = 1,
+    workers: int | None = 1,
     chunk_size: int | None = None,
+    engine: str = "pool",
+    address: str | None = None,
     **plan_args: Any,
 ) -> Iterator[dict[str, Any]]:
-    """Rows for an input (file or folder), lazily, in input order (see `engine.score_records`).
+    """Rows for an input (file or folder), lazily, in input order (see `engine.score_records`; with
+    `engine="ray"` as Ray tasks on the cluster at `address`, or a local one of `workers` CPUs).
 
     `plan_args` are `plan`'s: `reward_config`, `reader`, `reader_options`, `prompt`, `prompts`,
     `names`. Raises `ReadError` / `ScoreError` before the first row when the input cannot be read or a
@@ -161,7 +164,14 @@ def iter_score_file(
     """
     p = plan(input, rewards, **plan_args)
     return score_records(
-        p.records(), p.reader, p.rewards, workers=workers, chunk_size=chunk_size, prompts=p.has_prompts
+        p.records(),
+        p.reader,
+        p.rewards,
+        workers=workers,
+        chunk_size=chunk_size,
+        prompts=p.has_prompts,
+        engine=engine,  # type: ignore[arg-type]
+        address=address,
     )
 
 
@@ -322,6 +332,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-size", type=int, default=None, help="records per worker task (default: the reader's)"
     )
     p.add_argument(
+        "--engine",
+        choices=("pool", "ray"),
+        default="pool",
+        help="pool: worker processes on this machine (default); ray: Ray tasks on a cluster (the 'ray' "
+        "extra), the same rows",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="--engine ray: the cluster to join ('auto', 'ray://head:10001'); default: a local instance "
+        "of --workers CPUs (all cores)",
+    )
+    p.add_argument(
         "--flush-seconds",
         type=float,
         default=5.0,
@@ -393,6 +416,9 @@ def main(argv: Sequence[str] | None = None, names: ScoreNames | None = None) -> 
 
 def _run(args: argparse.Namespace, argv: Sequence[str], names: ScoreNames, stop: _Stop) -> int:
     output: Output | None = None
+    if args.address is not None and args.engine != "ray":
+        print("diffalign score: --address is an option of --engine ray", file=sys.stderr)
+        return 2
     try:
         options = dict(_option(o) for o in args.reader_option)
         options.update(
@@ -424,6 +450,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str], names: ScoreNames, stop:
         return 2
     counted = _Counted(records)
     workers = (os.cpu_count() or 1) if args.workers is None else args.workers
+    if args.engine == "ray" and args.address is not None and args.workers is None:
+        workers = None  # every CPU of the cluster
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     bar = _progress_bar(show, done)
     start, errors, complete, rows = time.perf_counter(), 0, False, None
@@ -438,6 +466,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str], names: ScoreNames, stop:
             first_record=done + 1,
             stop=stop,
             progress=bar,
+            engine=args.engine,
+            address=args.address,
         )
         for row in rows:
             stop.writing = True

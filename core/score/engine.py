@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 #: one result per payload: (one value per reward, None where it failed) or None, and the error text
 Result = tuple[tuple[float | None, ...] | None, str | None]
+#: the error of a record that killed the worker scoring it (twice: once in its chunk, once alone)
+CRASHED = "worker process crashed while scoring this record"
+Engine = Literal["pool", "ray"]
 
 
 def describe(e: BaseException) -> str:
@@ -251,13 +254,15 @@ def score_records(
     reader: ReaderSpec,
     rewards: Sequence[RewardSpec],
     *,
-    workers: int = 1,
+    workers: int | None = 1,
     chunk_size: int | None = None,
     max_in_flight: int | None = None,
     prompts: bool = False,
     first_record: int = 1,
     stop: Callable[[], bool] | None = None,
     progress: Any = None,
+    engine: Engine = "pool",
+    address: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Score records lazily; yields one row dict per record, in input order.
 
@@ -270,9 +275,18 @@ def score_records(
     input of one chunk (not worth starting processes). `stop()` is polled between chunks (see the module
     docstring).
     `progress` is an optional object with `update(n)` (a tqdm bar).
+
+    `engine="ray"` scores the chunks as Ray tasks instead (`core.score.ray_engine`: the cluster at
+    `address`, or a local one of `workers` CPUs), with at most `max_in_flight` chunks outstanding
+    (default 2 × the cluster's CPUs) and the same rows; `workers=None` there means every CPU of the
+    cluster.
     """
     built = reader.build()
     chunk_size = int(chunk_size or built.chunk_size)
+    if engine not in ("pool", "ray"):
+        raise ScoreError(f"engine must be 'pool' or 'ray', got {engine!r}")
+    ray_workers = workers
+    workers = 1 if workers is None else workers
     if workers < 1:
         raise ScoreError(f"workers must be >= 1, got {workers}")
     if chunk_size < 1:
@@ -281,7 +295,6 @@ def score_records(
     names = [s.column for s in rewards]
     source = built.source_column
     stop = stop or (lambda: False)
-    max_in_flight = max_in_flight or 2 * workers
     counter = [first_record - 1]
 
     def rows_for(chunk: list[Record], results: list[Result]) -> Iterator[dict[str, Any]]:
@@ -302,6 +315,22 @@ def score_records(
         return [(r.payload, r.prompt) for r in chunk if r.error is None]
 
     chunks = _chunks(records, chunk_size, stop)
+    if engine == "ray":
+        from diffalign.core.score.ray_engine import ray_results
+
+        results = ray_results(
+            chunks,
+            items,
+            reader,
+            rewards,
+            workers=ray_workers,
+            max_in_flight=max_in_flight,
+            stop=stop,
+            address=address,
+        )
+        for chunk, res in results:
+            yield from rows_for(chunk, res)
+        return
     head = [c for c in (next(chunks, None), next(chunks, None)) if c is not None]
     chunks = itertools.chain(head, chunks)
     if workers == 1 or len(head) < 2:
@@ -314,7 +343,23 @@ def score_records(
                     raise ScoreError(f"cannot build the reader or the rewards: {describe(e)}") from None
             yield from rows_for(chunk, local.score(items(chunk)))
         return
+    for chunk, res in _pool_results(
+        chunks, items, reader, rewards, workers, max_in_flight or 2 * workers, stop
+    ):
+        yield from rows_for(chunk, res)
 
+
+def _pool_results(
+    chunks: Iterator[list[Record]],
+    items: Callable[[list[Record]], list],
+    reader: ReaderSpec,
+    rewards: Sequence[RewardSpec],
+    workers: int,
+    max_in_flight: int,
+    stop: Callable[[], bool],
+) -> Iterator[tuple[list[Record], list[Result]]]:
+    """(chunk, results) in input order from a process pool of `workers` with at most `max_in_flight`
+    chunks outstanding (see the module docstring for crashes and stops)."""
     pool = _Pool(workers, (reader, list(rewards)))
     pending: deque[tuple[list[Record], list, Future]] = deque()
 
@@ -336,7 +381,7 @@ def score_records(
                     out.extend(pool.submit([item]).result())
                 except BrokenProcessPool:
                     pool.shutdown()
-                    out.append((None, "worker process crashed while scoring this record"))
+                    out.append((None, CRASHED))
             for c, i in rest:
                 pending.append((c, i, pool.submit(i)))
             return out
@@ -348,12 +393,12 @@ def score_records(
             pending.append((chunk, it, pool.submit(it)))
             while len(pending) >= max_in_flight and not stop():
                 chunk0, items0, fut = pending.popleft()
-                yield from rows_for(chunk0, result_of(items0, fut))
+                yield chunk0, result_of(items0, fut)
             if stop():
                 break
         while pending and not stop():
             chunk0, items0, fut = pending.popleft()
-            yield from rows_for(chunk0, result_of(items0, fut))
+            yield chunk0, result_of(items0, fut)
         # stopped: the chunks already scored still count, in order; the others are discarded
         while pending and pending[0][2].done() and not pending[0][2].cancelled():
             chunk0, items0, fut = pending.popleft()
@@ -361,7 +406,7 @@ def score_records(
                 results = fut.result()
             except Exception:  # noqa: BLE001 - a chunk that failed while stopping is discarded
                 break
-            yield from rows_for(chunk0, results)
+            yield chunk0, results
         finished = True
     finally:
         pool.shutdown(kill=not finished or stop())

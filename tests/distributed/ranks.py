@@ -14,7 +14,7 @@ SIGKILL), the others are killed a few seconds later, as torchrun does.
 spec.json: {"cwd": str, "runs": [{"argv": [...], "world": int, "timeout": float, "record": bool}]}.
 With `record`, every rank writes `record_<run>_<rank>.pt`: the seeds and initial noise of each of its
 training rollouts (what `collect_rollouts` sampled), and the number of gradient all-reduces of DDP
-buckets when the run's strategy uses `counting_hook` (`ddp_comm_hook`).
+buckets when the run's strategy is `strategies.CountingDDPStrategy`.
 """
 
 from __future__ import annotations
@@ -30,15 +30,6 @@ import traceback
 from pathlib import Path
 
 GRACE_S = 5.0  # how long the other ranks may live on after one died
-ALL_REDUCES = [0]
-
-
-def counting_hook(state, bucket):
-    """A DDP communication hook that counts the gradient buckets it all-reduces (then all-reduces)."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    ALL_REDUCES[0] += 1
-    return allreduce_hook(state, bucket)
 
 
 def _free_port() -> int:
@@ -78,6 +69,8 @@ def _child(argv: list[str], env: dict[str, str], log: Path, record: Path | None)
 
         cli_main(argv)
         if seen is not None:
+            from tests.distributed.strategies import ALL_REDUCES
+
             torch.save({"rollouts": seen, "all_reduces": ALL_REDUCES[0]}, record)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

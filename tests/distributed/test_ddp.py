@@ -1,7 +1,8 @@
 """DDP on CPU with the gloo backend and 2 processes, through `diffalign fit` as a user runs it.
 
 - one optimiser step on 2 ranks × B/2 gives the parameters of 1 rank × B (DDPO, GRPO, Diffusion-DPO,
-  AlignProp on the toy; SGD, so a gradient twice too large or advantages normalised per rank show);
+  AlignProp, DiffusionNFT, AWM, GRPO-Guard and SDE-window GRPO on the toy; SGD, so a gradient twice too
+  large or advantages normalised per rank show);
 - the ranks sample different rows (seeds and initial noise), and together the global batch of 1 rank;
 - evaluation covers the fixed set once, split over the ranks, and rank 0 writes one run folder;
 - a 2-rank run killed with SIGKILL and resumed ends as an uninterrupted 2-rank run.
@@ -30,15 +31,18 @@ ALGORITHMS = {
     "grpo": ("toy/grpo_mode.yaml", 4),  # × group_size 8 rollouts
     "dpo": ("toy/dpo_target.yaml", 8),
     "alignprop": ("toy/alignprop_mode.yaml", 16),
+    # the forward-process methods (training timesteps and noise drawn for the global batch) and the GRPO
+    # variants (stored step means; an SDE window), each 4 conditions × group_size 8
+    "nft": ("toy/nft_mode.yaml", 4),
+    "awm": ("toy/awm_mode.yaml", 4),
+    "grpo_guard": ("toy/grpo_guard_mode.yaml", 4),
+    "grpo_window": ("toy/grpo_window_mode.yaml", 4),
 }
 ONE_STEP = ["--trainer.max_epochs=1", "--data.init_args.eval_seeds_per_prompt=1"]
 VOLATILE = {"wall_seconds", "run_dir"}
 
 
-COUNT_SYNCS = [
-    "--trainer.strategy=lightning.pytorch.strategies.DDPStrategy",
-    "--trainer.strategy.init_args.ddp_comm_hook=tests.distributed.ranks.counting_hook",
-]
+COUNT_SYNCS = ['--trainer.strategy={"class_path": "tests.distributed.strategies.CountingDDPStrategy"}']
 
 
 def _one_step(recipe: str, batch: int, world: int, root: Path, sgd: Path) -> dict:
@@ -98,7 +102,7 @@ def test_one_step_on_two_ranks_equals_one_rank_with_the_whole_batch(one_step, na
     assert worst < 1e-6, f"{name}: 2 ranks differ from 1 rank by {worst:.2e} (the step moved {moved:.2e})"
 
 
-@pytest.mark.parametrize("name", ["ddpo", "grpo"])
+@pytest.mark.parametrize("name", ["ddpo", "grpo", "nft", "grpo_window"])
 def test_ranks_sample_their_own_rows_of_the_global_batch(one_step, name):
     cwd, results = one_step
     single, double = results[name]
@@ -116,7 +120,7 @@ def test_ranks_sample_their_own_rows_of_the_global_batch(one_step, name):
 def test_gradients_are_all_reduced_once_per_optimiser_step(one_step):
     cwd, results = one_step
     # DDPO: 10 micro-batches (one per denoising step) accumulate into the one optimiser step; GRPO the same
-    for name in ("ddpo", "grpo", "dpo", "alignprop"):
+    for name in ALGORITHMS:
         syncs = [r["all_reduces"] for r in records(cwd, results[name][1]["index"], 2)]
         assert syncs == [1, 1], f"{name}: {syncs} gradient all-reduces for one optimiser step"
 

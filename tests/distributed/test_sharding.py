@@ -103,3 +103,44 @@ def test_launch_rank_reads_the_launchers_environment(monkeypatch, env, rank):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert launch_rank() == rank
+
+
+class _TwoRanks(Ranks):
+    """Rank 0 of 2 whose gather returns this rank's object and a given one for rank 1 (no processes)."""
+
+    def __init__(self, other) -> None:
+        super().__init__(0, 2)
+        self.other = other
+
+    def gather_objects(self, obj):
+        return [obj, self.other]
+
+
+def _meter(keys, feats, gold, kls):
+    from diffalign.core.guards import GuardMeter
+
+    m = GuardMeter(module=None, gold=object(), features=lambda s, c: None, kl=True, bandwidth=None)
+    m.keys, m.feats, m.gold_scores, m.kls, m.stochastic_steps = list(keys), [feats], list(gold), list(kls), 3
+    return m
+
+
+def test_guard_meter_drops_padding_rows_and_gathers_the_whole_set_in_rank_order():
+    """The shards 0..4 | 5..8 (+ a padding repeat of row 8) give the guard values of the 9 rows at once."""
+    feats = torch.arange(18.0).reshape(9, 2) ** 1.5
+    keys = ["a", "a", "a", "b", "b", "b", "c", "c", "c"]
+    gold = [float(i) for i in range(9)]
+    kls = [0.1 * i for i in range(9)]
+    whole = _meter(keys, feats, gold, kls)
+    whole.finish(9, Ranks())
+    # rank 1's shard: rows 5..8 and the padding repeat of row 8, trimmed to its 4 real rows before the gather
+    r1 = _meter(keys[5:] + ["c"], torch.cat([feats[5:], feats[8:]]), gold[5:] + [8.0], kls[5:] + [0.8])
+    r1.finish(4, Ranks())
+    other = {
+        "keys": r1.keys, "feats": r1.feats[0], "gold": r1.gold_scores, "kls": r1.kls, "steps": 3,
+        "notes": [], "features": True, "kl": True,
+    }  # fmt: skip
+    r0 = _meter(keys[:5], feats[:5], gold[:5], kls[:5])
+    r0.finish(5, _TwoRanks(other))
+    assert r0.keys == keys and torch.equal(r0.feats[0], feats)
+    a, b = whole.result(), r0.result()
+    assert a == b and a["gold_mean"] == 4.0 and a["diversity_prompts"] == 3
