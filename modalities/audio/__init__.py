@@ -9,17 +9,23 @@ waveforms with a diffusers `UNet1DModel`. `AudioLDMBackbone` runs the same recip
 pipeline from a local diffusers folder (LoRA through peft).
 """
 
-from diffalign.modalities.audio.backbone import (
+from diffalign.core.extras import require
+
+require("torchaudio", "audio", "diffalign.modalities.audio")  # mel transforms, Griffin-Lim, resampling
+require("soundfile", "audio", "diffalign.modalities.audio")  # WAV/FLAC I/O
+require("pyloudnorm", "audio", "diffalign.modalities.audio")  # ITU-R BS.1770 loudness
+
+from diffalign.modalities.audio.backbone import (  # noqa: E402
     MEL_BASE_WEIGHTS,
     WAVE_BASE_WEIGHTS,
     AudioBackbone,
     MelBackbone,
     WaveformBackbone,
 )
-from diffalign.modalities.audio.data import AudioDataModule, make_clips, note_prompts
-from diffalign.modalities.audio.layout import AudioSamples, apply_request, crop_window, resample
-from diffalign.modalities.audio.mel import MelCodec
-from diffalign.modalities.audio.prompts import (
+from diffalign.modalities.audio.data import AudioDataModule, make_clips, note_prompts  # noqa: E402
+from diffalign.modalities.audio.layout import AudioSamples, apply_request, crop_window, resample  # noqa: E402
+from diffalign.modalities.audio.mel import MelCodec  # noqa: E402
+from diffalign.modalities.audio.prompts import (  # noqa: E402
     LOUDNESS,
     LOUDNESS_LUFS,
     NOTES,
@@ -29,7 +35,7 @@ from diffalign.modalities.audio.prompts import (
     note_frequency,
     parse_prompt,
 )
-from diffalign.modalities.audio.synth import NOTE_SAMPLES, SAMPLE_RATE, synthesize
+from diffalign.modalities.audio.synth import NOTE_SAMPLES, SAMPLE_RATE, synthesize  # noqa: E402
 
 _LAZY = {  # AudioLDM pulls in transformers: imported on first use only
     "AudioLDMBackbone": "diffalign.modalities.audio.audioldm",

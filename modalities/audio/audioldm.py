@@ -45,6 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffalign.core.extras import require
+
+require("transformers", "audio", "AudioLDMBackbone")
+
 from diffalign.core.backbone import Backbone
 from diffalign.core.functional import Generator, pad_stack, randn
 from diffalign.core.types import Cond
