@@ -106,7 +106,9 @@ def _read_video(path: Path) -> Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def write_clip_video(clip: Tensor, path: str | Path, fps: int = 1000 // FRAME_MS, lossless: bool = True) -> Path:
+def write_clip_video(
+    clip: Tensor, path: str | Path, fps: int = 1000 // FRAME_MS, lossless: bool = True
+) -> Path:
     """One clip (F, 3 | 1, H, W) in [0, 1] as a video file through PyAV: H.264 (`libx264`) in 4:4:4, CRF 0
     when `lossless` (the YUV conversion still rounds: about 1/255), else CRF 18 in 4:2:0 (what players
     expect; even H and W). The container follows the suffix (`.mp4`, `.mkv`, …)."""
