@@ -20,7 +20,7 @@ from diffalign.core.policy import DiffusionPolicy
 from diffalign.modalities.video import EVAL_PROMPTS, FLOW_BASE_WEIGHTS, moving_digits_backbone
 from diffalign.modalities.video.train_motion_classifier import CLASSIFIER_WEIGHTS, train
 from diffalign.rewards.video import FrameDigitFidelity, MotionClassifierReward
-from tests.helpers import run_fit, tiny_configs
+from tests.helpers import run_fit
 
 HERE = Path(__file__).resolve().parents[3] / "modalities" / "video"
 MOTION_BOUNDS = (0.25, 0.8)  # chance 1/8
@@ -57,24 +57,14 @@ def test_shipped_base_follows_its_prompt_only_partly():
 
 
 @pytest.mark.slow
-def test_pretrain_recipe_is_deterministic(tmp_path, monkeypatch):
-    """The recipe that made the shipped base, cut to 3 steps of 4 clips, gives the same bytes twice (the
-    full run reproduces the shipped file the same way, with one CPU thread: docs/modalities/video.md)."""
-    made = []
-    for run in ("a", "b"):
-        folder = tmp_path / run
-        folder.mkdir()
-        monkeypatch.chdir(folder)
-        extra = tiny_configs("recipes/video/pretrain_flow.yaml", folder)
-        run_fit(
-            "recipes/video/pretrain_flow.yaml", folder / "runs", "--trainer.max_steps=3", extra_configs=extra
-        )
-        made.append((folder / "modalities/video/moving_digits_flow_base.safetensors").read_bytes())
-    assert made[0] == made[1]
+def test_pretrain_recipe_reproduces_the_shipped_weights_bit_for_bit(cleandir):
+    """The whole recipe (50 steps of 16 clips, one thread as conftest sets): the same tensors, bit for bit."""
+    run_fit("recipes/video/pretrain_flow.yaml", cleandir / "runs")
+    made = load_file(str(cleandir / "modalities/video/moving_digits_flow_base.safetensors"))
     shipped = load_file(str(resolve_path(FLOW_BASE_WEIGHTS)))
-    short = load_file(str(tmp_path / "a/modalities/video/moving_digits_flow_base.safetensors"))
-    assert shipped.keys() == short.keys()
-    assert all(shipped[k].shape == short[k].shape for k in shipped)
+    assert made.keys() == shipped.keys()
+    for k in shipped:
+        assert torch.equal(made[k], shipped[k]), k
 
 
 def test_motion_classifier_script_is_deterministic_and_its_report_matches():
