@@ -20,7 +20,7 @@ from diffalign.core.policy import DiffusionPolicy
 from diffalign.modalities.video import EVAL_PROMPTS, FLOW_BASE_WEIGHTS, moving_digits_backbone
 from diffalign.modalities.video.train_motion_classifier import CLASSIFIER_WEIGHTS, train
 from diffalign.rewards.video import FrameDigitFidelity, MotionClassifierReward
-from tests.helpers import run_fit
+from tests.helpers import run_fit, tiny_configs
 
 HERE = Path(__file__).resolve().parents[3] / "modalities" / "video"
 MOTION_BOUNDS = (0.25, 0.8)  # chance 1/8
@@ -65,6 +65,22 @@ def test_pretrain_recipe_reproduces_the_shipped_weights_bit_for_bit(cleandir):
     assert made.keys() == shipped.keys()
     for k in shipped:
         assert torch.equal(made[k], shipped[k]), k
+
+
+def test_pretrain_recipe_cut_short_is_deterministic(tmp_path, monkeypatch):
+    """The same recipe with its tiny test settings for 3 steps: equal bytes twice (the quick form of the
+    test above)."""
+    made = []
+    for run in ("a", "b"):
+        folder = tmp_path / run
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        extra = tiny_configs("recipes/video/pretrain_flow.yaml", folder)
+        run_fit(
+            "recipes/video/pretrain_flow.yaml", folder / "runs", "--trainer.max_steps=3", extra_configs=extra
+        )
+        made.append((folder / "modalities/video/moving_digits_flow_base.safetensors").read_bytes())
+    assert made[0] == made[1]
 
 
 def test_motion_classifier_script_is_deterministic_and_its_report_matches():
