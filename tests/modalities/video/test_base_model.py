@@ -57,6 +57,7 @@ def test_shipped_base_follows_its_prompt_only_partly():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 3 CPU-minutes; much longer on a shared machine
 def test_pretrain_recipe_reproduces_the_shipped_weights_bit_for_bit(cleandir):
     """The whole recipe (50 steps of 16 clips, one thread as conftest sets): the same tensors, bit for bit."""
     run_fit("recipes/video/pretrain_flow.yaml", cleandir / "runs")
