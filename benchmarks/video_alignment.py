@@ -6,22 +6,27 @@ time of reward backprop with one decoded frame vs all frames.
     python benchmarks/video_alignment.py test_time                 # plain vs best-of-4 vs FK (4 particles)
     python benchmarks/video_alignment.py memory                    # one frame vs all frames, two backbones
 
+Reduced settings for a small CPU budget (what docs/modalities/video.md's table used): `--eval-seeds 2`
+(16 prompts x 2 seeds), `--no-pictures` (no ClipGrid GIFs), `--feedback-seeds 4`, `--max-epochs 2`,
+`--test-time-seeds 2`, `--wan-frames 17 --wan-size 64`.
+
 alignment: each task runs its recipe through the CLI (`diffalign fit`, in-process) into a temporary run
 folder and reads `summary.json` (the recipe's reward before/after over its fixed evaluation set, 16
-prompts × 8 seeds = 128 clips). On the same (prompt, seed) pairs it then scores the base and the aligned
-model with every video reward — per-frame digit fidelity and accuracy, motion agreement, the motion
-classifier, temporal flicker, subject consistency — and the motion magnitude (pixels per frame), so a gain
-bought by static or collapsed clips shows. `dpo_motion` first makes its AI-feedback pairs with
-`diffalign feedback` (recipes/video/feedback_motion.yaml).
+prompts × 8 seeds = 128 clips; `--eval-seeds` fewer). On the same (prompt, seed) pairs it then scores
+the base and the aligned model with every video reward — per-frame digit fidelity and accuracy, motion
+agreement, the motion classifier, temporal flicker, subject consistency — and the motion magnitude
+(pixels per frame), so a gain bought by static or collapsed clips shows. `dpo_motion` first makes its
+AI-feedback pairs with `diffalign feedback` (recipes/video/feedback_motion.yaml).
 
 test_time: `diffalign sample` with recipes/video/sample_{plain,best_of_n,fk}.yaml (MotionAgreement), the
 same 128 (prompt, seed) pairs; reward, NFE per clip, wall time, and the other metrics of the chosen clips.
 
 memory: one DRaFT-1 step (sample with the graph through the last step, decode, score, backward) per
-configuration, each in a fresh process; peak resident memory above the process's state before the step
-(ru_maxrss) and CPU time of the step. Backbones: the shipped moving-digit model (8 × 16 × 16, batch 16,
-`FrameDigitFidelity`) and a random-weight Wan 2.1 pipeline of the real classes (33 frames of 128 × 128,
-batch 2, a per-frame brightness reward), decoding one random frame vs all frames.
+configuration, each in a fresh process; peak resident memory during the step above the resident memory
+just before it (`PeakRSS`, sampled every millisecond) and CPU time of the step. Backbones: the shipped
+moving-digit model (8 × 16 × 16, batch 16, `FrameDigitFidelity`) and a random-weight Wan 2.1 pipeline of
+the real classes (33 frames of 128 × 128 unless `--wan-frames/--wan-size`, batch 2, a per-frame
+brightness reward), decoding one random frame, (Wan) frame 0 only, and all frames.
 
 Writes benchmarks/results/video_alignment.json (rows of tasks not run this time are kept).
 """
@@ -117,27 +122,28 @@ def _start_weights(run: Path) -> str:
     return args["weights"]
 
 
-def make_feedback(folder: Path) -> Path:
+def make_feedback(folder: Path, seeds_per_prompt: int | None = None) -> Path:
     from diffalign.core.cli import cli_main
 
     out = folder / "feedback_motion"
-    assert (
-        cli_main(
-            ["feedback", "--config", str(REPO / "recipes/video/feedback_motion.yaml"), "--output", str(out)]
-        )
-        == 0
-    )
+    args = ["feedback", "--config", str(REPO / "recipes/video/feedback_motion.yaml"), "--output", str(out)]
+    if seeds_per_prompt:
+        args.append(f"--seeds_per_prompt={seeds_per_prompt}")
+    args += ["--progress", "false"]
+    assert cli_main(args) == 0
     return out / "pairs.jsonl"
 
 
-def run_alignment(name: str, extra: list[str], tmp: Path, base_cache: dict) -> dict:
+def run_alignment(
+    name: str, extra: list[str], tmp: Path, base_cache: dict, feedback_seeds: int | None = None
+) -> dict:
     from diffalign.core.cli import cli_main
     from diffalign.core.io import load_state_dict
 
     recipe = TASKS[name]
     args = ["fit", "--config", str(REPO / recipe), "--run_root", str(tmp / "runs"), *QUIET, *extra]
     if name == "dpo_motion":
-        args.append(f"--data.init_args.path={make_feedback(tmp)}")
+        args.append(f"--data.init_args.path={make_feedback(tmp, feedback_seeds)}")
     t0 = time.perf_counter()
     cli = cli_main(args)
     wall = time.perf_counter() - t0
@@ -171,18 +177,16 @@ def run_alignment(name: str, extra: list[str], tmp: Path, base_cache: dict) -> d
     }
 
 
-def run_test_time(name: str, tmp: Path) -> dict:
+def run_test_time(name: str, tmp: Path, seeds_per_prompt: int | None = None) -> dict:
     from diffalign.core.cli import cli_main
     from diffalign.modalities.video.io import iter_clips
 
     out = tmp / name
+    args = ["sample", "--config", str(REPO / TEST_TIME[name]), "--output", str(out), "--progress", "false"]
+    if seeds_per_prompt:
+        args.append(f"--seeds_per_prompt={seeds_per_prompt}")
     t0 = time.perf_counter()
-    assert (
-        cli_main(
-            ["sample", "--config", str(REPO / TEST_TIME[name]), "--output", str(out), "--progress", "false"]
-        )
-        == 0
-    )
+    assert cli_main(args) == 0
     wall = time.perf_counter() - t0
     results = json.loads((out / "results.json").read_text())
     rows = [(clip, prompt) for _, clip, prompt in iter_clips(out / "clips")]  # the chosen clips, as GIFs
@@ -195,14 +199,55 @@ def run_test_time(name: str, tmp: Path) -> dict:
         "reward_mean_se": list(_mean_se(rewards)),
         "metrics": clip_metrics_of(clips, [p for _, p in rows]),
         "wall_seconds": round(wall, 1),
+        "seeds_per_prompt": seeds_per_prompt,
     }
 
 
 # -- memory: one reward-backprop step per fresh process -------------------------------------------
-def memory_worker(backbone: str, frames: str, folder: str | None) -> dict:
-    import resource
+def _rss_mb() -> float:
+    """The process's resident memory now (Linux /proc), in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
+
+class PeakRSS:
+    """The highest resident memory seen while the block runs (a thread samples /proc every millisecond):
+    unlike ru_maxrss, not hidden by a higher peak earlier in the process (imports, weight loading)."""
+
+    def __enter__(self) -> PeakRSS:
+        import threading
+
+        self.peak, self._stop = _rss_mb(), threading.Event()
+
+        def poll() -> None:
+            while not self._stop.wait(0.001):
+                self.peak = max(self.peak, _rss_mb())
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
+def _release_memory() -> None:
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # freed heap back to the OS: the step's growth shows
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def memory_worker(
+    backbone: str, frames: str, folder: str | None, wan_frames: int = 33, wan_size: int = 128
+) -> dict:
     torch.set_num_threads(1)
+    request_frames = [0] if frames == "first" else frames
     from diffalign.core.policy import DiffusionPolicy
     from diffalign.core.reward import GuardedReward
     from diffalign.core.reward_backprop import reward_loss
@@ -214,17 +259,19 @@ def memory_worker(backbone: str, frames: str, folder: str | None) -> dict:
 
         bb = moving_digits_backbone("flow")
         prompts = list(EVAL_PROMPTS)
-        reward = FrameDigitFidelity(frames=frames)
+        reward = FrameDigitFidelity(frames=request_frames)
         steps = 10
     else:
         from diffalign.core.reward import FunctionReward
         from diffalign.modalities.video.wan import WanBackbone
         from diffalign.rewards.video import FrameImageReward
 
-        bb = WanBackbone(folder, num_frames=33, height=128, width=128, max_sequence_length=8)
+        bb = WanBackbone(
+            folder, num_frames=wan_frames, height=wan_size, width=wan_size, max_sequence_length=8
+        )
         prompts = ["a cat video", "a dog video"]
         brightness = FunctionReward("benchmarks.video_alignment.frame_brightness", differentiable=True)
-        reward = FrameImageReward(brightness, frames=frames)
+        reward = FrameImageReward(brightness, frames=request_frames)
         steps = 4
     from diffalign.core.kernels import FlowSDEKernel
 
@@ -234,18 +281,20 @@ def memory_worker(backbone: str, frames: str, folder: str | None) -> dict:
     guarded = GuardedReward(reward)
     with torch.no_grad():  # warm up every path once, so the step measures activations, not lazy setup
         sample_batch(policy, cond[:1], seeds[:1]).view.get(reward.request)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _release_memory()
+    before = _rss_mb()
     t0 = time.process_time()
-    sampled = sample_batch(policy, cond, seeds, grad_steps=1)
-    out = reward_loss(policy, guarded, sampled.x0, sampled.mask, sampled.cond, 1.0)
-    out["loss"].backward()
+    with PeakRSS() as rss:
+        sampled = sample_batch(policy, cond, seeds, grad_steps=1)
+        out = reward_loss(policy, guarded, sampled.x0, sampled.mask, sampled.cond, 1.0)
+        out["loss"].backward()
     cpu = time.process_time() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "backbone": backbone,
         "frames": frames,
+        "clip_shape": list(sampled.x0.shape),
         "batch": len(prompts),
-        "peak_extra_mb": round((peak - before) / 1024, 1),
+        "peak_extra_mb": round(rss.peak - before, 1),
         "step_cpu_seconds": round(cpu, 2),
     }
 
@@ -255,26 +304,27 @@ def frame_brightness(images, cond):
     return images.mean(dim=(1, 2, 3))
 
 
-def run_memory(tmp: Path) -> list[dict]:
+def run_memory(
+    tmp: Path, wan_frames: int = 33, wan_size: int = 128, backbones: tuple = ("moving_digits", "wan_random")
+) -> list[dict]:
     from diffalign.modalities.video.wan import save_tiny_wan_pipeline
 
     folder = save_tiny_wan_pipeline(tmp / "wan_bench", vae_base_dim=16, num_heads=4, num_layers=2)
     rows = []
-    for backbone in ("moving_digits", "wan_random"):
-        for frames in ("random", "all"):
+    for backbone in backbones:
+        for frames in ("random", "first", "all") if backbone == "wan_random" else ("random", "all"):
             cmd = [sys.executable, __file__, "_memory_worker", backbone, frames, str(folder)]
+            cmd += [str(wan_frames), str(wan_size)]
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
             res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    for backbone in ("moving_digits", "wan_random"):
-        one, every = (
-            next(r for r in rows if r["backbone"] == backbone and r["frames"] == f) for f in ("random", "all")
-        )
-        one["memory_ratio_one_vs_all"] = round(one["peak_extra_mb"] / max(every["peak_extra_mb"], 1e-9), 3)
-        one["time_ratio_one_vs_all"] = round(
-            one["step_cpu_seconds"] / max(every["step_cpu_seconds"], 1e-9), 3
-        )
+    for one in rows:
+        if one["frames"] == "all":
+            continue
+        every = next(r for r in rows if r["backbone"] == one["backbone"] and r["frames"] == "all")
+        one["memory_ratio_vs_all"] = round(one["peak_extra_mb"] / max(every["peak_extra_mb"], 1e-9), 3)
+        one["time_ratio_vs_all"] = round(one["step_cpu_seconds"] / max(every["step_cpu_seconds"], 1e-9), 3)
     return rows
 
 
@@ -311,22 +361,44 @@ def _fmt(m: list[float]) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "_memory_worker":
-        print(json.dumps(memory_worker(argv[1], argv[2], argv[3] if len(argv) > 3 else None)))
+        sizes = [int(a) for a in argv[4:6]]
+        print(json.dumps(memory_worker(argv[1], argv[2], argv[3] if len(argv) > 3 else None, *sizes)))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("part", choices=["alignment", "test_time", "memory"])
     ap.add_argument("--tasks", nargs="+", default=None)
     ap.add_argument("--max-epochs", type=int, default=None, help="override the recipes' trainer.max_epochs")
+    ap.add_argument("--eval-seeds", type=int, default=None, help="evaluation seeds per prompt (recipes: 8)")
+    ap.add_argument("--no-pictures", action="store_true", help="drop the recipes' ClipGrid GIF callback")
+    ap.add_argument("--feedback-seeds", type=int, default=None, help="feedback groups per prompt (16)")
+    ap.add_argument("--test-time-seeds", type=int, default=None, help="seeds per prompt at test time (8)")
+    ap.add_argument("--wan-frames", type=int, default=33)
+    ap.add_argument("--wan-size", type=int, default=128)
     args, overrides = ap.parse_known_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.part == "alignment":
             extra = [f"--trainer.max_epochs={args.max_epochs}"] if args.max_epochs else []
+            if args.eval_seeds:
+                extra.append(f"--data.init_args.eval_seeds_per_prompt={args.eval_seeds}")
+            if args.no_pictures:
+                extra.append("--trainer.callbacks=[]")
             base_cache: dict = {}
-            rows = [run_alignment(t, extra + overrides, tmp, base_cache) for t in args.tasks or list(TASKS)]
+            rows = []
+            for t in args.tasks or list(TASKS):
+                rows.append(run_alignment(t, extra + overrides, tmp, base_cache, args.feedback_seeds))
+                print(
+                    json.dumps({k: v for k, v in rows[-1].items() if k not in ("before", "after")}),
+                    flush=True,
+                )
             for r in rows:
-                r.update(machine=machine(), max_epochs_override=args.max_epochs, overrides=overrides)
+                r.update(
+                    machine=machine(),
+                    max_epochs_override=args.max_epochs,
+                    overrides=extra + overrides,
+                    feedback_seeds=args.feedback_seeds if r["task"] == "dpo_motion" else None,
+                )
             print("\n| task | reward | before | after | gain (±2 SE) | motion px/frame before → after |")
             print("|---|---|---|---|---|---|")
             for r in rows:
@@ -337,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
             _save("alignment", rows, "task")
         elif args.part == "test_time":
-            rows = [run_test_time(t, tmp) for t in args.tasks or list(TEST_TIME)]
+            rows = [run_test_time(t, tmp, args.test_time_seeds) for t in args.tasks or list(TEST_TIME)]
             for r in rows:
                 r["machine"] = machine()
                 m = r["metrics"]
@@ -349,7 +421,9 @@ def main(argv: list[str] | None = None) -> None:
                 )
             _save("test_time", rows, "method")
         else:
-            rows = run_memory(tmp)
+            rows = run_memory(
+                tmp, args.wan_frames, args.wan_size, tuple(args.tasks or ("moving_digits", "wan_random"))
+            )
             for r in rows:
                 r["machine"] = machine()
             _save("memory", [dict(r, key=f"{r['backbone']}/{r['frames']}") for r in rows], "key")

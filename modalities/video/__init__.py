@@ -9,7 +9,6 @@ Wan 2.1 text-to-video pipeline from a local diffusers folder.
 """
 
 from diffalign.modalities.video.backbone import (
-    BASE_WEIGHTS,
     FLOW_BASE_WEIGHTS,
     MOVING_DIGITS_CONFIG,
     VideoBackbone,
@@ -52,7 +51,6 @@ def __getattr__(name: str):  # noqa: ANN202
 
 __all__ = [
     "ALL_PROMPTS",
-    "BASE_WEIGHTS",
     "COM_WALLS",
     "DIRECTIONS",
     "EVAL_PROMPTS",

@@ -22,9 +22,8 @@ from diffalign.core.types import Cond
 from diffalign.modalities.video.conditioner import MotionConditioner
 from diffalign.modalities.video.frames import frame_indices, gather_frames
 
-#: the shipped ε-prediction moving-digit model (recipes/video/pretrain.yaml)
-BASE_WEIGHTS = "pkg://diffalign.modalities.video/moving_digits_base.safetensors"
-#: the shipped flow-matching moving-digit model (recipes/video/pretrain_flow.yaml)
+#: the shipped flow-matching moving-digit model (recipes/video/pretrain_flow.yaml); the base of every
+#: moving-digit recipe (no ε-prediction model is shipped: train one with prediction_type "epsilon")
 FLOW_BASE_WEIGHTS = "pkg://diffalign.modalities.video/moving_digits_flow_base.safetensors"
 
 #: the shipped models' architecture
@@ -262,10 +261,16 @@ class VideoBackbone(Backbone):
 def moving_digits_backbone(
     prediction_type: str = "flow", weights: str | None = "shipped", **overrides: Any
 ) -> VideoBackbone:
-    """The shipped architecture (`MOVING_DIGITS_CONFIG`) with the shipped weights of `prediction_type`
-    ("flow" or "epsilon") unless `weights` names others (None: random)."""
+    """The shipped architecture (`MOVING_DIGITS_CONFIG`) with the shipped flow-matching weights unless
+    `weights` names others (None: random). Only a flow model is shipped: another `prediction_type` needs
+    its own `weights` (or None)."""
     if weights == "shipped":
-        weights = FLOW_BASE_WEIGHTS if prediction_type == "flow" else BASE_WEIGHTS
+        if prediction_type != "flow":
+            raise ValueError(
+                f"no shipped {prediction_type!r} moving-digit model (only 'flow'): pass weights= a "
+                "safetensors file or None"
+            )
+        weights = FLOW_BASE_WEIGHTS
     return VideoBackbone(
         **{**MOVING_DIGITS_CONFIG, **overrides}, prediction_type=prediction_type, weights=weights
     )

@@ -8,10 +8,11 @@
   folder has one (`write_clips` writes it), else each clip's file name;
 - `ClipReader`: the reader of `diffalign score` for all of these;
 - `write_clip_gif` / `write_clips`: one GIF per clip (what `VideoBackbone.save_samples` writes under
-  `clips/` for `diffalign sample`).
+  `clips/` for `diffalign sample`); `write_clip_video`: one clip as an MP4 (or any container PyAV writes).
 
-MP4 is not read: no video decoder (PyAV, imageio-ffmpeg, OpenCV) is part of this project's
-environment; convert to GIF or frames first.
+Video files (`.mp4`, `.webm`, `.avi`, `.mov`, `.mkv`) are read and written through PyAV (`av`, the optional
+`diffalign[video]` extra, which bundles its own FFmpeg libraries); without it they are refused with an error
+naming the extra.
 
 Pillow merges identical consecutive GIF frames into one longer frame; `write_clip_gif` records the frame
 duration in the GIF's comment and `read_clip` expands merged frames again from their durations, so a
@@ -31,6 +32,7 @@ from torch import Tensor
 from diffalign.core.score.readers import Reader, ReadError, Record
 
 CLIP_SUFFIXES = (".gif", ".pt")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mov", ".mkv")
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 PROMPTS_FILE = "prompts.json"
 FRAME_MS = 200
@@ -85,8 +87,54 @@ def _read_tensor(path: Path) -> Tensor:
     return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
 
 
+def _read_video(path: Path) -> Tensor:
+    import numpy as np
+
+    from diffalign.core.extras import require
+
+    av = require("av", "video", f"reading {path.suffix} clips")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path}: the file has no video stream")
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    except av.FFmpegError as e:
+        raise ValueError(f"{path}: not a readable video ({e})") from None
+    if not frames:
+        raise ValueError(f"{path}: the video has no frames")
+    arr = np.stack(frames).astype(np.float32) / 255.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def write_clip_video(
+    clip: Tensor, path: str | Path, fps: int = 1000 // FRAME_MS, lossless: bool = True
+) -> Path:
+    """One clip (F, 3 | 1, H, W) in [0, 1] as a video file through PyAV: H.264 (`libx264`) in 4:4:4, CRF 0
+    when `lossless` (the YUV conversion still rounds: about 1/255), else CRF 18 in 4:2:0 (what players
+    expect; even H and W). The container follows the suffix (`.mp4`, `.mkv`, …)."""
+    from diffalign.core.extras import require
+
+    av = require("av", "video", "writing video clips")
+    if clip.dim() != 4 or clip.shape[1] not in (1, 3):
+        raise ValueError(f"expected a clip (F, 3 | 1, H, W) in [0, 1], got {tuple(clip.shape)}")
+    x = (clip.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
+    arr = x.permute(0, 2, 3, 1).contiguous().numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = arr.shape[2], arr.shape[1]
+        stream.pix_fmt = "yuv444p" if lossless else "yuv420p"
+        stream.options = {"crf": "0" if lossless else "18"}
+        for a in arr:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
 def read_clip(path: str | Path) -> Tensor:
-    """Frames (F, 3, H, W) in [0, 1] of a GIF, a `.pt` clip tensor or a folder of frame images."""
+    """Frames (F, 3, H, W) in [0, 1] of a GIF, a `.pt` clip tensor, a video file (PyAV) or a folder of
+    frame images."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"clip not found: {path}")
@@ -97,11 +145,11 @@ def read_clip(path: str | Path) -> Tensor:
         return _read_gif(path)
     if suffix == ".pt":
         return _read_tensor(path)
-    if suffix in (".mp4", ".webm", ".avi", ".mov"):
-        raise ValueError(
-            f"{path}: {suffix} is not read here (no video decoder installed); convert to GIF or frames"
-        )
-    raise ValueError(f"{path}: not a clip ({', '.join(CLIP_SUFFIXES)} or a folder of frames)")
+    if suffix in VIDEO_SUFFIXES:
+        return _read_video(path)
+    raise ValueError(
+        f"{path}: not a clip ({', '.join((*CLIP_SUFFIXES, *VIDEO_SUFFIXES))} or a folder of frames)"
+    )
 
 
 def is_frame_folder(path: Path) -> bool:
@@ -121,7 +169,7 @@ def clip_paths(path: str | Path) -> list[Path]:
     return sorted(
         p
         for p in path.iterdir()
-        if (p.is_file() and p.suffix.lower() in (*CLIP_SUFFIXES, ".mp4"))
+        if (p.is_file() and p.suffix.lower() in (*CLIP_SUFFIXES, *VIDEO_SUFFIXES))
         or (p.is_dir() and is_frame_folder(p))
     )
 
@@ -214,14 +262,15 @@ def write_clips(
 class ClipReader(Reader):
     """Reads clips for `diffalign score` into the clip layout (F, 3, H, W) in [0, 1].
 
-    The input is one clip (`.gif`, `.pt`, a folder of frames), a folder of clips, or a clip folder's
+    The input is one clip (`.gif`, `.pt`, `.mp4` and other video files through PyAV, a folder of frames), a
+    folder of clips, or a clip folder's
     `prompts.json` manifest (what `diffalign sample` writes under `clips/`). Each clip is one record
     with id its file name and prompt from `prompts.json`, else its file name stem ("3_left_fast.gif").
     Clips of one shape are scored as a batch; mixed shapes are scored one at a time.
     """
 
     source_column = "path"
-    suffixes = (*CLIP_SUFFIXES, ".json", "/")
+    suffixes = (*CLIP_SUFFIXES, *VIDEO_SUFFIXES, ".json", "/")
     chunk_size = 16
     has_prompts = True
 

@@ -46,11 +46,42 @@ def test_frame_folders_tensors_and_errors(tmp_path):
     torch.save(torch.rand(2, 4, 4) + 2, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="expected a clip tensor"):
         read_clip(tmp_path / "bad.pt")
-    (tmp_path / "v.mp4").write_bytes(b"\0")
-    with pytest.raises(ValueError, match="no video decoder"):
-        read_clip(tmp_path / "v.mp4")
     with pytest.raises(FileNotFoundError):
         read_clip(tmp_path / "none.gif")
+
+
+def test_mp4_round_trip_through_pyav(tmp_path):
+    """An MP4 written by PyAV (lossless H.264 4:4:4) reads back with every frame; a broken file and a
+    video-less container are named."""
+    pytest.importorskip("av", reason="PyAV (the video extra) is not installed: MP4 is not exercised")
+    from diffalign.modalities.video.io import ClipReader, write_clip_video
+
+    g = torch.Generator().manual_seed(1)
+    clip = torch.rand(6, 3, 16, 16, generator=g)
+    clip[3] = clip[2]  # identical consecutive frames stay two frames
+    path = write_clip_video(clip, tmp_path / "3_left_fast.mp4")
+    back = read_clip(path)
+    assert back.shape == clip.shape
+    assert (back - clip).abs().max() <= 3 / 255  # RGB -> YUV -> RGB rounding only
+    assert (back[3] - back[2]).abs().max() <= 1 / 255
+    rows = list(iter_clips(tmp_path))
+    assert [(r[0], r[2]) for r in rows] == [("3_left_fast.mp4", "3_left_fast")]
+    records = list(ClipReader().records(tmp_path))
+    assert [r.id for r in records] == ["3_left_fast.mp4"]
+    (tmp_path / "broken.mp4").write_bytes(b"\0" * 64)
+    with pytest.raises(ValueError, match="broken.mp4: not a readable video"):
+        read_clip(tmp_path / "broken.mp4")
+
+
+def test_mp4_without_pyav_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from diffalign.core.extras import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "av", None)  # import av now raises ModuleNotFoundError
+    (tmp_path / "v.mp4").write_bytes(b"\0")
+    with pytest.raises(MissingExtraError, match=r"diffalign\[video\]"):
+        read_clip(tmp_path / "v.mp4")
 
 
 def test_write_clips_and_iter_clips_keep_prompts(tmp_path):
