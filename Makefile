@@ -4,7 +4,7 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= all,dev
+EXTRAS ?= all,ray,dev
 # No network at run time: a stray hub id must fail at once instead of retrying for minutes.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

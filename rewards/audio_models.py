@@ -20,9 +20,12 @@ from typing import Any
 
 import torch
 
+from diffalign.core.extras import require
 from diffalign.core.reward import Reward, RewardOutput
 from diffalign.core.types import Cond
 from diffalign.rewards.audio import AUDIO_READER, as_audio
+
+require("transformers", "audio", "diffalign.rewards.audio_models")
 
 
 def _require(folder: Path, names: list[str], what: str) -> None:

@@ -254,27 +254,6 @@ def make_tiny_clip_folder(
     return folder
 
 
-def write_video_feedback(cwd: Path) -> Path:
-    """The AI-feedback pairs the video DPO recipe reads, made small: the shipped epsilon moving-digit model
-    with 2 sampling steps, 4 prompts x 2 groups x 2 clips ranked by the motion classifier (8 pairs)."""
-    from diffalign.core.feedback import make_preference_dataset
-    from diffalign.core.policy import DiffusionPolicy
-    from diffalign.modalities.video import EVAL_PROMPTS, moving_digits_backbone
-    from diffalign.rewards.video import MotionClassifierReward
-
-    folder = cwd / "feedback" / "feedback_motion"
-    policy = DiffusionPolicy(moving_digits_backbone("epsilon"), num_steps=2)
-    make_preference_dataset(
-        policy,
-        MotionClassifierReward(),
-        list(EVAL_PROMPTS[:4]) * 2,
-        folder,
-        samples_per_prompt=2,
-        pairs_per_prompt=1,
-    )
-    return folder
-
-
 def make_tiny_wan_folders(cwd: Path) -> None:
     """What the tiny settings of `recipes/video/wan21_grpo_aesthetic_flicker.yaml` point at: `cwd/tiny_wan`, a
     tiny random Wan 2.1 pipeline, and `cwd/tiny_aesthetic`, a tiny CLIPModel plus an aesthetic head."""

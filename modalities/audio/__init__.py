@@ -14,6 +14,7 @@ from diffalign.core.extras import require
 require("torchaudio", "audio", "diffalign.modalities.audio")  # mel transforms, Griffin-Lim, resampling
 require("soundfile", "audio", "diffalign.modalities.audio")  # WAV/FLAC I/O
 require("pyloudnorm", "audio", "diffalign.modalities.audio")  # ITU-R BS.1770 loudness
+require("scipy", "audio", "diffalign.modalities.audio")  # the plucked-string filter
 
 from diffalign.modalities.audio.backbone import (  # noqa: E402
     MEL_BASE_WEIGHTS,

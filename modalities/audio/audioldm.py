@@ -45,15 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffalign.core.extras import require
-
-require("transformers", "audio", "AudioLDMBackbone")
-
 from diffalign.core.backbone import Backbone
+from diffalign.core.extras import require
 from diffalign.core.functional import Generator, pad_stack, randn
 from diffalign.core.types import Cond
 from diffalign.modalities.audio.io import AudioOutputs
 from diffalign.modalities.audio.layout import AudioSamples, apply_request, resample
+
+require("transformers", "audio", "AudioLDMBackbone")
 
 _WEIGHTS = (".safetensors", ".bin")
 

@@ -72,6 +72,10 @@ def make_tiny_clap_folder(folder: str | Path, seed: int = 0, sampling_rate: int 
     """A tiny random `ClapModel` (HTSAT audio tower of 2 stages, 16 mel bands; a 1-layer text tower) with
     its tokenizer and `ClapFeatureExtractor`, saved like `ClapProcessor.save_pretrained` (2 s of context)."""
     import torch
+
+    from diffalign.core.extras import require
+
+    require("transformers", "audio", "make_tiny_clap_folder")
     from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
 
     folder = Path(folder)

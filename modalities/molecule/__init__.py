@@ -11,6 +11,10 @@ pull in the backbone, Lightning or diffusers.
 import importlib
 from typing import Any
 
+from diffalign.core.extras import require
+
+require("rdkit", "molecule", "diffalign.modalities.molecule")
+
 _LAZY = {
     "BASE_WEIGHTS": "diffalign.modalities.molecule.backbone",
     "DATASET": "diffalign.modalities.molecule.backbone",

@@ -6,8 +6,12 @@ Conditions: prompt strings ("a tall cylinder"), shape ids or attribute dicts (`c
 (chamfer, kNN) and the soft point-splatting renderer are pure torch, using pytorch3d where installed.
 """
 
-from diffalign.modalities.shape3d.backbone import FLOW_BASE_WEIGHTS, ShapeBackbone
-from diffalign.modalities.shape3d.conditioning import (
+from diffalign.core.extras import require
+
+require("trimesh", "shape3d", "diffalign.modalities.shape3d")
+
+from diffalign.modalities.shape3d.backbone import FLOW_BASE_WEIGHTS, ShapeBackbone  # noqa: E402
+from diffalign.modalities.shape3d.conditioning import (  # noqa: E402
     SHAPE_PROMPTS,
     SHAPES,
     ShapeCondition,
@@ -15,9 +19,9 @@ from diffalign.modalities.shape3d.conditioning import (
     prompt_text,
     prompted_shapes,
 )
-from diffalign.modalities.shape3d.data import ShapesDataModule, ShapeSet, make_dataset, reference_set
-from diffalign.modalities.shape3d.geometry import chamfer_distance, have_pytorch3d, knn, pairwise_chamfer
-from diffalign.modalities.shape3d.render import VIEW_SETS, Camera, parse_views, render_points
+from diffalign.modalities.shape3d.data import ShapesDataModule, ShapeSet, make_dataset, reference_set  # noqa: E402
+from diffalign.modalities.shape3d.geometry import chamfer_distance, have_pytorch3d, knn, pairwise_chamfer  # noqa: E402
+from diffalign.modalities.shape3d.render import VIEW_SETS, Camera, parse_views, render_points  # noqa: E402
 
 __all__ = [
     "FLOW_BASE_WEIGHTS",

@@ -53,7 +53,7 @@ def test_require_keeps_the_error_of_a_broken_package(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "package, module, extra",
     [
-        ("rdkit", "diffalign.modalities.molecule.chem", "molecule"),
+        ("rdkit", "diffalign.modalities.molecule", "molecule"),
         ("rdkit", "diffalign.rewards.molecule", "molecule"),
         ("transformers", "diffalign.modalities.image.stable_diffusion", "image-models"),
         ("transformers", "diffalign.rewards.image_models", "image-models"),
