@@ -58,6 +58,19 @@ def _cpu(cfg: dict, **overrides) -> dict:
     return t
 
 
+@pytest.fixture(autouse=True)
+def _keep_rank_zero(monkeypatch):
+    """A trainer built under a launcher's environment sets Lightning's process-wide rank (rank 9 of 16);
+    restore it, or every later run in this process believes it is not rank 0 and writes no logs."""
+    import lightning.fabric.utilities.rank_zero as fabric_rank_zero
+    import lightning.pytorch.utilities.rank_zero as pl_rank_zero
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    funcs = (rank_zero_only, fabric_rank_zero.rank_zero_only, pl_rank_zero.rank_zero_only)
+    for fn in {id(f): f for f in funcs}.values():
+        monkeypatch.setattr(fn, "rank", getattr(fn, "rank", 0), raising=False)
+
+
 def test_ddp_fragment_on_two_cpu_processes(capsys, tmp_path):
     trainer = _trainer(_cpu(_resolved(capsys, "ddp"), devices=2, default_root_dir=str(tmp_path)))
     from lightning.pytorch.strategies import DDPStrategy
