@@ -28,7 +28,7 @@ from tests.core.test_score import NAMES as TOY_NAMES  # noqa: E402
 from tests.core.test_score import _write  # noqa: E402
 from tests.rewards.test_scoring import MIXED_SMI, _sdf_blocks  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600), pytest.mark.xdist_group("ray")]  # one Ray instance
 
 MOLECULE_REWARDS = "qed,sa,logp,lipinski,atom_stability"
 

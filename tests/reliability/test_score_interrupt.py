@@ -35,7 +35,8 @@ from rdkit import RDConfig
 from diffalign.core.cli import cli_main
 from diffalign.core.score import partial_path
 
-pytestmark = pytest.mark.slow
+# one worker runs the whole module under pytest-xdist: test_fault_tally counts the faults of the others
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("score_interrupt")]
 
 N_MOLECULES = 240
 FAULTS = {"injected": 0, "passed": 0}
