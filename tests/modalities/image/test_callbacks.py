@@ -63,13 +63,21 @@ def test_sample_grids_reach_tensorboard_during_training(tmp_path):
 
     from tests.helpers import run_fit, tiny_configs
 
+    every_epoch = tmp_path / "every_epoch.yaml"  # the fragment's two callbacks, the grid every epoch
+    every_epoch.write_text(
+        "trainer:\n  callbacks:\n"
+        "    - class_path: diffalign.modalities.image.callbacks.SampleGrid\n"
+        "      init_args: {prompts: ['a handwritten 1', 'a handwritten 7'], seeds_per_prompt: 2,"
+        " every_n_epochs: 1}\n"
+        "    - class_path: diffalign.core.callbacks.RewardEvaluation\n"
+    )
+    tiny = tiny_configs("recipes/image/ddpo_digit_fidelity.yaml", tmp_path)
     run = run_fit(
         "recipes/image/ddpo_digit_fidelity.yaml",
         tmp_path,
         "--trainer.max_epochs=3",
         "--data.init_args.batches_per_epoch=1",
-        "--trainer.callbacks.init_args.every_n_epochs=1",
-        extra_configs=tuple(tiny_configs("recipes/image/ddpo_digit_fidelity.yaml", tmp_path)),
+        extra_configs=(*tiny, every_epoch),
     )
     events = EventAccumulator(str(run), size_guidance={"images": 0})
     events.Reload()
