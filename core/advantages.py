@@ -205,6 +205,28 @@ def rollout_advantages(
     return (adv if shard is None else shard.take(adv)), metrics
 
 
+def trajectory_advantages(
+    traj: Any,
+    reward: Any,
+    aggregation: Literal["sum", "per_reward"],
+    std_scope: Literal["group", "global"],
+    ranks: Ranks | None = None,
+    rewards: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """`rollout_advantages` of a group-rollout trajectory (its `group` and `reward_terms` extras), scored
+    by `rewards` (default `traj.rewards`): per-reward (GDPO) weights from `reward` with `aggregation:
+    per_reward`, the plain group advantages otherwise. GRPO, DiffusionNFT and AWM share it."""
+    weights = term_weights(reward) if aggregation == "per_reward" else None
+    return rollout_advantages(
+        traj.rewards if rewards is None else rewards,
+        traj.extras["group"],
+        traj.extras.get("reward_terms"),
+        weights,
+        std_scope,
+        ranks,
+    )
+
+
 def term_weights(reward: Any) -> dict[str, float]:
     """{term name: weight} of a `WeightedSum` reward, unwrapping a `GuardedReward` (what per-reward
     advantages weight); a clear error for any other reward."""

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from diffalign.core.advantages import rollout_advantages, term_weights
+from diffalign.core.advantages import trajectory_advantages
 from diffalign.core.algorithms.base import Algorithm
 from diffalign.core.forward_process import (
     TimestepStrategy,
@@ -100,14 +100,8 @@ class AWM(Algorithm):
     def prepare(self, ctx: AlignContext, batch: Mapping[str, Any]) -> tuple[Batch, dict[str, float]]:
         policy = ctx.policy
         traj, metrics = collect_rollouts(ctx, batch, self.group_size, self.shared_noise, kernel=self.sampler)
-        weights = term_weights(ctx.reward.reward) if self.advantage_aggregation == "per_reward" else None
-        adv, adv_metrics = rollout_advantages(
-            traj.rewards,
-            traj.extras["group"],
-            traj.extras.get("reward_terms"),
-            weights,
-            self.std_scope,
-            ctx.ranks,
+        adv, adv_metrics = trajectory_advantages(
+            traj, ctx.reward, self.advantage_aggregation, self.std_scope, ctx.ranks
         )
         count = max(1, int(policy.num_steps * self.timestep_fraction))
         rows = ctx.rows(len(traj), tuple(traj.x0.shape[1:]))  # timesteps and noise of the global batch

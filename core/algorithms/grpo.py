@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 
-from diffalign.core.advantages import rollout_advantages, term_weights
+from diffalign.core.advantages import trajectory_advantages
 from diffalign.core.algorithms.ddpo import DDPO
 from diffalign.core.policy_gradient import SDEWindow
 from diffalign.core.rollouts import AlignContext, collect_rollouts
@@ -137,11 +137,8 @@ class GRPO(DDPO):
         self, ctx: AlignContext, traj: Trajectory, rewards: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Clipped advantages (B,) of the rows of `traj` given their `rewards`, and metrics."""
-        weights = None
-        if self.advantage_aggregation == "per_reward":
-            weights = term_weights(ctx.reward.reward if ctx.reward is not None else None)
-        adv, metrics = rollout_advantages(
-            rewards, traj.extras["group"], traj.extras.get("reward_terms"), weights, self.std_scope, ctx.ranks
+        adv, metrics = trajectory_advantages(
+            traj, ctx.reward, self.advantage_aggregation, self.std_scope, ctx.ranks, rewards
         )
         return adv.clamp(-self.adv_clip_max, self.adv_clip_max).to(traj.states.device), metrics
 
