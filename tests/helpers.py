@@ -312,3 +312,19 @@ def write_audioldm_feedback(cwd: Path) -> Path:
     )
     assert result["rows"] >= 4, result
     return folder
+
+
+def toy_recipe_gain(name: str, tmp_path: Path, epochs: int) -> tuple[float, float, dict]:
+    """Train `recipes/toy/<name>.yaml` for `epochs` and return (reward gain over the fixed evaluation set,
+    the standard error of its mean before training, the run's summary.json) for the e2e gain tests."""
+    import math
+
+    run = run_fit(
+        f"recipes/toy/{name}.yaml",
+        tmp_path,
+        f"--trainer.max_epochs={epochs}",
+        "--data.init_args.eval_seeds_per_prompt=32",
+    )
+    s = summary(run)
+    stderr = s["reward_before_std"] / math.sqrt(s["eval_samples"])
+    return s["reward_after"] - s["reward_before"], stderr, s

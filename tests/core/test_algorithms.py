@@ -1,6 +1,5 @@
 """DPOK, GRPO, DRaFT-K/LV, AlignProp, ReFL, RWR, RAFT: analytic unit checks and toy end-to-end runs."""
 
-import math
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from diffalign.core.module import AlignmentModule
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.reward import GuardedReward, WeightedSum
 from diffalign.core.testing import ConstantReward, LinearReward, ToyBackbone
-from tests.helpers import run_fit, summary
+from tests.helpers import toy_recipe_gain
 
 BATCH = {"prompt": [0, 1, 2, 3]}
 
@@ -211,13 +210,5 @@ E2E = {  # recipe: (epochs, minimum gain)
 @pytest.mark.parametrize("name", sorted(E2E))
 def test_toy_recipe_raises_the_reward_beyond_seed_noise(name, tmp_path):
     epochs, min_gain = E2E[name]
-    run = run_fit(
-        f"recipes/toy/{name}.yaml",
-        tmp_path,
-        f"--trainer.max_epochs={epochs}",
-        "--data.init_args.eval_seeds_per_prompt=32",
-    )
-    s = summary(run)
-    stderr = s["reward_before_std"] / math.sqrt(s["eval_samples"])
-    gain = s["reward_after"] - s["reward_before"]
+    gain, stderr, s = toy_recipe_gain(name, tmp_path, epochs)
     assert gain > min_gain and gain > 10 * stderr, s

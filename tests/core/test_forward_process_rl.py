@@ -13,7 +13,7 @@ from diffalign.core.kernels import DDPMKernel, FlowSDEKernel
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.reward import GuardedReward
 from diffalign.core.testing import LinearReward, ToyBackbone
-from tests.helpers import run_fit, summary
+from tests.helpers import toy_recipe_gain
 
 BATCH = {"prompt": [0, 1, 2, 3]}
 
@@ -263,15 +263,7 @@ E2E = {  # recipe: (epochs, minimum gain); the ε recipes check the parameterisa
 @pytest.mark.parametrize("name", sorted(E2E))
 def test_toy_recipe_raises_the_reward_beyond_seed_noise(name, tmp_path):
     epochs, min_gain = E2E[name]
-    run = run_fit(
-        f"recipes/toy/{name}.yaml",
-        tmp_path,
-        f"--trainer.max_epochs={epochs}",
-        "--data.init_args.eval_seeds_per_prompt=32",
-    )
-    s = summary(run)
-    stderr = s["reward_before_std"] / math.sqrt(s["eval_samples"])
-    gain = s["reward_after"] - s["reward_before"]
+    gain, stderr, s = toy_recipe_gain(name, tmp_path, epochs)
     assert gain > min_gain and gain > 10 * stderr, s
 
 
