@@ -48,6 +48,8 @@ def ensure_trl() -> Path:
         "--target",
         str(staging),
         f"trl=={TRL_VERSION}",
+        "pandas==3.1.1",  # TRL's trainers import it; the project does not depend on it
+        "tzdata==2026.6",
     ]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
