@@ -559,6 +559,7 @@ def cli_main(args: Sequence[str] | None = None) -> Any:
     # sys.argv stays as typed: Lightning's launcher starts the other ranks of a multi-process run with
     # it, and each expands the recipe itself
     from jsonargparse import ArgumentError
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from diffalign.core.io import CheckpointError
 
@@ -581,6 +582,15 @@ def cli_main(args: Sequence[str] | None = None) -> Any:
             raise
         print(f"diffalign: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:
+        # Lightning stops at the next batch on SIGTERM and would exit 0, as if the run had finished:
+        # a scheduler must see the stop (128 + 15, as a killed shell command reports)
+        print(
+            "diffalign: stopped by SIGTERM before the run finished (no end-of-training hooks ran, so nothing"
+            " was exported); resume with --ckpt_path <run folder>/checkpoints/last.ckpt",
+            file=sys.stderr,
+        )
+        raise SystemExit(143) from None
 
 
 def _run_cli(cli_cls: type, args: Sequence[str], config_files: list[str]) -> Any:

@@ -397,15 +397,25 @@ def check_backbone(
     policy.zero_grad(set_to_none=True)
 
 
-class SigkillAt(Callback):
-    """Kills its own process with SIGKILL at the start of (epoch, batch): a crash, for resume tests."""
+class SignalAt(Callback):
+    """Sends its own process a signal at the start of (epoch, batch): SIGKILL is a crash (resume tests),
+    SIGTERM or SIGINT a scheduler's or a user's stop (interrupted-export tests).
 
-    def __init__(self, epoch: int, batch: int = 0) -> None:
-        self.epoch, self.batch = epoch, batch
+    Args:
+        epoch, batch: where the signal is sent.
+        signal: its name, e.g. "SIGKILL", "SIGTERM", "SIGINT".
+    """
+
+    def __init__(self, epoch: int, batch: int = 0, signal: str = "SIGKILL") -> None:
+        import signal as signals
+
+        if not hasattr(signals, signal):
+            raise ValueError(f"SignalAt: unknown signal {signal!r}")
+        self.epoch, self.batch, self.signum = epoch, batch, getattr(signals, signal)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signum)
 
 
 class SigkillWhileSaving(AtomicCheckpointIO):

@@ -146,7 +146,7 @@ def test_two_rank_run_killed_and_resumed_ends_as_an_uninterrupted_one(tmp_path):
         *DDP,
     ]
     kill = [
-        "--trainer.callbacks+=diffalign.core.testing.SigkillAt",
+        "--trainer.callbacks+=diffalign.core.testing.SignalAt",
         "--trainer.callbacks.init_args.epoch=2",
         "--trainer.callbacks.init_args.batch=0",
     ]

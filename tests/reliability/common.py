@@ -37,7 +37,7 @@ def fit_args(run_root: Path, *extra: str, configs: tuple[str, ...] = ()) -> list
 
 def sigkill_at(epoch: int, batch: int) -> list[str]:
     return [
-        "--trainer.callbacks+=diffalign.core.testing.SigkillAt",
+        "--trainer.callbacks+=diffalign.core.testing.SignalAt",
         f"--trainer.callbacks.init_args.epoch={epoch}",
         f"--trainer.callbacks.init_args.batch={batch}",
     ]
