@@ -1,6 +1,5 @@
 """DPOK, GRPO, DRaFT-K/LV, AlignProp, ReFL, RWR, RAFT: analytic unit checks and toy end-to-end runs."""
 
-
 import pytest
 import torch
 

@@ -164,6 +164,7 @@ def test_chunked_and_async_rollouts_give_the_same_samples_and_rewards(async_rewa
 def test_async_reward_needs_chunks():
     from diffalign.core.algorithms import DDPO
     from diffalign.core.module import AlignmentModule
+
     policy = DiffusionPolicy(ToyBackbone(dim=2, hidden=16), num_steps=3)
     with pytest.raises(ValueError, match="rollout_chunk_size"):
         AlignmentModule(policy, DDPO(), LinearReward(), async_reward=True)

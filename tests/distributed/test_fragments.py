@@ -64,6 +64,7 @@ def _keep_rank_zero(monkeypatch):
     restore it, or every later run in this process believes it is not rank 0 and writes no logs."""
     import lightning.fabric.utilities.rank_zero as fabric_rank_zero
     import lightning.pytorch.utilities.rank_zero as pl_rank_zero
+
     funcs = (fabric_rank_zero.rank_zero_only, pl_rank_zero.rank_zero_only)
     for fn in {id(f): f for f in funcs}.values():
         monkeypatch.setattr(fn, "rank", getattr(fn, "rank", 0), raising=False)
