@@ -29,7 +29,8 @@ queries (the anchors report reward backpropagation reaching DDPO's reward with ~
 the same for a less saturated target, 90 % of the reference's gain over the starting reward; the best
 evaluation reward and where it was reached (a collapse after a peak shows as best ≫ final); training
 wall seconds (evaluation excluded; noisy on a shared machine) and peak memory. `--from-json` redoes
-the table, JSON and plot from an earlier result file without training.
+the table, JSON and plot from earlier result files without training; a file that is itself a merge
+(it has `merged_from`) can be merged with further parts, and its parts' commands are kept.
 
 Writes benchmarks/results/sample_efficiency_<name>.json and .png (reward vs reward queries).
 """
@@ -502,7 +503,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 old["seeds"],
             ):
                 raise SystemExit("--from-json files must share budget, rounds and seeds")
-        records = {name: runs for f in files for name, runs in f["runs"].items()}
+        for path, f in zip(args.from_json, files, strict=True):
+            for name, runs in f["runs"].items():
+                if name in records:
+                    raise SystemExit(f"--from-json: {path} has runs of {name!r}, already in an earlier file")
+                records[name] = runs
         names = list(records)
         args.budget, args.rounds, args.seeds = old["budget"], old["rounds"], old["seeds"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -569,8 +574,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.from_json is not None:  # keep what was measured, note the re-summary
         result["resummarised_by"], result["command"] = result["command"], old["command"]
         result["date_measured"] = old.get("date_measured") or old["date"]
-        if len(files) > 1:
-            result["merged_from"] = [{"command": f["command"], "date": f["date"]} for f in files]
+        if len(files) > 1:  # an already merged file contributes the parts it was merged from
+            result["merged_from"] = [
+                part
+                for f in files
+                for part in f.get("merged_from") or [{"command": f["command"], "date": f["date"]}]
+            ]
         result["machine"] = old["machine"]
     else:
         result["date_measured"] = result["date"]
