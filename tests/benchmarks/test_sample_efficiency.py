@@ -56,25 +56,16 @@ def part_file(folder: Path, name: str, runs: dict, command: str, **extra) -> Pat
 def test_merging_a_merged_file_with_new_parts_keeps_every_run_and_part_command(tmp_path: Path) -> None:
     bench = load_benchmark()
     old_parts = [{"command": "part ddpo", "date": "d1"}, {"command": "part nft", "date": "d2"}]
-    merged = part_file(
-        tmp_path,
-        "merged",
-        {"ddpo": [run_record("ddpo", [0.5, 0.55, 0.6], [30, 29, 28])]}
-        | {"nft": [run_record("nft", [0.5, 0.8, 0.9], [30, 20, 16])]},
-        "part ddpo",
-        merged_from=old_parts,
-    )
-    new = part_file(
-        tmp_path, "refl", {"refl": [run_record("refl", [0.5, 0.95, 1.0], [30, 8, 5])]}, "part refl"
-    )
+    old_runs = {
+        "ddpo": [run_record("ddpo", [0.5, 0.55, 0.6], [30, 29, 28])],
+        "nft": [run_record("nft", [0.5, 0.8, 0.9], [30, 20, 16])],
+    }
+    merged = part_file(tmp_path, "merged", old_runs, "part ddpo", merged_from=old_parts)
+    refl = {"refl": [run_record("refl", [0.5, 0.95, 1.0], [30, 8, 5])]}
+    new = part_file(tmp_path, "refl", refl, "part refl")
     out = tmp_path / "out"
-    result = bench.main(
-        ["--from-json", str(merged), str(new), "--name", "m", "--reference", "ddpo"]
-        + [
-            "--out-dir",
-            str(out),
-        ]
-    )
+    argv = ["--from-json", str(merged), str(new), "--name", "m", "--reference", "ddpo", "--out-dir", str(out)]
+    result = bench.main(argv)
     assert list(result["runs"]) == ["ddpo", "nft", "refl"]
     assert [p["command"] for p in result["merged_from"]] == ["part ddpo", "part nft", "part refl"]
     rows = {r["name"]: r for r in result["algorithms"]}
