@@ -32,7 +32,8 @@ wall seconds (evaluation excluded; noisy on a shared machine) and peak memory. `
 the table, JSON and plot from earlier result files without training; a file that is itself a merge
 (it has `merged_from`) can be merged with further parts, and its parts' commands are kept.
 
-Writes benchmarks/results/sample_efficiency_<name>.json and .png (reward vs reward queries).
+Writes benchmarks/results/sample_efficiency_<name>.json and .png (reward vs reward queries, and beside it
+the guards' diversity and gold reward when the runs measured them).
 """
 
 from __future__ import annotations
@@ -411,37 +412,47 @@ def table(rows: list[dict], reference: str, ref_final: float | None) -> str:
     return "\n".join(lines)
 
 
+#: the plot's panels: the reward, then the guards' diversity and gold reward where the runs have them
+PANELS = (
+    ("reward", "evaluation reward (fixed seeds)"),
+    ("diversity", "diversity within a prompt"),
+    ("gold_mean", "gold reward"),
+)
+
+
 def plot(rows: list[dict], path: Path, reference: str, ref_final: float | None, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    keys = [k for k, _ in PANELS if k == "reward" or any(k in p for r in rows for p in r["curve"])]
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(1.5 + 4.2 * len(keys), 4.5), dpi=120, squeeze=False, layout="constrained"
+    )
     styles = ["-", "--", "-.", ":"]
-    for i, r in enumerate(rows):
-        q = [p["reward_queries"] for p in r["curve"]]
-        v = [p["reward"] for p in r["curve"]]
-        ref = r["name"] == reference
-        ax.plot(
-            q,
-            v,
-            styles[(i // 10) % 4],
-            marker=".",
-            ms=3,
-            lw=2.2 if ref else 1.3,
-            color="black" if ref else None,
-            zorder=3 if ref else 2,
-            label=r["name"],
-        )
-    if ref_final is not None:
-        ax.axhline(ref_final, color="gray", ls=":", lw=1, label=f"{reference} final")
-    ax.set_xlabel("reward queries (training samples scored)")
-    ax.set_ylabel("evaluation reward (fixed seeds)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
-    fig.tight_layout()
+    for ax, (key, ylabel) in zip(axes[0], [p for p in PANELS if p[0] in keys], strict=True):
+        for i, r in enumerate(rows):
+            points = [p for p in r["curve"] if isinstance(p.get(key), (int, float))]
+            ref = r["name"] == reference
+            ax.plot(
+                [p["reward_queries"] for p in points],
+                [p[key] for p in points],
+                styles[(i // 10) % 4],
+                marker=".",
+                ms=3,
+                lw=2.2 if ref else 1.3,
+                color="black" if ref else f"C{i % 10}",
+                zorder=3 if ref else 2,
+                label=r["name"],
+            )
+        if key == "reward" and ref_final is not None:
+            ax.axhline(ref_final, color="gray", ls=":", lw=1, label=f"{reference} final")
+        ax.set_xlabel("reward queries (training samples scored)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="outside right center")
     fig.savefig(path)
     plt.close(fig)
 
