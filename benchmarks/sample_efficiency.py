@@ -29,9 +29,11 @@ queries (the anchors report reward backpropagation reaching DDPO's reward with ~
 the same for a less saturated target, 90 % of the reference's gain over the starting reward; the best
 evaluation reward and where it was reached (a collapse after a peak shows as best ≫ final); training
 wall seconds (evaluation excluded; noisy on a shared machine) and peak memory. `--from-json` redoes
-the table, JSON and plot from an earlier result file without training.
+the table, JSON and plot from earlier result files without training; a file that is itself a merge
+(it has `merged_from`) can be merged with further parts, and its parts' commands are kept.
 
-Writes benchmarks/results/sample_efficiency_<name>.json and .png (reward vs reward queries).
+Writes benchmarks/results/sample_efficiency_<name>.json and .png (reward vs reward queries, and beside it
+the guards' diversity and gold reward when the runs measured them).
 """
 
 from __future__ import annotations
@@ -410,37 +412,47 @@ def table(rows: list[dict], reference: str, ref_final: float | None) -> str:
     return "\n".join(lines)
 
 
+#: the plot's panels: the reward, then the guards' diversity and gold reward where the runs have them
+PANELS = (
+    ("reward", "evaluation reward (fixed seeds)"),
+    ("diversity", "diversity within a prompt"),
+    ("gold_mean", "gold reward"),
+)
+
+
 def plot(rows: list[dict], path: Path, reference: str, ref_final: float | None, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    keys = [k for k, _ in PANELS if k == "reward" or any(k in p for r in rows for p in r["curve"])]
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(1.5 + 4.2 * len(keys), 4.5), dpi=120, squeeze=False, layout="constrained"
+    )
     styles = ["-", "--", "-.", ":"]
-    for i, r in enumerate(rows):
-        q = [p["reward_queries"] for p in r["curve"]]
-        v = [p["reward"] for p in r["curve"]]
-        ref = r["name"] == reference
-        ax.plot(
-            q,
-            v,
-            styles[(i // 10) % 4],
-            marker=".",
-            ms=3,
-            lw=2.2 if ref else 1.3,
-            color="black" if ref else None,
-            zorder=3 if ref else 2,
-            label=r["name"],
-        )
-    if ref_final is not None:
-        ax.axhline(ref_final, color="gray", ls=":", lw=1, label=f"{reference} final")
-    ax.set_xlabel("reward queries (training samples scored)")
-    ax.set_ylabel("evaluation reward (fixed seeds)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
-    fig.tight_layout()
+    for ax, (key, ylabel) in zip(axes[0], [p for p in PANELS if p[0] in keys], strict=True):
+        for i, r in enumerate(rows):
+            points = [p for p in r["curve"] if isinstance(p.get(key), (int, float))]
+            ref = r["name"] == reference
+            ax.plot(
+                [p["reward_queries"] for p in points],
+                [p[key] for p in points],
+                styles[(i // 10) % 4],
+                marker=".",
+                ms=3,
+                lw=2.2 if ref else 1.3,
+                color="black" if ref else f"C{i % 10}",
+                zorder=3 if ref else 2,
+                label=r["name"],
+            )
+        if key == "reward" and ref_final is not None:
+            ax.axhline(ref_final, color="gray", ls=":", lw=1, label=f"{reference} final")
+        ax.set_xlabel("reward queries (training samples scored)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="outside right center")
     fig.savefig(path)
     plt.close(fig)
 
@@ -502,7 +514,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 old["seeds"],
             ):
                 raise SystemExit("--from-json files must share budget, rounds and seeds")
-        records = {name: runs for f in files for name, runs in f["runs"].items()}
+        for path, f in zip(args.from_json, files, strict=True):
+            for name, runs in f["runs"].items():
+                if name in records:
+                    raise SystemExit(f"--from-json: {path} has runs of {name!r}, already in an earlier file")
+                records[name] = runs
         names = list(records)
         args.budget, args.rounds, args.seeds = old["budget"], old["rounds"], old["seeds"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -569,8 +585,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.from_json is not None:  # keep what was measured, note the re-summary
         result["resummarised_by"], result["command"] = result["command"], old["command"]
         result["date_measured"] = old.get("date_measured") or old["date"]
-        if len(files) > 1:
-            result["merged_from"] = [{"command": f["command"], "date": f["date"]} for f in files]
+        if len(files) > 1:  # an already merged file contributes the parts it was merged from
+            result["merged_from"] = [
+                part
+                for f in files
+                for part in f.get("merged_from") or [{"command": f["command"], "date": f["date"]}]
+            ]
         result["machine"] = old["machine"]
     else:
         result["date_measured"] = result["date"]
