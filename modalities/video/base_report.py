@@ -1,14 +1,14 @@
 """The sidecar of the shipped moving-digit base, `moving_digits_flow_base.json`: what made the file, and a
 fast anchor of its bit-for-bit reproduction.
 
-The full pretrain (`recipes/video/pretrain_flow.yaml`) takes about 20 CPU-minutes, too long for the suite.
+The full pretrain (`recipes/video/pretrain_flow.yaml`) takes about 15 CPU-minutes, too long for the suite.
 The sidecar records the recipe, its step count, the sha256 of the shipped file and the sha256 of the file the
 same recipe exports when cut at `cut.max_steps` optimizer steps (`--trainer.max_steps`, real settings
 otherwise, one thread). `tests/modalities/video/test_base_model.py` reruns that cut and compares, so a code
 or library change that breaks reproduction fails in a minute instead of going unnoticed. Write it after a
 full pretrain has exported the shipped file (one thread, as the recipe is reproduced):
 
-    OMP_NUM_THREADS=1 python -m diffalign.modalities.video.base_report --cpu-minutes 20.5
+    OMP_NUM_THREADS=1 python -m diffalign.modalities.video.base_report --cpu-minutes 15.3
 """
 
 from __future__ import annotations

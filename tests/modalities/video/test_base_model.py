@@ -9,7 +9,7 @@ every bound but one: its digit accuracy is 0.195 against the lower bound 0.2, so
 `test_shipped_base_follows_its_prompt_only_partly` stays a strict xfail (the goal it states is the issue's,
 not met yet; strict: it fails the suite once a longer pretrain passes it, so the marker is removed then).
 
-The full pretrain (about 20 CPU-minutes) is too long for the suite: it was reproduced bit for bit once
+The full pretrain (about 15 CPU-minutes) is too long for the suite: it was reproduced bit for bit once
 (docs/modalities/video.md), and `moving_digits_flow_base.json` records the sha256 of the shipped file and
 of the file the same recipe exports when cut at 2 steps, which the suite reruns.
 """
@@ -87,7 +87,7 @@ def test_sidecar_describes_the_shipped_file():
 
 @pytest.mark.slow
 def test_pretrain_recipe_cut_short_reproduces_its_recorded_anchor(cleandir):
-    """The full pretrain (about 20 CPU-minutes) is reproduced once per new base (docs/modalities/video.md);
+    """The full pretrain (about 15 CPU-minutes) is reproduced once per new base (docs/modalities/video.md);
     here the same recipe, real settings, cut at the sidecar's few steps (one thread, as conftest sets), must
     export the file whose sha256 the sidecar recorded: code drift that breaks reproduction fails here."""
     report = json.loads(SIDECAR.read_text())
