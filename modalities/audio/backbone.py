@@ -35,7 +35,15 @@ from diffalign.core.types import Cond
 from diffalign.modalities.audio.io import AudioOutputs
 from diffalign.modalities.audio.layout import AudioSamples, apply_request, resample
 from diffalign.modalities.audio.mel import MelCodec
-from diffalign.modalities.audio.prompts import MAX_NOTES, NoteConditioner, num_notes, tokenize
+from diffalign.modalities.audio.prompts import (
+    MAX_NOTES,
+    NOTE_IDS,
+    NUM_NOTE_TOKENS,
+    NoteConditioner,
+    note_frequency,
+    num_notes,
+    tokenize,
+)
 from diffalign.modalities.audio.synth import NOTE_SAMPLES, SAMPLE_RATE
 
 PKG = "pkg://diffalign.modalities.audio"
@@ -267,15 +275,17 @@ class MelBackbone(AudioBackbone):
 
     Conditioning: the UNet cross-attends to the token slots (`NoteConditioner`: timbre, loudness, notes)
     and adds their mean to its time embedding (diffusers' "projection" class embedding); besides, the
-    note that sounds at each frame enters as `roll_channels` extra input channels (a melody's notes are
-    placed in time).
+    note that sounds at each frame enters as `roll_channels` extra input channels, each a learned profile
+    over the mel bands (a melody's notes are placed in time, and a note in frequency: convolutions and
+    attention without position codes cannot tell one mel band from another, so a roll constant over the
+    bands left the model no cue where a prompted pitch lies).
 
     Args:
         sample_rate, note_samples, max_notes: see the module docstring.
         n_mels, f_min, f_max, hop_length, n_fft, griffin_lim_iters: the mel representation.
         block_out_channels, layers_per_block, attention_head_dim, norm_num_groups: the UNet.
         embed_dim: width of the condition embeddings (the UNet's cross_attention_dim).
-        roll_channels: extra input channels of time-aligned note embeddings (0: none).
+        roll_channels: extra input channels of time-aligned note profiles over the mel bands (0: none).
         prediction_type: "epsilon", "v_prediction", "sample" (DDPM schedule) or "flow".
         num_train_timesteps, beta_schedule, clip_sample: the noise schedule.
         weights: safetensors weights (path or pkg:// spec; default the shipped model, None: random).
@@ -336,7 +346,7 @@ class MelBackbone(AudioBackbone):
             class_embed_type="projection",
             projection_class_embeddings_input_dim=embed_dim,
         )
-        self.roll = nn.Linear(embed_dim, roll_channels) if roll_channels else None
+        self.roll = nn.Linear(embed_dim, roll_channels * n_mels) if roll_channels else None
         if weights is not None:
             from diffalign.core.io import load_state_dict
 
@@ -365,8 +375,9 @@ class MelBackbone(AudioBackbone):
         if self.roll is not None:
             frames = self.note_samples // self.hop_length
             slot = (torch.arange(x.shape[-1], device=x.device) // frames).clamp_max(self.max_notes - 1)
-            roll = self.roll(self.conditioner.note_embedding(tokens))[:, slot]  # (B, T, r)
-            inputs.append(roll.transpose(1, 2)[:, :, None, :].expand(-1, -1, x.shape[2], -1).to(x.dtype))
+            roll = self.roll(self.conditioner.note_embedding(tokens))  # (B, notes, r · n_mels)
+            roll = roll.unflatten(-1, (self.roll_channels, self.n_mels))[:, slot]  # (B, T, r, n_mels)
+            inputs.append(roll.permute(0, 2, 3, 1).to(x.dtype))  # (B, r, n_mels, T)
         out = self.unet(torch.cat(inputs, 1), t, encoder_hidden_states=hidden, class_labels=hidden.mean(1))
         return out.sample
 
@@ -381,7 +392,10 @@ class WaveformBackbone(AudioBackbone):
     (B, 1, L) (`variable_axis` 1). The UNet's Gaussian Fourier time features (of t / num_train_timesteps)
     are concatenated to its input (hence `extra_in_channels` = 2 × block_out_channels[0]); the condition
     enters as `cond_channels` extra input channels at every sample: the embedding of the note sounding
-    there plus the timbre and loudness embeddings (`NoteConditioner`), projected.
+    there plus the timbre and loudness embeddings (`NoteConditioner`), projected; and, as in neural
+    source-filter vocoders, as a sine and a cosine excitation at the fundamental of the note sounding there
+    (zero for an empty or unknown note): a convolution stack turns an excitation into a tone of its period
+    far more readily than it learns a note-dependent oscillator from embeddings.
 
     Args:
         sample_rate, note_samples, max_notes: see the module docstring.
@@ -434,7 +448,7 @@ class WaveformBackbone(AudioBackbone):
         self.scale, self.cond_channels = float(scale), cond_channels
         self.unet = UNet1DModel(
             sample_size=self.max_notes * note_samples,
-            in_channels=1 + cond_channels,
+            in_channels=1 + cond_channels + 2,
             out_channels=1,
             extra_in_channels=2 * block_out_channels[0],
             block_out_channels=tuple(block_out_channels),
@@ -446,6 +460,11 @@ class WaveformBackbone(AudioBackbone):
             use_timestep_embedding=False,
         )
         self.project = nn.Linear(embed_dim, cond_channels)
+        # fundamental (Hz) of each note token (0: empty slot or unknown note); not a weight
+        f0 = torch.zeros(NUM_NOTE_TOKENS)
+        for name, token in NOTE_IDS.items():
+            f0[token] = note_frequency(name)
+        self.register_buffer("note_f0", f0, persistent=False)
         if weights is not None:
             from diffalign.core.io import load_state_dict
 
@@ -470,4 +489,8 @@ class WaveformBackbone(AudioBackbone):
             self.conditioner.note_embedding(tokens) + self.conditioner.global_embedding(tokens)[:, None]
         )
         channels = self.project(per_note)[:, slot].transpose(1, 2).to(x.dtype)  # (B, cond_channels, L)
-        return self.unet(torch.cat([x, channels], 1), t.float() / self.num_train_timesteps).sample
+        f0 = self.note_f0[tokens[:, 2:]][:, slot]  # (B, L)
+        phase = 2 * torch.pi * f0 * (torch.arange(x.shape[-1], device=x.device) / self.sample_rate)
+        on = (f0 > 0).to(x.dtype)
+        excitation = torch.stack([torch.sin(phase) * on, torch.cos(phase) * on], 1).to(x.dtype)  # (B, 2, L)
+        return self.unet(torch.cat([x, channels, excitation], 1), t.float() / self.num_train_timesteps).sample

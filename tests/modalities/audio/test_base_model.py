@@ -1,6 +1,6 @@
 """The shipped audio models and classifier: they load, the models follow their prompts — imperfectly — and
-the pretrain recipes are deterministic (the full reproduction of the shipped weights is in
-docs/modalities/audio.md).
+the pretrain recipes are deterministic and still export what they exported when the weights were made (the
+anchor of each sidecar JSON; the full reproduction of the shipped weights is in docs/modalities/audio.md).
 
 Measured on the 8 notes × 4 seeds as sine tones (pitch) and on C4/G4 × 4 timbres (timbre), sampled like the
 recipes sample (no guidance; DDIM η = 1 for the mel model, the Flow-GRPO SDE at noise level 0.7 for the
@@ -19,6 +19,7 @@ from diffalign.core.kernels import DDIMKernel, FlowSDEKernel
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.sampling import sample_pairs, seed_pairs
 from diffalign.modalities.audio import MelBackbone, WaveformBackbone, note_prompts
+from diffalign.modalities.audio.reproduce import ANCHOR_STEPS, BASES, export, load_sidecar, sha256
 from diffalign.modalities.audio.train_timbre_classifier import accuracy, heldout_set, load_classifier
 from diffalign.rewards.audio import PitchAccuracy
 from tests.helpers import run_fit
@@ -75,3 +76,26 @@ def test_pretrain_recipe_is_deterministic(cleandir):
     assert all(torch.equal(made[0][k], made[1][k]) for k in made[0])
     shipped = load_file(str(HERE / "mel_base.safetensors"))
     assert shipped.keys() == made[0].keys() and all(shipped[k].shape == made[0][k].shape for k in shipped)
+
+
+@pytest.mark.parametrize("kind", sorted(BASES))
+def test_sidecar_names_the_shipped_weights(kind):
+    info = load_sidecar(kind)
+    recipe, name = BASES[kind]
+    assert info["recipe"] == recipe and info["sha256"] == sha256(HERE / f"{name}.safetensors")
+    assert (
+        info["full_reproduction"]["identical"] and info["full_reproduction"]["made_sha256"] == info["sha256"]
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(BASES))
+def test_pretrain_recipe_cut_short_exports_its_recorded_anchor(kind, cleandir):
+    """The recipe cut to a few steps exports, bit for bit, what it exported when the shipped weights were
+    made: a code change that would break the full reproduction shows here (same torch build, one thread)."""
+    info = load_sidecar(kind)
+    if info["torch"] != torch.__version__:
+        pytest.skip(f"anchor recorded with torch {info['torch']}; bit-for-bit needs the same build")
+    made, steps = export(kind, cleandir, *info["anchor"]["overrides"])
+    assert steps == ANCHOR_STEPS
+    assert made == info["anchor"]["sha256"], f"{kind}: the cut recipe no longer exports the recorded weights"
