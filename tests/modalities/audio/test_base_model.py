@@ -37,11 +37,6 @@ def test_shipped_timbre_classifier_is_accurate_on_heldout_notes():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 open: the shipped audio bases were trained 160/140 steps on a shared CPU and follow no "
-    "prompted pitch yet (note accuracy mel 0.031, wave 0.000: docs/modalities/audio.md)",
-)
 @pytest.mark.parametrize("kind", ["mel", "wave"])
 def test_shipped_base_model_follows_prompts_imperfectly(kind):
     if kind == "mel":
