@@ -35,15 +35,7 @@ from diffalign.core.types import Cond
 from diffalign.modalities.audio.io import AudioOutputs
 from diffalign.modalities.audio.layout import AudioSamples, apply_request, resample
 from diffalign.modalities.audio.mel import MelCodec
-from diffalign.modalities.audio.prompts import (
-    MAX_NOTES,
-    NOTE_IDS,
-    NUM_NOTE_TOKENS,
-    NoteConditioner,
-    note_frequency,
-    num_notes,
-    tokenize,
-)
+from diffalign.modalities.audio.prompts import MAX_NOTES, NoteConditioner, num_notes, tokenize
 from diffalign.modalities.audio.synth import NOTE_SAMPLES, SAMPLE_RATE
 
 PKG = "pkg://diffalign.modalities.audio"
@@ -392,10 +384,7 @@ class WaveformBackbone(AudioBackbone):
     (B, 1, L) (`variable_axis` 1). The UNet's Gaussian Fourier time features (of t / num_train_timesteps)
     are concatenated to its input (hence `extra_in_channels` = 2 × block_out_channels[0]); the condition
     enters as `cond_channels` extra input channels at every sample: the embedding of the note sounding
-    there plus the timbre and loudness embeddings (`NoteConditioner`), projected; and, as in neural
-    source-filter vocoders, as a sine and a cosine excitation at the fundamental of the note sounding there
-    (zero for an empty or unknown note): a convolution stack turns an excitation into a tone of its period
-    far more readily than it learns a note-dependent oscillator from embeddings.
+    there plus the timbre and loudness embeddings (`NoteConditioner`), projected.
 
     Args:
         sample_rate, note_samples, max_notes: see the module docstring.
@@ -448,7 +437,7 @@ class WaveformBackbone(AudioBackbone):
         self.scale, self.cond_channels = float(scale), cond_channels
         self.unet = UNet1DModel(
             sample_size=self.max_notes * note_samples,
-            in_channels=1 + cond_channels + 2,
+            in_channels=1 + cond_channels,
             out_channels=1,
             extra_in_channels=2 * block_out_channels[0],
             block_out_channels=tuple(block_out_channels),
@@ -460,11 +449,6 @@ class WaveformBackbone(AudioBackbone):
             use_timestep_embedding=False,
         )
         self.project = nn.Linear(embed_dim, cond_channels)
-        # fundamental (Hz) of each note token (0: empty slot or unknown note); not a weight
-        f0 = torch.zeros(NUM_NOTE_TOKENS)
-        for name, token in NOTE_IDS.items():
-            f0[token] = note_frequency(name)
-        self.register_buffer("note_f0", f0, persistent=False)
         if weights is not None:
             from diffalign.core.io import load_state_dict
 
@@ -489,8 +473,4 @@ class WaveformBackbone(AudioBackbone):
             self.conditioner.note_embedding(tokens) + self.conditioner.global_embedding(tokens)[:, None]
         )
         channels = self.project(per_note)[:, slot].transpose(1, 2).to(x.dtype)  # (B, cond_channels, L)
-        f0 = self.note_f0[tokens[:, 2:]][:, slot]  # (B, L)
-        phase = 2 * torch.pi * f0 * (torch.arange(x.shape[-1], device=x.device) / self.sample_rate)
-        on = (f0 > 0).to(x.dtype)
-        excitation = torch.stack([torch.sin(phase) * on, torch.cos(phase) * on], 1).to(x.dtype)  # (B, 2, L)
-        return self.unet(torch.cat([x, channels, excitation], 1), t.float() / self.num_train_timesteps).sample
+        return self.unet(torch.cat([x, channels], 1), t.float() / self.num_train_timesteps).sample
