@@ -25,7 +25,7 @@ from diffalign.rewards.audio import PitchAccuracy
 from tests.helpers import run_fit
 
 HERE = Path(__file__).resolve().parents[3] / "modalities" / "audio"
-# measured note accuracy (share of notes within 50 cents) of the shipped models; see the module docstring
+# bounds on the note accuracy (share of notes within 50 cents); measured 2026-12-02: mel 0.375, wave 0.000
 BOUNDS = {"mel": (0.25, 0.85), "wave": (0.05, 0.85)}
 
 
