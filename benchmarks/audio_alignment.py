@@ -339,6 +339,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--feedback-seeds", type=int, default=None, help="override feedback_pitch's seeds_per_prompt"
     )
+    ap.add_argument(
+        "--sample-seeds", type=int, default=None, help="override the sampling recipes' seeds_per_prompt"
+    )
     ap.add_argument("--out", default=str(RESULTS / "audio_alignment.json"))
     ap.add_argument("overrides", nargs="*", help="extra `diffalign fit` arguments (after --)")
     args = ap.parse_args(argv)
@@ -352,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
             if name in FIT_TASKS:
                 rows.append(run_fit(name, extra, feedback_extra, Path(tmp) / name))
             elif name == "test_time":
-                rows += run_test_time([], Path(tmp))
+                seeds = [f"--seeds_per_prompt={args.sample_seeds}"] if args.sample_seeds else []
+                rows += run_test_time(seeds, Path(tmp))
             elif name == "base_models":
                 rows += run_base_models()
             else:
@@ -368,6 +372,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     for r in rows:
         r.update(machine=machine, max_epochs_override=args.max_epochs, overrides=list(args.overrides))
+        if r["task"] == "test_time":
+            r.update(sample_seeds_override=args.sample_seeds)
+        if r["task"] == "dpo_pitch":
+            r.update(feedback_seeds_override=args.feedback_seeds)
     out_path = Path(args.out)
     kept = []
     if out_path.is_file():  # rows of tasks not rerun now are kept

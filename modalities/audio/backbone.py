@@ -267,15 +267,17 @@ class MelBackbone(AudioBackbone):
 
     Conditioning: the UNet cross-attends to the token slots (`NoteConditioner`: timbre, loudness, notes)
     and adds their mean to its time embedding (diffusers' "projection" class embedding); besides, the
-    note that sounds at each frame enters as `roll_channels` extra input channels (a melody's notes are
-    placed in time).
+    note that sounds at each frame enters as `roll_channels` extra input channels, each a learned profile
+    over the mel bands (a melody's notes are placed in time, and a note in frequency: convolutions and
+    attention without position codes cannot tell one mel band from another, so a roll constant over the
+    bands left the model no cue where a prompted pitch lies).
 
     Args:
         sample_rate, note_samples, max_notes: see the module docstring.
         n_mels, f_min, f_max, hop_length, n_fft, griffin_lim_iters: the mel representation.
         block_out_channels, layers_per_block, attention_head_dim, norm_num_groups: the UNet.
         embed_dim: width of the condition embeddings (the UNet's cross_attention_dim).
-        roll_channels: extra input channels of time-aligned note embeddings (0: none).
+        roll_channels: extra input channels of time-aligned note profiles over the mel bands (0: none).
         prediction_type: "epsilon", "v_prediction", "sample" (DDPM schedule) or "flow".
         num_train_timesteps, beta_schedule, clip_sample: the noise schedule.
         weights: safetensors weights (path or pkg:// spec; default the shipped model, None: random).
@@ -336,7 +338,7 @@ class MelBackbone(AudioBackbone):
             class_embed_type="projection",
             projection_class_embeddings_input_dim=embed_dim,
         )
-        self.roll = nn.Linear(embed_dim, roll_channels) if roll_channels else None
+        self.roll = nn.Linear(embed_dim, roll_channels * n_mels) if roll_channels else None
         if weights is not None:
             from diffalign.core.io import load_state_dict
 
@@ -365,8 +367,9 @@ class MelBackbone(AudioBackbone):
         if self.roll is not None:
             frames = self.note_samples // self.hop_length
             slot = (torch.arange(x.shape[-1], device=x.device) // frames).clamp_max(self.max_notes - 1)
-            roll = self.roll(self.conditioner.note_embedding(tokens))[:, slot]  # (B, T, r)
-            inputs.append(roll.transpose(1, 2)[:, :, None, :].expand(-1, -1, x.shape[2], -1).to(x.dtype))
+            roll = self.roll(self.conditioner.note_embedding(tokens))  # (B, notes, r · n_mels)
+            roll = roll.unflatten(-1, (self.roll_channels, self.n_mels))[:, slot]  # (B, T, r, n_mels)
+            inputs.append(roll.permute(0, 2, 3, 1).to(x.dtype))  # (B, r, n_mels, T)
         out = self.unet(torch.cat(inputs, 1), t, encoder_hidden_states=hidden, class_labels=hidden.mean(1))
         return out.sample
 

@@ -1,6 +1,6 @@
 """The shipped audio models and classifier: they load, the models follow their prompts — imperfectly — and
-the pretrain recipes are deterministic (the full reproduction of the shipped weights is in
-docs/modalities/audio.md).
+the pretrain recipes are deterministic and still export what they exported when the weights were made (the
+anchor of each sidecar JSON; the full reproduction of the shipped weights is in docs/modalities/audio.md).
 
 Measured on the 8 notes × 4 seeds as sine tones (pitch) and on C4/G4 × 4 timbres (timbre), sampled like the
 recipes sample (no guidance; DDIM η = 1 for the mel model, the Flow-GRPO SDE at noise level 0.7 for the
@@ -19,12 +19,13 @@ from diffalign.core.kernels import DDIMKernel, FlowSDEKernel
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.sampling import sample_pairs, seed_pairs
 from diffalign.modalities.audio import MelBackbone, WaveformBackbone, note_prompts
+from diffalign.modalities.audio.reproduce import ANCHOR_STEPS, BASES, export, load_sidecar, sha256
 from diffalign.modalities.audio.train_timbre_classifier import accuracy, heldout_set, load_classifier
 from diffalign.rewards.audio import PitchAccuracy
 from tests.helpers import run_fit
 
 HERE = Path(__file__).resolve().parents[3] / "modalities" / "audio"
-# measured note accuracy (share of notes within 50 cents) of the shipped models; see the module docstring
+# bounds on the note accuracy (share of notes within 50 cents); measured 2026-12-02: mel 0.375, wave 0.000
 BOUNDS = {"mel": (0.25, 0.85), "wave": (0.05, 0.85)}
 
 
@@ -35,13 +36,16 @@ def test_shipped_timbre_classifier_is_accurate_on_heldout_notes():
     assert acc > 0.95 and abs(acc - report["heldout_accuracy"]) < 1e-3
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
+WAVE_UNDERTRAINED = pytest.mark.xfail(
     strict=True,
-    reason="issue 14 open: the shipped audio bases were trained 160/140 steps on a shared CPU and follow no "
-    "prompted pitch yet (note accuracy mel 0.031, wave 0.000: docs/modalities/audio.md)",
+    reason="issue 14 open for the waveform base: trained 140 steps on a shared CPU it follows no prompted "
+    "pitch (note accuracy 0.000); 400 x 16 steps with a sine excitation at the note's fundamental reached "
+    "only 0.031 and was not shipped (docs/modalities/audio.md)",
 )
-@pytest.mark.parametrize("kind", ["mel", "wave"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mel", pytest.param("wave", marks=WAVE_UNDERTRAINED)])
 def test_shipped_base_model_follows_prompts_imperfectly(kind):
     if kind == "mel":
         policy = DiffusionPolicy(MelBackbone(), DDIMKernel(eta=1.0), num_steps=10).eval()
@@ -75,3 +79,26 @@ def test_pretrain_recipe_is_deterministic(cleandir):
     assert all(torch.equal(made[0][k], made[1][k]) for k in made[0])
     shipped = load_file(str(HERE / "mel_base.safetensors"))
     assert shipped.keys() == made[0].keys() and all(shipped[k].shape == made[0][k].shape for k in shipped)
+
+
+@pytest.mark.parametrize("kind", sorted(BASES))
+def test_sidecar_names_the_shipped_weights(kind):
+    info = load_sidecar(kind)
+    recipe, name = BASES[kind]
+    assert info["recipe"] == recipe and info["sha256"] == sha256(HERE / f"{name}.safetensors")
+    assert (
+        info["full_reproduction"]["identical"] and info["full_reproduction"]["made_sha256"] == info["sha256"]
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(BASES))
+def test_pretrain_recipe_cut_short_exports_its_recorded_anchor(kind, cleandir):
+    """The recipe cut to a few steps exports, bit for bit, what it exported when the shipped weights were
+    made: a code change that would break the full reproduction shows here (same torch build, one thread)."""
+    info = load_sidecar(kind)
+    if info["torch"] != torch.__version__:
+        pytest.skip(f"anchor recorded with torch {info['torch']}; bit-for-bit needs the same build")
+    made, steps = export(kind, cleandir, *info["anchor"]["overrides"])
+    assert steps == ANCHOR_STEPS
+    assert made == info["anchor"]["sha256"], f"{kind}: the cut recipe no longer exports the recorded weights"
