@@ -264,13 +264,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds-per-prompt", type=int, default=16, help="test_time: samples per prompt")
     ap.add_argument("--feedback-seeds", type=int, default=None, help="dpo: groups per prompt of the feedback")
     ap.add_argument("--out", default=str(RESULTS / "shape3d_alignment.json"))
+    ap.add_argument("--run-root", default=None, help="keep run folders here (default: a temp folder)")
     ap.add_argument("overrides", nargs="*", help="extra `diffalign fit` arguments (after --)")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     extra = [f"--trainer.max_epochs={args.max_epochs}"] if args.max_epochs else []
     extra += list(args.overrides)
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.run_root or scratch
         for name in args.tasks:
             if name == "test_time":
                 rows += run_test_time(args.seeds_per_prompt)
