@@ -18,7 +18,8 @@ FK steering (10 particles) — 100 NFE each but the plain sampler's 10 — steer
 and reports the same rewards and metrics.
 
 Prints a markdown table and writes benchmarks/results/shape3d_alignment.json (rows of tasks not run
-this time are kept).
+this time are kept). A long measurement runs in parts (`--tasks ... --out part1.json`, ...) merged with
+`--merge part1.json part2.json`.
 """
 
 from __future__ import annotations
@@ -101,7 +102,19 @@ def reward_table(policy, pairs, method=None, steer=None, batch_size: int = 48) -
         table[k], table[f"{k}_se"] = _mean_se(v)
     table["nfe_per_sample"] = sum(nfe) / len(nfe)
     samples = {k: torch.cat([lay[k] for lay in layouts]) for k in layouts[0]}
-    return {"rewards": table, "samples": samples}
+    return {"rewards": table, "samples": samples, "values": values}
+
+
+def paired_gains(before: dict, after: dict) -> dict:
+    """Mean gain of every measured reward over the same (prompt, seed) pairs, with the standard error of
+    the per-pair differences (both runs sample each pair from the same noise, so the pairs are matched)."""
+    out = {}
+    for k, b in before.items():
+        a = after[k]
+        if len(a) != len(b) or not b:
+            continue
+        out[k], out[f"{k}_se"] = _mean_se([y - x for x, y in zip(b, a, strict=True)])
+    return out
 
 
 def metrics_of(samples: dict, pairs: list, per_prompt: int) -> dict:
@@ -184,6 +197,7 @@ def run_fit_task(name: str, extra: list[str], tmp: Path, feedback_seeds: int | N
         "total_wall_seconds": round(wall, 1),
         "before": before["rewards"],
         "after": after["rewards"],
+        "paired_gain": paired_gains(before["values"], after["values"]),
         "metrics_before": {k: shape["before"][k] for k in METRICS},
         "metrics_after": {k: shape["after"][k] for k in METRICS},
     }
@@ -238,12 +252,17 @@ def print_table(rows: list[dict]) -> None:
         "surface_uniformity",
     )
     head = (
-        "| task | trained on | gain (±2 SE) | " + " | ".join(keys) + " | MMD-CD | COV-CD | 1-NNA-CD | NFE |"
+        "| task | trained on | gain (±2 SE; paired ±2 SE) | "
+        + " | ".join(keys)
+        + " | MMD-CD | COV-CD | 1-NNA-CD | NFE |"
     )
     print("\n" + head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
         gain = f"{r['gain']:+.4f} (±{2 * r['gain_standard_error']:.4f})" if "gain" in r else "—"
+        paired = r.get("paired_gain", {})
+        if r["reward"] in paired:
+            gain += f"; paired ±{2 * paired[r['reward'] + '_se']:.4f}"
         mb, ma = r.get("metrics_before"), r["metrics_after"]
         mets = [f"{mb[k]:.4f} → {ma[k]:.4f}" if mb else f"{ma[k]:.4f}" for k in METRICS]
         cells = [
@@ -264,13 +283,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds-per-prompt", type=int, default=16, help="test_time: samples per prompt")
     ap.add_argument("--feedback-seeds", type=int, default=None, help="dpo: groups per prompt of the feedback")
     ap.add_argument("--out", default=str(RESULTS / "shape3d_alignment.json"))
+    ap.add_argument("--run-root", default=None, help="keep run folders here (default: a temp folder)")
+    ap.add_argument("--merge", nargs="+", default=None, help="run nothing: merge these results into --out")
     ap.add_argument("overrides", nargs="*", help="extra `diffalign fit` arguments (after --)")
     args = ap.parse_args(argv)
+    if args.merge:
+        rows = [r for f in args.merge for r in json.loads(Path(f).read_text())["rows"]]
+        print_table(rows)
+        write_rows(rows, Path(args.out))
+        return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     extra = [f"--trainer.max_epochs={args.max_epochs}"] if args.max_epochs else []
     extra += list(args.overrides)
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.run_root or scratch
         for name in args.tasks:
             if name == "test_time":
                 rows += run_test_time(args.seeds_per_prompt)
@@ -286,12 +313,18 @@ def main(argv: list[str] | None = None) -> None:
     }
     for r in rows:
         r.update(machine=machine, max_epochs_override=args.max_epochs, overrides=list(args.overrides))
-    out_path = Path(args.out)
+    write_rows(rows, Path(args.out))
+
+
+def write_rows(rows: list[dict], out_path: Path) -> None:
+    """Write `rows` to `out_path`, keeping the rows of tasks they do not include (a later row of a task
+    replaces an earlier one)."""
     kept = []
     if out_path.is_file():
         ran = {r["task"] for r in rows}
         kept = [r for r in json.loads(out_path.read_text()).get("rows", []) if r.get("task") not in ran]
     order = [*TASKS, *(f"test_time/{k}" for k in TEST_TIME)]
+    rows = list({r["task"]: r for r in rows}.values())
     out = {"rows": sorted(kept + rows, key=lambda r: order.index(r["task"]) if r["task"] in order else 99)}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=2) + "\n")
