@@ -45,6 +45,10 @@ PLUGIN_COMMANDS = {
         "diffalign.rewards.scoring:main",
         "score a file or folder of samples with rewards, one output row per input record",
     ),
+    "reproduce": (
+        "diffalign.core.reproduce:main",
+        "check that a pretrain recipe re-makes the base weights it ships, bit for bit (sidecar JSON)",
+    ),
     "sample": (
         "diffalign.core.sample:main",
         "test-time alignment: sample with a method from a sampling recipe",

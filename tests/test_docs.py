@@ -323,6 +323,10 @@ def test_readme_quick_start_commands_run(cleandir: Path, capsys) -> None:
             extra = ["--seeds_per_prompt", "2"] + (["--progress", "false"] if args[0] == "sample" else [])
             assert cli_main([*args, "--output", str(cleandir / args[0]), *extra]) == 0
             continue
+        if args[0] == "reproduce":  # without --full: prints the sidecar of the shipped base
+            assert cli_main(args) == 0
+            assert '"sha256"' in capsys.readouterr().out
+            continue
         if args[0] == "score":
             (cleandir / args[1]).write_text("CCO\nc1ccccc1\nnot-a-smiles\n")
             outputs = [str(cleandir / a) if a.endswith(".csv") else a for a in args[2:]]

@@ -19,7 +19,7 @@ from diffalign.core.kernels import DDIMKernel, FlowSDEKernel
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.sampling import sample_pairs, seed_pairs
 from diffalign.modalities.audio import MelBackbone, WaveformBackbone, note_prompts
-from diffalign.modalities.audio.reproduce import ANCHOR_STEPS, BASES, export, load_sidecar, sha256
+from diffalign.core import reproduce
 from diffalign.modalities.audio.train_timbre_classifier import accuracy, heldout_set, load_classifier
 from diffalign.rewards.audio import PitchAccuracy
 from tests.helpers import run_fit
@@ -27,6 +27,8 @@ from tests.helpers import run_fit
 HERE = Path(__file__).resolve().parents[3] / "modalities" / "audio"
 # bounds on the note accuracy (share of notes within 50 cents); measured 2026-12-02: mel 0.375, wave 0.000
 BOUNDS = {"mel": (0.25, 0.85), "wave": (0.05, 0.85)}
+RECIPES = {"mel": "recipes/audio/pretrain_mel.yaml", "wave": "recipes/audio/pretrain_wave.yaml"}
+WEIGHTS = {"mel": "mel_base", "wave": "wave_flow_base"}
 
 
 def test_shipped_timbre_classifier_is_accurate_on_heldout_notes():
@@ -81,24 +83,23 @@ def test_pretrain_recipe_is_deterministic(cleandir):
     assert shipped.keys() == made[0].keys() and all(shipped[k].shape == made[0][k].shape for k in shipped)
 
 
-@pytest.mark.parametrize("kind", sorted(BASES))
+@pytest.mark.parametrize("kind", sorted(RECIPES))
 def test_sidecar_names_the_shipped_weights(kind):
-    info = load_sidecar(kind)
-    recipe, name = BASES[kind]
-    assert info["recipe"] == recipe and info["sha256"] == sha256(HERE / f"{name}.safetensors")
-    assert (
-        info["full_reproduction"]["identical"] and info["full_reproduction"]["made_sha256"] == info["sha256"]
-    )
+    info = reproduce.load_sidecar(RECIPES[kind])
+    assert info["recipe"] == RECIPES[kind]
+    assert info["sha256"] == reproduce.sha256(HERE / f"{WEIGHTS[kind]}.safetensors")
+    full = info["full_reproduction"]
+    assert full["identical"] and full["made_sha256"] == info["sha256"] and full["steps"] == info["steps"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", sorted(BASES))
+@pytest.mark.parametrize("kind", sorted(RECIPES))
 def test_pretrain_recipe_cut_short_exports_its_recorded_anchor(kind, cleandir):
     """The recipe cut to a few steps exports, bit for bit, what it exported when the shipped weights were
     made: a code change that would break the full reproduction shows here (same torch build, one thread)."""
-    info = load_sidecar(kind)
+    info = reproduce.load_sidecar(RECIPES[kind])
     if info["torch"] != torch.__version__:
-        pytest.skip(f"anchor recorded with torch {info['torch']}; bit-for-bit needs the same build")
-    made, steps = export(kind, cleandir, *info["anchor"]["overrides"])
-    assert steps == ANCHOR_STEPS
+        pytest.skip(f"anchor recorded with torch {info['torch']}; bit for bit needs the same build")
+    made, steps = reproduce.export(RECIPES[kind], cleandir, *info["anchor"]["overrides"])
+    assert steps == 2
     assert made == info["anchor"]["sha256"], f"{kind}: the cut recipe no longer exports the recorded weights"

@@ -24,19 +24,13 @@ from diffalign.core.io import resolve_path
 from diffalign.core.kernels import FlowSDEKernel
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.modalities.video import EVAL_PROMPTS, FLOW_BASE_WEIGHTS, moving_digits_backbone
-from diffalign.modalities.video.base_report import (
-    EXPORTED,
-    RECIPE,
-    SIDECAR,
-    recipe_settings,
-    sha256_of,
-    versions,
-)
+from diffalign.core import reproduce
 from diffalign.modalities.video.train_motion_classifier import CLASSIFIER_WEIGHTS, train
 from diffalign.rewards.video import FrameDigitFidelity, MotionClassifierReward
 from tests.helpers import run_fit, tiny_configs
 
 HERE = Path(__file__).resolve().parents[3] / "modalities" / "video"
+RECIPE = "recipes/video/pretrain_flow.yaml"
 MOTION_BOUNDS = (0.25, 0.8)  # chance 1/8
 DIGIT_BOUNDS = (0.2, 0.9)  # chance 1/10
 
@@ -76,28 +70,24 @@ def test_shipped_base_follows_its_prompt_only_partly():
 
 
 def test_sidecar_describes_the_shipped_file():
-    """moving_digits_flow_base.json names the recipe, its step count and the shipped file's sha256."""
-    report = json.loads(SIDECAR.read_text())
-    settings = recipe_settings()
-    assert report["recipe"] == RECIPE
-    assert report["steps"] == settings["steps"] == settings["T_max"]  # the cosine schedule ends at the end
-    assert report["clips_per_step"] == settings["batch_size"]
-    assert report["sha256"] == sha256_of(resolve_path(FLOW_BASE_WEIGHTS))
+    """moving_digits_flow_base.json names the recipe, the shipped file's sha256 and a full reproduction
+    that matched it (`diffalign reproduce recipes/video/pretrain_flow.yaml --full`)."""
+    info = reproduce.load_sidecar(RECIPE)
+    assert info["recipe"] == RECIPE and info["sha256"] == reproduce.sha256(resolve_path(FLOW_BASE_WEIGHTS))
+    full = info["full_reproduction"]
+    assert full["identical"] and full["made_sha256"] == info["sha256"] and full["steps"] == info["steps"]
 
 
 @pytest.mark.slow
 def test_pretrain_recipe_cut_short_reproduces_its_recorded_anchor(cleandir):
     """The full pretrain (about 15 CPU-minutes) is reproduced once per new base (docs/modalities/video.md);
-    here the same recipe, real settings, cut at the sidecar's few steps (one thread, as conftest sets), must
+    here the same recipe, real settings, cut by the sidecar's overrides (one thread, as conftest sets), must
     export the file whose sha256 the sidecar recorded: code drift that breaks reproduction fails here."""
-    report = json.loads(SIDECAR.read_text())
-    cut = report["cut"]
-    run_fit(RECIPE, cleandir / "runs", f"--trainer.max_steps={cut['max_steps']}")
-    made = sha256_of(cleandir / EXPORTED)
-    assert made == cut["sha256"], (
-        f"the {cut['max_steps']}-step cut of {RECIPE} no longer reproduces the recorded file (recorded with "
-        f"{report['versions']}; now {versions()})"
-    )
+    info = reproduce.load_sidecar(RECIPE)
+    if info["torch"] != torch.__version__:
+        pytest.skip(f"anchor recorded with torch {info['torch']}; bit for bit needs the same build")
+    made, _ = reproduce.export(RECIPE, cleandir, *info["anchor"]["overrides"])
+    assert made == info["anchor"]["sha256"], f"the cut {RECIPE} no longer exports the recorded weights"
 
 
 def test_pretrain_recipe_cut_short_is_deterministic(tmp_path, monkeypatch):
