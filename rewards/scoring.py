@@ -61,7 +61,6 @@ REWARDS: dict[str, ShortName] = {
     "stability": ShortName(_S3D + "Stability"),
     "view_class_fidelity": ShortName(_S3D + "ViewClassFidelity"),
     "chamfer_to_target": ShortName(_S3D + "ChamferToTarget", {"yaw_steps": 8}),
-
     # audio: folders of WAV/FLAC/OGG (prompts from prompts.csv or --prompt: "a C4 square note, quiet")
     "pitch_accuracy": ShortName(_AUD + "PitchAccuracy"),
     "loudness_lufs": ShortName(_AUD + "LoudnessLUFS"),
@@ -77,7 +76,6 @@ READERS: dict[str, ShortName] = {
     "image": ShortName("diffalign.modalities.image.io.ImageReader"),
     "video": ShortName("diffalign.modalities.video.io.ClipReader"),
     "shape3d": ShortName("diffalign.modalities.shape3d.io.PointCloudReader"),
-
     # audio
     "audio": ShortName("diffalign.modalities.audio.io.AudioReader"),
 }

@@ -290,6 +290,7 @@ def save_tiny_wan_pipeline(
         WanPipeline,
         WanTransformer3DModel,
     )
+
     require("tokenizers", "video", "save_tiny_wan_pipeline")
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffalign.core import reproduce
 from diffalign.core.kernels import DDIMKernel, FlowSDEKernel
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.core.sampling import sample_pairs, seed_pairs
 from diffalign.modalities.audio import MelBackbone, WaveformBackbone, note_prompts
-from diffalign.core import reproduce
 from diffalign.modalities.audio.train_timbre_classifier import accuracy, heldout_set, load_classifier
 from diffalign.rewards.audio import PitchAccuracy
 from tests.helpers import run_fit

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffalign.core import reproduce
 from diffalign.core.io import resolve_path
 from diffalign.core.kernels import FlowSDEKernel
 from diffalign.core.policy import DiffusionPolicy
 from diffalign.modalities.video import EVAL_PROMPTS, FLOW_BASE_WEIGHTS, moving_digits_backbone
-from diffalign.core import reproduce
 from diffalign.modalities.video.train_motion_classifier import CLASSIFIER_WEIGHTS, train
 from diffalign.rewards.video import FrameDigitFidelity, MotionClassifierReward
 from tests.helpers import run_fit, tiny_configs
