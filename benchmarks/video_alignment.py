@@ -51,6 +51,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from common import paired_gains  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 OUT = RESULTS / "video_alignment.json"
 TASKS = {
@@ -73,9 +76,20 @@ def _mean_se(values: torch.Tensor) -> tuple[float, float]:
     return float(v.mean()), float(v.std(unbiased=True) / math.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
+def summarise(values: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Per-clip values → name → [mean, SE over the clips]."""
+    return {k: list(_mean_se(torch.tensor(v))) for k, v in values.items()}
+
+
 @torch.no_grad()
 def clip_metrics_of(clips: torch.Tensor, prompts: list) -> dict[str, list[float]]:
     """Every video reward (and its diagnostics) of decoded clips (N, F, 3, H, W): name → [mean, SE]."""
+    return summarise(clip_values(clips, prompts))
+
+
+@torch.no_grad()
+def clip_values(clips: torch.Tensor, prompts: list) -> dict[str, list[float]]:
+    """Every video reward (and its diagnostics) of decoded clips (N, F, 3, H, W), per clip."""
     from diffalign.rewards.video import (
         FrameDigitFidelity,
         MotionAgreement,
@@ -99,19 +113,27 @@ def clip_metrics_of(clips: torch.Tensor, prompts: list) -> dict[str, list[float]
     out["temporal_flicker"] = TemporalFlicker()(clips, cond).scores
     out["subject_consistency"] = SubjectConsistency()(clips, cond).scores
     out["pixel_mean"] = clips.float().mean(dim=(1, 2, 3, 4))  # over-exposure shows here
-    return {k: list(_mean_se(v)) for k, v in out.items()}
+    return {k: v.float().tolist() for k, v in out.items()}
 
 
 @torch.no_grad()
-def policy_metrics(policy, pairs: list, batch_size: int = 32) -> dict[str, list[float]]:
+def policy_values(policy, pairs: list, reward=None, batch_size: int = 64) -> dict[str, list[float]]:
+    """Sample `pairs` (each from its own seed, so two policies get the same noise per pair) and return
+    every video metric per clip, plus `trained_reward` (the recipe's reward, as `RewardEvaluation`
+    scores it: batches of 64) when `reward` is given."""
     from diffalign.core.sampling import sample_pairs
 
     policy.eval()
-    clips, prompts = [], []
-    for batch in sample_pairs(policy, pairs, batch_size):
+    clips, prompts, scores = [], [], []
+    for batch in sample_pairs(policy, pairs, batch_size, reward=reward):
         clips.append(batch.samples().float().cpu())
         prompts += list(batch.cond.prompts)
-    return clip_metrics_of(torch.cat(clips), prompts)
+        if reward is not None:
+            scores += batch.scores.tolist()
+    values = clip_values(torch.cat(clips), prompts)
+    if reward is not None:
+        values["trained_reward"] = scores
+    return values
 
 
 def _start_weights(run: Path) -> str:
@@ -137,11 +159,12 @@ def make_feedback(folder: Path, seeds_per_prompt: int | None = None) -> Path:
 def run_alignment(
     name: str, extra: list[str], tmp: Path, base_cache: dict, feedback_seeds: int | None = None
 ) -> dict:
+    """Train one task's recipe and measure base vs aligned on its evaluation pairs (per clip, paired)."""
     from diffalign.core.cli import cli_main
     from diffalign.core.io import load_state_dict
 
     recipe = TASKS[name]
-    args = ["fit", "--config", str(REPO / recipe), "--run_root", str(tmp / "runs"), *QUIET, *extra]
+    args = ["fit", "--config", str(REPO / recipe), "--run_root", str(tmp / "runs" / name), *QUIET, *extra]
     if name == "dpo_motion":
         args.append(f"--data.init_args.path={make_feedback(tmp, feedback_seeds)}")
     t0 = time.perf_counter()
@@ -150,14 +173,18 @@ def run_alignment(
     run = Path(cli.trainer.log_dir)
     summary = json.loads((run / "summary.json").read_text())
     pairs = cli.datamodule.evaluation_set()
-    after = policy_metrics(cli.model.policy, pairs)
+    reward = cli.model.reward
+    after = policy_values(cli.model.policy, pairs, reward)
     weights = _start_weights(run)
-    if weights not in base_cache:
+    cache_key = (weights, reward.name, tuple(map(tuple, pairs)))
+    if cache_key not in base_cache:
         base = copy.deepcopy(cli.model.policy)
         load_state_dict(base.backbone, weights)
-        base_cache[weights] = policy_metrics(base, pairs)
+        base_cache[cache_key] = policy_values(base, pairs, reward)
+    before = base_cache[cache_key]
     n = summary["eval_samples"]
     se = math.sqrt(summary["reward_before_std"] ** 2 / n + summary["reward_after_std"] ** 2 / n)
+    paired = paired_gains(before, after)
     return {
         "task": name,
         "recipe": recipe,
@@ -165,15 +192,25 @@ def run_alignment(
         "reward_before": summary["reward_before"],
         "reward_after": summary["reward_after"],
         "gain": summary["reward_after"] - summary["reward_before"],
+        # unpaired: √(SE_before² + SE_after²) of summary.json's two means (the clips' spread over the set)
         "gain_standard_error": se,
+        # paired: the SE of the per-clip differences after − before on the same (prompt, seed) pairs
+        "gain_paired": paired["trained_reward"][0],
+        "gain_paired_standard_error": paired["trained_reward"][1],
         "eval_samples": n,
         "reward_queries": summary["reward_queries"],
         "optimizer_steps": summary["global_step"],
         "train_wall_seconds": summary["wall_seconds"],
         "total_wall_seconds": round(wall, 1),
         "base_weights": weights,
-        "before": base_cache[weights],
-        "after": after,
+        "run_dir": str(run),
+        "before": summarise(before),
+        "after": summarise(after),
+        "paired_gain": paired,
+        "per_clip": {  # in evaluation-pair order, for recomputing any paired figure
+            side: {k: [round(x, 5) for x in v] for k, v in vals.items()}
+            for side, vals in (("before", before), ("after", after))
+        },
     }
 
 
@@ -338,6 +375,36 @@ def machine() -> dict:
     }
 
 
+def print_alignment(rows: list[dict]) -> None:
+    """The markdown table of alignment rows: the trained reward's gain with the unpaired and the paired
+    2 SE, and the paired gain (± 2 SE) of the other metrics."""
+    print(
+        "\n| row | reward | before | after | gain (± 2 SE unpaired) | gain (± 2 SE paired) | fidelity "
+        "| digit acc. | motion agreement | motion-classifier acc. | flicker | motion px/frame |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        pg = r["paired_gain"]
+        cells = [
+            f"{r['after'][k][0]:.3f} ({pg[k][0]:+.3f} ± {2 * pg[k][1]:.3f})"
+            for k in (
+                "frame_digit_fidelity",
+                "digit_accuracy",
+                "motion_agreement",
+                "motion_accuracy",
+                "temporal_flicker",
+                "motion_px",
+            )
+        ]
+        print(
+            f"| {r['key']} | {r['reward']} | {r['reward_before']:.4f} | {r['reward_after']:.4f} | "
+            f"{r['gain']:+.4f} (± {2 * r['gain_standard_error']:.4f}) | "
+            f"{r['gain_paired']:+.4f} (± {2 * r['gain_paired_standard_error']:.4f}) | "
+            + " | ".join(cells)
+            + " |"
+        )
+
+
 def _save(section: str, rows: list[dict], key: str) -> None:
     """Merge `rows` into OUT's `section` (rows of other tasks kept), under a lock: tasks may run in
     parallel processes."""
@@ -348,7 +415,8 @@ def _save(section: str, rows: list[dict], key: str) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = json.loads(OUT.read_text()) if OUT.is_file() else {}
         ran = {r[key] for r in rows}
-        kept = [r for r in data.get(section, []) if r.get(key) not in ran]
+        # rows recorded before the `key` field existed are keyed by their task
+        kept = [r for r in data.get(section, []) if r.get(key, r.get("task")) not in ran]
         data[section] = kept + rows
         OUT.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {OUT} ({section})")
@@ -374,10 +442,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--test-time-seeds", type=int, default=None, help="seeds per prompt at test time (8)")
     ap.add_argument("--wan-frames", type=int, default=33)
     ap.add_argument("--wan-size", type=int, default=128)
+    ap.add_argument("--run-root", default=None, help="keep run folders (metrics.csv, ...) here")
+    ap.add_argument(
+        "--label",
+        default=None,
+        help="alignment: the JSON key suffix of an exploratory row (default: the overrides themselves)",
+    )
+    ap.add_argument(
+        "--record",
+        action="store_true",
+        help="alignment: write rows run with extra overrides or --max-epochs under the plain task name "
+        "(without it they go under `task@label` and the recorded rows stay)",
+    )
     args, overrides = ap.parse_known_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(args.run_root) if args.run_root else Path(scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
         if args.part == "alignment":
             extra = [f"--trainer.max_epochs={args.max_epochs}"] if args.max_epochs else []
             if args.eval_seeds:
@@ -392,22 +473,20 @@ def main(argv: list[str] | None = None) -> None:
                     json.dumps({k: v for k, v in rows[-1].items() if k not in ("before", "after")}),
                     flush=True,
                 )
+            exploratory = bool(overrides or args.max_epochs) and not args.record
+            label = args.label or " ".join(o.removeprefix("--") for o in overrides)
+            if args.max_epochs and not args.label:
+                label = f"max_epochs={args.max_epochs} {label}".strip()
             for r in rows:
                 r.update(
+                    key=f"{r['task']}@{label}" if exploratory else r["task"],
                     machine=machine(),
                     max_epochs_override=args.max_epochs,
                     overrides=extra + overrides,
                     feedback_seeds=args.feedback_seeds if r["task"] == "dpo_motion" else None,
                 )
-            print("\n| task | reward | before | after | gain (±2 SE) | motion px/frame before → after |")
-            print("|---|---|---|---|---|---|")
-            for r in rows:
-                print(
-                    f"| {r['task']} | {r['reward']} | {r['reward_before']:.4f} | {r['reward_after']:.4f} | "
-                    f"{r['gain']:+.4f} (±{2 * r['gain_standard_error']:.4f}) | "
-                    f"{_fmt(r['before']['motion_px'])} → {_fmt(r['after']['motion_px'])} |"
-                )
-            _save("alignment", rows, "task")
+            print_alignment(rows)
+            _save("alignment", rows, "key")
         elif args.part == "test_time":
             rows = [run_test_time(t, tmp, args.test_time_seeds) for t in args.tasks or list(TEST_TIME)]
             for r in rows:
