@@ -2,7 +2,9 @@
 time of reward backprop with one decoded frame vs all frames.
 
     python benchmarks/video_alignment.py alignment                 # every fit recipe below
-    python benchmarks/video_alignment.py alignment --tasks grpo_motion --max-epochs 2
+    python benchmarks/video_alignment.py alignment --tasks grpo_motion --max-epochs 2   # row grpo_motion@...
+    python benchmarks/video_alignment.py alignment --tasks grpo_motion --label kl \
+        --model.init_args.algorithm.init_args.kl_coef=0.04                             # row grpo_motion@kl
     python benchmarks/video_alignment.py test_time                 # plain vs best-of-4 vs FK (4 particles)
     python benchmarks/video_alignment.py memory                    # one frame vs all frames, two backbones
 
@@ -10,13 +12,22 @@ Reduced settings for a small CPU budget (what docs/modalities/video.md's table u
 (16 prompts x 2 seeds), `--no-pictures` (no ClipGrid GIFs), `--feedback-seeds 4`, `--max-epochs 2`,
 `--test-time-seeds 2`, `--wan-frames 17 --wan-size 64`.
 
-alignment: each task runs its recipe through the CLI (`diffalign fit`, in-process) into a temporary run
-folder and reads `summary.json` (the recipe's reward before/after over its fixed evaluation set, 16
-prompts × 8 seeds = 128 clips; `--eval-seeds` fewer). On the same (prompt, seed) pairs it then scores
-the base and the aligned model with every video reward — per-frame digit fidelity and accuracy, motion
-agreement, the motion classifier, temporal flicker, subject consistency — and the motion magnitude
-(pixels per frame), so a gain bought by static or collapsed clips shows. `dpo_motion` first makes its
-AI-feedback pairs with `diffalign feedback` (recipes/video/feedback_motion.yaml).
+alignment: each task runs its recipe through the CLI (`diffalign fit`, in-process) into a run folder (a
+temporary one unless `--run-root DIR`, which keeps them: metrics.csv, summary.json) and reads
+`summary.json` (the recipe's reward before/after over its fixed evaluation set, 16 prompts × 8 seeds =
+128 clips; `--eval-seeds` fewer). On the same (prompt, seed) pairs it then samples the base and the
+aligned model again and scores every clip with the recipe's reward and every video reward — per-frame
+digit fidelity and accuracy, motion agreement, the motion classifier, temporal flicker, subject
+consistency — and the motion magnitude (pixels per frame), so a gain bought by static or collapsed clips
+shows. Each pair is sampled from its own seed, so base and aligned clip i share their noise, and every
+gain is reported twice: `gain_standard_error` is the unpaired √(SE_before² + SE_after²) of the two
+means, `paired_gain` / `gain_paired_standard_error` the mean and SE of the per-clip differences (the
+seed noise both share cancels). `dpo_motion` first makes its AI-feedback pairs with `diffalign feedback`
+(recipes/video/feedback_motion.yaml).
+
+A row is saved under its task name; a run with extra overrides (any `diffalign fit` argument after the
+options, or `--max-epochs`) is exploratory and saved under `task@<label>` (`--label`, default the
+overrides), so it never replaces a recorded row, unless `--record` is given.
 
 test_time: `diffalign sample` with recipes/video/sample_{plain,best_of_n,fk}.yaml (MotionAgreement), the
 same 128 (prompt, seed) pairs; reward, NFE per clip, wall time, and the other metrics of the chosen clips.
@@ -375,6 +386,17 @@ def machine() -> dict:
     }
 
 
+def row_key(task: str, overrides: list[str], max_epochs: int | None, label: str | None, record: bool) -> str:
+    """The JSON key of an alignment row: the task itself for the recipe as it is (or with `record`), else
+    `task@label`, the label defaulting to the overrides, so exploratory runs never replace recorded rows."""
+    if record or not (overrides or max_epochs):
+        return task
+    if not label:
+        parts = [f"max_epochs={max_epochs}"] if max_epochs else []
+        label = " ".join(parts + [o.removeprefix("--") for o in overrides])
+    return f"{task}@{label}"
+
+
 def print_alignment(rows: list[dict]) -> None:
     """The markdown table of alignment rows: the trained reward's gain with the unpaired and the paired
     2 SE, and the paired gain (± 2 SE) of the other metrics."""
@@ -473,13 +495,9 @@ def main(argv: list[str] | None = None) -> None:
                     json.dumps({k: v for k, v in rows[-1].items() if k not in ("before", "after")}),
                     flush=True,
                 )
-            exploratory = bool(overrides or args.max_epochs) and not args.record
-            label = args.label or " ".join(o.removeprefix("--") for o in overrides)
-            if args.max_epochs and not args.label:
-                label = f"max_epochs={args.max_epochs} {label}".strip()
             for r in rows:
                 r.update(
-                    key=f"{r['task']}@{label}" if exploratory else r["task"],
+                    key=row_key(r["task"], overrides, args.max_epochs, args.label, args.record),
                     machine=machine(),
                     max_epochs_override=args.max_epochs,
                     overrides=extra + overrides,
