@@ -168,7 +168,12 @@ def make_feedback(folder: Path, seeds_per_prompt: int | None = None) -> Path:
 
 
 def run_alignment(
-    name: str, extra: list[str], tmp: Path, base_cache: dict, feedback_seeds: int | None = None
+    name: str,
+    extra: list[str],
+    tmp: Path,
+    base_cache: dict,
+    feedback_seeds: int | None = None,
+    feedback: Path | None = None,
 ) -> dict:
     """Train one task's recipe and measure base vs aligned on its evaluation pairs (per clip, paired)."""
     from diffalign.core.cli import cli_main
@@ -177,7 +182,7 @@ def run_alignment(
     recipe = TASKS[name]
     args = ["fit", "--config", str(REPO / recipe), "--run_root", str(tmp / "runs" / name), *QUIET, *extra]
     if name == "dpo_motion":
-        args.append(f"--data.init_args.path={make_feedback(tmp, feedback_seeds)}")
+        args.append(f"--data.init_args.path={feedback or make_feedback(tmp, feedback_seeds)}")
     t0 = time.perf_counter()
     cli = cli_main(args)
     wall = time.perf_counter() - t0
@@ -461,6 +466,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-seeds", type=int, default=None, help="evaluation seeds per prompt (recipes: 8)")
     ap.add_argument("--no-pictures", action="store_true", help="drop the recipes' ClipGrid GIF callback")
     ap.add_argument("--feedback-seeds", type=int, default=None, help="feedback groups per prompt (16)")
+    ap.add_argument(
+        "--feedback", type=Path, default=None, help="dpo_motion: reuse this pairs.jsonl instead of making it"
+    )
     ap.add_argument("--test-time-seeds", type=int, default=None, help="seeds per prompt at test time (8)")
     ap.add_argument("--wan-frames", type=int, default=33)
     ap.add_argument("--wan-size", type=int, default=128)
@@ -490,7 +498,9 @@ def main(argv: list[str] | None = None) -> None:
             base_cache: dict = {}
             rows = []
             for t in args.tasks or list(TASKS):
-                rows.append(run_alignment(t, extra + overrides, tmp, base_cache, args.feedback_seeds))
+                rows.append(
+                    run_alignment(t, extra + overrides, tmp, base_cache, args.feedback_seeds, args.feedback)
+                )
                 print(
                     json.dumps({k: v for k, v in rows[-1].items() if k not in ("before", "after")}),
                     flush=True,
@@ -502,6 +512,7 @@ def main(argv: list[str] | None = None) -> None:
                     max_epochs_override=args.max_epochs,
                     overrides=extra + overrides,
                     feedback_seeds=args.feedback_seeds if r["task"] == "dpo_motion" else None,
+                    feedback_file=str(args.feedback) if args.feedback and r["task"] == "dpo_motion" else None,
                 )
             print_alignment(rows)
             _save("alignment", rows, "key")
