@@ -71,6 +71,7 @@ TASKS = {
     "grpo_motion": "recipes/video/grpo_motion.yaml",
     "draft_frame_fidelity": "recipes/video/draft_frame_fidelity.yaml",
     "alignprop_frame_fidelity": "recipes/video/alignprop_frame_fidelity.yaml",
+    "alignprop_multi_reward": "recipes/video/alignprop_multi_reward.yaml",
     "dpo_motion": "recipes/video/dpo_motion.yaml",
     "grpo_multi_reward": "recipes/video/grpo_multi_reward.yaml",
 }
