@@ -23,7 +23,7 @@ shows. Each pair is sampled from its own seed, so base and aligned clip i share 
 gain is reported twice: `gain_standard_error` is the unpaired √(SE_before² + SE_after²) of the two
 means, `paired_gain` / `gain_paired_standard_error` the mean and SE of the per-clip differences (the
 seed noise both share cancels). `dpo_motion` first makes its AI-feedback pairs with `diffalign feedback`
-(recipes/video/feedback_motion.yaml).
+(recipes/video/feedback_motion.yaml), or reuses `--feedback <run-root>/feedback_motion/pairs.jsonl`.
 
 A row is saved under its task name; a run with extra overrides (any `diffalign fit` argument after the
 options, or `--max-epochs`) is exploratory and saved under `task@<label>` (`--label`, default the
@@ -434,6 +434,15 @@ def print_alignment(rows: list[dict]) -> None:
         )
 
 
+def _dumps(data: dict) -> str:
+    """JSON with an indent of 2, but every list of plain numbers on one line (the per-clip values)."""
+    import re
+
+    text = json.dumps(data, indent=2)
+    number_list = re.compile(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+|,\s*NaN)*)\s*\]")
+    return number_list.sub(lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
+
+
 def _save(section: str, rows: list[dict], key: str) -> None:
     """Merge `rows` into OUT's `section` (rows of other tasks kept), under a lock: tasks may run in
     parallel processes."""
@@ -447,7 +456,7 @@ def _save(section: str, rows: list[dict], key: str) -> None:
         # rows recorded before the `key` field existed are keyed by their task
         kept = [r for r in data.get(section, []) if r.get(key, r.get("task")) not in ran]
         data[section] = kept + rows
-        OUT.write_text(json.dumps(data, indent=2) + "\n")
+        OUT.write_text(_dumps(data) + "\n")
     print(f"wrote {OUT} ({section})")
 
 
