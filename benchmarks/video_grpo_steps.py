@@ -6,7 +6,8 @@ Two measurements on the Flow-GRPO SDE (noise level 0.7, 10 steps) toward `Motion
 
 1. the GRPO policy-gradient term of each step at the start of training (ratio 1):
    ‖∇θ mean_i A_i · log p_t(x_i)‖ over 4 prompts × 8 rollouts, A the group-normalised rewards, and the
-   re-scored minus sampled log-probs (0: the re-scoring is consistent);
+   re-scored minus sampled log-probs (0: the re-scoring is consistent), and the range of the cosines
+   between two steps' terms;
 2. how much the final reward depends on each step's noise: with the initial noise and every step's noise
    fixed, only step t's noise (or x_T) is redrawn 8 times for each of 2 prompts, and the within-variant
    standard deviation of the reward is reported.
@@ -60,6 +61,9 @@ def main(group: int = 8, variants: int = 8) -> None:
     g = torch.stack(grads)
     early, late = float(g[:4].sum(0).norm()), float(g[6:].sum(0).norm())
     print(f"‖sum of steps 0-3‖ {early:.4f}, of steps 6-9 {late:.4f}")
+    unit = g / g.norm(dim=1, keepdim=True)
+    cos = (unit @ unit.T)[~torch.eye(len(g), dtype=torch.bool)]
+    print(f"cosine between two steps' terms: {float(cos.min()):.2f} … {float(cos.max()):.2f}")
 
     torch.manual_seed(0)
     steps, event = traj.log_probs.shape[1], traj.states.shape[2:]
