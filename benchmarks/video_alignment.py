@@ -2,7 +2,9 @@
 time of reward backprop with one decoded frame vs all frames.
 
     python benchmarks/video_alignment.py alignment                 # every fit recipe below
-    python benchmarks/video_alignment.py alignment --tasks grpo_motion --max-epochs 2
+    python benchmarks/video_alignment.py alignment --tasks grpo_motion --max-epochs 2   # row grpo_motion@...
+    python benchmarks/video_alignment.py alignment --tasks grpo_motion --label kl \
+        --model.init_args.algorithm.init_args.kl_coef=0.04                             # row grpo_motion@kl
     python benchmarks/video_alignment.py test_time                 # plain vs best-of-4 vs FK (4 particles)
     python benchmarks/video_alignment.py memory                    # one frame vs all frames, two backbones
 
@@ -10,13 +12,22 @@ Reduced settings for a small CPU budget (what docs/modalities/video.md's table u
 (16 prompts x 2 seeds), `--no-pictures` (no ClipGrid GIFs), `--feedback-seeds 4`, `--max-epochs 2`,
 `--test-time-seeds 2`, `--wan-frames 17 --wan-size 64`.
 
-alignment: each task runs its recipe through the CLI (`diffalign fit`, in-process) into a temporary run
-folder and reads `summary.json` (the recipe's reward before/after over its fixed evaluation set, 16
-prompts × 8 seeds = 128 clips; `--eval-seeds` fewer). On the same (prompt, seed) pairs it then scores
-the base and the aligned model with every video reward — per-frame digit fidelity and accuracy, motion
-agreement, the motion classifier, temporal flicker, subject consistency — and the motion magnitude
-(pixels per frame), so a gain bought by static or collapsed clips shows. `dpo_motion` first makes its
-AI-feedback pairs with `diffalign feedback` (recipes/video/feedback_motion.yaml).
+alignment: each task runs its recipe through the CLI (`diffalign fit`, in-process) into a run folder (a
+temporary one unless `--run-root DIR`, which keeps them: metrics.csv, summary.json) and reads
+`summary.json` (the recipe's reward before/after over its fixed evaluation set, 16 prompts × 8 seeds =
+128 clips; `--eval-seeds` fewer). On the same (prompt, seed) pairs it then samples the base and the
+aligned model again and scores every clip with the recipe's reward and every video reward — per-frame
+digit fidelity and accuracy, motion agreement, the motion classifier, temporal flicker, subject
+consistency — and the motion magnitude (pixels per frame), so a gain bought by static or collapsed clips
+shows. Each pair is sampled from its own seed, so base and aligned clip i share their noise, and every
+gain is reported twice: `gain_standard_error` is the unpaired √(SE_before² + SE_after²) of the two
+means, `paired_gain` / `gain_paired_standard_error` the mean and SE of the per-clip differences (the
+seed noise both share cancels). `dpo_motion` first makes its AI-feedback pairs with `diffalign feedback`
+(recipes/video/feedback_motion.yaml), or reuses `--feedback <run-root>/feedback_motion/pairs.jsonl`.
+
+A row is saved under its task name; a run with extra overrides (any `diffalign fit` argument after the
+options, or `--max-epochs`) is exploratory and saved under `task@<label>` (`--label`, default the
+overrides), so it never replaces a recorded row, unless `--record` is given.
 
 test_time: `diffalign sample` with recipes/video/sample_{plain,best_of_n,fk}.yaml (MotionAgreement), the
 same 128 (prompt, seed) pairs; reward, NFE per clip, wall time, and the other metrics of the chosen clips.
@@ -51,12 +62,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from common import paired_gains  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 OUT = RESULTS / "video_alignment.json"
 TASKS = {
     "grpo_motion": "recipes/video/grpo_motion.yaml",
     "draft_frame_fidelity": "recipes/video/draft_frame_fidelity.yaml",
     "alignprop_frame_fidelity": "recipes/video/alignprop_frame_fidelity.yaml",
+    "alignprop_multi_reward": "recipes/video/alignprop_multi_reward.yaml",
     "dpo_motion": "recipes/video/dpo_motion.yaml",
     "grpo_multi_reward": "recipes/video/grpo_multi_reward.yaml",
 }
@@ -65,6 +80,7 @@ TEST_TIME = {
     "best_of_4": "recipes/video/sample_best_of_n.yaml",
     "fk_4_particles": "recipes/video/sample_fk.yaml",
 }
+PER_CLIP_KEYS = ("before", "after", "per_clip")  # left out of the one-line row print
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
@@ -73,9 +89,20 @@ def _mean_se(values: torch.Tensor) -> tuple[float, float]:
     return float(v.mean()), float(v.std(unbiased=True) / math.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
+def summarise(values: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Per-clip values → name → [mean, SE over the clips]."""
+    return {k: list(_mean_se(torch.tensor(v))) for k, v in values.items()}
+
+
 @torch.no_grad()
 def clip_metrics_of(clips: torch.Tensor, prompts: list) -> dict[str, list[float]]:
     """Every video reward (and its diagnostics) of decoded clips (N, F, 3, H, W): name → [mean, SE]."""
+    return summarise(clip_values(clips, prompts))
+
+
+@torch.no_grad()
+def clip_values(clips: torch.Tensor, prompts: list) -> dict[str, list[float]]:
+    """Every video reward (and its diagnostics) of decoded clips (N, F, 3, H, W), per clip."""
     from diffalign.rewards.video import (
         FrameDigitFidelity,
         MotionAgreement,
@@ -99,19 +126,27 @@ def clip_metrics_of(clips: torch.Tensor, prompts: list) -> dict[str, list[float]
     out["temporal_flicker"] = TemporalFlicker()(clips, cond).scores
     out["subject_consistency"] = SubjectConsistency()(clips, cond).scores
     out["pixel_mean"] = clips.float().mean(dim=(1, 2, 3, 4))  # over-exposure shows here
-    return {k: list(_mean_se(v)) for k, v in out.items()}
+    return {k: v.float().tolist() for k, v in out.items()}
 
 
 @torch.no_grad()
-def policy_metrics(policy, pairs: list, batch_size: int = 32) -> dict[str, list[float]]:
+def policy_values(policy, pairs: list, reward=None, batch_size: int = 64) -> dict[str, list[float]]:
+    """Sample `pairs` (each from its own seed, so two policies get the same noise per pair) and return
+    every video metric per clip, plus `trained_reward` (the recipe's reward, as `RewardEvaluation`
+    scores it: batches of 64) when `reward` is given."""
     from diffalign.core.sampling import sample_pairs
 
     policy.eval()
-    clips, prompts = [], []
-    for batch in sample_pairs(policy, pairs, batch_size):
+    clips, prompts, scores = [], [], []
+    for batch in sample_pairs(policy, pairs, batch_size, reward=reward):
         clips.append(batch.samples().float().cpu())
         prompts += list(batch.cond.prompts)
-    return clip_metrics_of(torch.cat(clips), prompts)
+        if reward is not None:
+            scores += batch.scores.tolist()
+    values = clip_values(torch.cat(clips), prompts)
+    if reward is not None:
+        values["trained_reward"] = scores
+    return values
 
 
 def _start_weights(run: Path) -> str:
@@ -135,29 +170,39 @@ def make_feedback(folder: Path, seeds_per_prompt: int | None = None) -> Path:
 
 
 def run_alignment(
-    name: str, extra: list[str], tmp: Path, base_cache: dict, feedback_seeds: int | None = None
+    name: str,
+    extra: list[str],
+    tmp: Path,
+    base_cache: dict,
+    feedback_seeds: int | None = None,
+    feedback: Path | None = None,
 ) -> dict:
+    """Train one task's recipe and measure base vs aligned on its evaluation pairs (per clip, paired)."""
     from diffalign.core.cli import cli_main
     from diffalign.core.io import load_state_dict
 
     recipe = TASKS[name]
-    args = ["fit", "--config", str(REPO / recipe), "--run_root", str(tmp / "runs"), *QUIET, *extra]
+    args = ["fit", "--config", str(REPO / recipe), "--run_root", str(tmp / "runs" / name), *QUIET, *extra]
     if name == "dpo_motion":
-        args.append(f"--data.init_args.path={make_feedback(tmp, feedback_seeds)}")
+        args.append(f"--data.init_args.path={feedback or make_feedback(tmp, feedback_seeds)}")
     t0 = time.perf_counter()
     cli = cli_main(args)
     wall = time.perf_counter() - t0
     run = Path(cli.trainer.log_dir)
     summary = json.loads((run / "summary.json").read_text())
     pairs = cli.datamodule.evaluation_set()
-    after = policy_metrics(cli.model.policy, pairs)
+    reward = cli.model.reward
+    after = policy_values(cli.model.policy, pairs, reward)
     weights = _start_weights(run)
-    if weights not in base_cache:
+    cache_key = (weights, reward.name, tuple(map(tuple, pairs)))
+    if cache_key not in base_cache:
         base = copy.deepcopy(cli.model.policy)
         load_state_dict(base.backbone, weights)
-        base_cache[weights] = policy_metrics(base, pairs)
+        base_cache[cache_key] = policy_values(base, pairs, reward)
+    before = base_cache[cache_key]
     n = summary["eval_samples"]
     se = math.sqrt(summary["reward_before_std"] ** 2 / n + summary["reward_after_std"] ** 2 / n)
+    paired = paired_gains(before, after)
     return {
         "task": name,
         "recipe": recipe,
@@ -165,15 +210,25 @@ def run_alignment(
         "reward_before": summary["reward_before"],
         "reward_after": summary["reward_after"],
         "gain": summary["reward_after"] - summary["reward_before"],
+        # unpaired: √(SE_before² + SE_after²) of summary.json's two means (the clips' spread over the set)
         "gain_standard_error": se,
+        # paired: the SE of the per-clip differences after − before on the same (prompt, seed) pairs
+        "gain_paired": paired["trained_reward"][0],
+        "gain_paired_standard_error": paired["trained_reward"][1],
         "eval_samples": n,
         "reward_queries": summary["reward_queries"],
         "optimizer_steps": summary["global_step"],
         "train_wall_seconds": summary["wall_seconds"],
         "total_wall_seconds": round(wall, 1),
         "base_weights": weights,
-        "before": base_cache[weights],
-        "after": after,
+        "run_dir": str(run),
+        "before": summarise(before),
+        "after": summarise(after),
+        "paired_gain": paired,
+        "per_clip": {  # in evaluation-pair order, for recomputing any paired figure
+            side: {k: [round(x, 5) for x in v] for k, v in vals.items()}
+            for side, vals in (("before", before), ("after", after))
+        },
     }
 
 
@@ -338,6 +393,56 @@ def machine() -> dict:
     }
 
 
+def row_key(task: str, overrides: list[str], max_epochs: int | None, label: str | None, record: bool) -> str:
+    """The JSON key of an alignment row: the task itself for the recipe as it is (or with `record`), else
+    `task@label`, the label defaulting to the overrides, so exploratory runs never replace recorded rows."""
+    if record or not (overrides or max_epochs):
+        return task
+    if not label:
+        parts = [f"max_epochs={max_epochs}"] if max_epochs else []
+        label = " ".join(parts + [o.removeprefix("--") for o in overrides])
+    return f"{task}@{label}"
+
+
+def print_alignment(rows: list[dict]) -> None:
+    """The markdown table of alignment rows: the trained reward's gain with the unpaired and the paired
+    2 SE, and the paired gain (± 2 SE) of the other metrics."""
+    print(
+        "\n| row | reward | before | after | gain (± 2 SE unpaired) | gain (± 2 SE paired) | fidelity "
+        "| digit acc. | motion agreement | motion-classifier acc. | flicker | motion px/frame |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        pg = r["paired_gain"]
+        cells = [
+            f"{r['after'][k][0]:.3f} ({pg[k][0]:+.3f} ± {2 * pg[k][1]:.3f})"
+            for k in (
+                "frame_digit_fidelity",
+                "digit_accuracy",
+                "motion_agreement",
+                "motion_accuracy",
+                "temporal_flicker",
+                "motion_px",
+            )
+        ]
+        print(
+            f"| {r['key']} | {r['reward']} | {r['reward_before']:.4f} | {r['reward_after']:.4f} | "
+            f"{r['gain']:+.4f} (± {2 * r['gain_standard_error']:.4f}) | "
+            f"{r['gain_paired']:+.4f} (± {2 * r['gain_paired_standard_error']:.4f}) | "
+            + " | ".join(cells)
+            + " |"
+        )
+
+
+def _dumps(data: dict) -> str:
+    """JSON with an indent of 2, but every list of plain numbers on one line (the per-clip values)."""
+    import re
+
+    text = json.dumps(data, indent=2)
+    number_list = re.compile(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+|,\s*NaN)*)\s*\]")
+    return number_list.sub(lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
+
+
 def _save(section: str, rows: list[dict], key: str) -> None:
     """Merge `rows` into OUT's `section` (rows of other tasks kept), under a lock: tasks may run in
     parallel processes."""
@@ -348,9 +453,10 @@ def _save(section: str, rows: list[dict], key: str) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = json.loads(OUT.read_text()) if OUT.is_file() else {}
         ran = {r[key] for r in rows}
-        kept = [r for r in data.get(section, []) if r.get(key) not in ran]
+        # rows recorded before the `key` field existed are keyed by their task
+        kept = [r for r in data.get(section, []) if r.get(key, r.get("task")) not in ran]
         data[section] = kept + rows
-        OUT.write_text(json.dumps(data, indent=2) + "\n")
+        OUT.write_text(_dumps(data) + "\n")
     print(f"wrote {OUT} ({section})")
 
 
@@ -371,13 +477,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-seeds", type=int, default=None, help="evaluation seeds per prompt (recipes: 8)")
     ap.add_argument("--no-pictures", action="store_true", help="drop the recipes' ClipGrid GIF callback")
     ap.add_argument("--feedback-seeds", type=int, default=None, help="feedback groups per prompt (16)")
+    ap.add_argument(
+        "--feedback", type=Path, default=None, help="dpo_motion: reuse this pairs.jsonl instead of making it"
+    )
     ap.add_argument("--test-time-seeds", type=int, default=None, help="seeds per prompt at test time (8)")
     ap.add_argument("--wan-frames", type=int, default=33)
     ap.add_argument("--wan-size", type=int, default=128)
+    ap.add_argument("--run-root", default=None, help="keep run folders (metrics.csv, ...) here")
+    ap.add_argument(
+        "--label",
+        default=None,
+        help="alignment: the JSON key suffix of an exploratory row (default: the overrides themselves)",
+    )
+    ap.add_argument(
+        "--record",
+        action="store_true",
+        help="alignment: write rows run with extra overrides or --max-epochs under the plain task name "
+        "(without it they go under `task@label` and the recorded rows stay)",
+    )
     args, overrides = ap.parse_known_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(args.run_root) if args.run_root else Path(scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
         if args.part == "alignment":
             extra = [f"--trainer.max_epochs={args.max_epochs}"] if args.max_epochs else []
             if args.eval_seeds:
@@ -387,27 +509,24 @@ def main(argv: list[str] | None = None) -> None:
             base_cache: dict = {}
             rows = []
             for t in args.tasks or list(TASKS):
-                rows.append(run_alignment(t, extra + overrides, tmp, base_cache, args.feedback_seeds))
+                rows.append(
+                    run_alignment(t, extra + overrides, tmp, base_cache, args.feedback_seeds, args.feedback)
+                )
                 print(
-                    json.dumps({k: v for k, v in rows[-1].items() if k not in ("before", "after")}),
+                    json.dumps({k: v for k, v in rows[-1].items() if k not in PER_CLIP_KEYS}),
                     flush=True,
                 )
             for r in rows:
                 r.update(
+                    key=row_key(r["task"], overrides, args.max_epochs, args.label, args.record),
                     machine=machine(),
                     max_epochs_override=args.max_epochs,
                     overrides=extra + overrides,
                     feedback_seeds=args.feedback_seeds if r["task"] == "dpo_motion" else None,
+                    feedback_file=str(args.feedback) if args.feedback and r["task"] == "dpo_motion" else None,
                 )
-            print("\n| task | reward | before | after | gain (±2 SE) | motion px/frame before → after |")
-            print("|---|---|---|---|---|---|")
-            for r in rows:
-                print(
-                    f"| {r['task']} | {r['reward']} | {r['reward_before']:.4f} | {r['reward_after']:.4f} | "
-                    f"{r['gain']:+.4f} (±{2 * r['gain_standard_error']:.4f}) | "
-                    f"{_fmt(r['before']['motion_px'])} → {_fmt(r['after']['motion_px'])} |"
-                )
-            _save("alignment", rows, "task")
+            print_alignment(rows)
+            _save("alignment", rows, "key")
         elif args.part == "test_time":
             rows = [run_test_time(t, tmp, args.test_time_seeds) for t in args.tasks or list(TEST_TIME)]
             for r in rows:

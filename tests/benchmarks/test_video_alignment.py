@@ -1,0 +1,54 @@
+"""benchmarks/video_alignment.py's bookkeeping without training: the paired standard error of a gain over
+the same (prompt, seed) pairs, and exploratory rows that never replace a recorded one."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import torch
+
+from tests.helpers import REPO
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("video_alignment", REPO / "benchmarks/video_alignment.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_gain_is_the_se_of_the_per_pair_differences() -> None:
+    from benchmarks.common import paired_gain, paired_gains
+
+    before = [0.1, 0.5, 0.9, 0.3]
+    after = [0.2, 0.7, 1.0, 0.3]  # differences 0.1, 0.2, 0.1, 0.0: mean 0.1, sample std √(0.02/3)
+    mean, se = paired_gain(before, after)
+    assert math.isclose(mean, 0.1) and math.isclose(se, math.sqrt(0.02 / 3) / 2)
+    # the clips' spread (0.1 … 0.9) is shared by both sides and cancels: far below the unpaired SE
+    se_of = [load_benchmark()._mean_se(torch.tensor(v))[1] for v in (before, after)]
+    assert se < math.hypot(*se_of) / 5
+    assert paired_gains({"r": before, "only_before": [1.0]}, {"r": after}) == {"r": [mean, se]}
+    assert math.isnan(paired_gain([float("nan")], [1.0])[0])  # a failed score drops its pair
+
+
+def test_exploratory_rows_get_their_own_key(tmp_path, monkeypatch) -> None:
+    bench = load_benchmark()
+    assert bench.row_key("grpo_motion", [], None, None, False) == "grpo_motion"
+    assert bench.row_key("grpo_motion", ["--a.b=1"], None, None, False) == "grpo_motion@a.b=1"
+    assert bench.row_key("grpo_motion", [], 2, None, False) == "grpo_motion@max_epochs=2"
+    assert bench.row_key("grpo_motion", ["--a.b=1"], None, "kl", False) == "grpo_motion@kl"
+    assert bench.row_key("grpo_motion", ["--a.b=1"], None, "kl", True) == "grpo_motion"
+    out = tmp_path / "video_alignment.json"
+    out.write_text(json.dumps({"alignment": [{"task": "grpo_motion", "gain": 0.1}]}))  # a row before `key`
+    monkeypatch.setattr(bench, "OUT", out)
+    bench._save("alignment", [{"task": "grpo_motion", "key": "grpo_motion@kl", "gain": 0.2}], "key")
+    rows = json.loads(out.read_text())["alignment"]
+    assert [r.get("key", r["task"]) for r in rows] == ["grpo_motion", "grpo_motion@kl"]
+    bench._save("alignment", [{"task": "grpo_motion", "key": "grpo_motion", "gain": 0.3}], "key")
+    rows = json.loads(out.read_text())["alignment"]
+    assert sorted((r.get("key", r["task"]), r["gain"]) for r in rows) == [
+        ("grpo_motion", 0.3),
+        ("grpo_motion@kl", 0.2),
+    ]
