@@ -38,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from common import paired_gains  # noqa: E402  (benchmarks/common.py: the script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -61,8 +62,10 @@ def log_mel_db(samples) -> torch.Tensor:
 
 
 @torch.no_grad()
-def side_metrics(policy, pairs: list[tuple[str, int]], batch_size: int = 32) -> dict[str, float]:
-    """Reward terms, note accuracy, LUFS and per-prompt diversity of `policy`'s samples on `pairs`."""
+def side_metrics(policy, pairs: list[tuple[str, int]], reward=None, batch_size: int = 32) -> dict:
+    """Reward terms, note accuracy, LUFS and per-prompt diversity of `policy`'s samples on `pairs`, and
+    the run's own `reward` ("reward") when given: their means, and under "values" every sample's score
+    in the pairs' order (for the paired standard errors)."""
     from diffalign.core.sampling import sample_pairs
     from diffalign.rewards.audio import LoudnessLUFS, PitchAccuracy, TimbreFidelity
 
@@ -72,6 +75,8 @@ def side_metrics(policy, pairs: list[tuple[str, int]], batch_size: int = 32) -> 
         "lufs_error": LoudnessLUFS(),
     }
     policy.eval()
+    if reward is not None:
+        terms["reward"] = reward
     values: dict[str, list[torch.Tensor]] = {k: [] for k in [*terms, "note_accuracy", "lufs"]}
     mels: dict[str, list[torch.Tensor]] = {}
     for batch in sample_pairs(policy, pairs, batch_size):
@@ -85,8 +90,10 @@ def side_metrics(policy, pairs: list[tuple[str, int]], batch_size: int = 32) -> 
                 values["lufs"].append(out.info["lufs"].cpu())
         for prompt, mel in zip(batch.cond.prompts, log_mel_db(samples).cpu(), strict=True):
             mels.setdefault(str(prompt), []).append(mel)
-    out = {k: torch.cat(v).mean().item() for k, v in values.items()}
-    out["lufs_error"] = -out["lufs_error"]  # the reward is −|error|: report the error in LU
+    per_sample = {k: torch.cat(v).double() for k, v in values.items()}
+    per_sample["lufs_error"] = -per_sample["lufs_error"]  # the reward is −|error|: report the error in LU
+    out: dict = {k: v.mean().item() for k, v in per_sample.items()}
+    out["values"] = {k: v.tolist() for k, v in per_sample.items()}
     dists = []
     for group in mels.values():
         stack = torch.stack(group)
@@ -141,12 +148,14 @@ def run_fit(name: str, extra: list[str], feedback_extra: list[str], root: Path) 
     run = Path(cli.trainer.log_dir)
     summary = json.loads((run / "summary.json").read_text())
     pairs = cli.datamodule.evaluation_set()
-    after = side_metrics(cli.model.policy, pairs)
+    reward = cli.model.reward
+    after = side_metrics(cli.model.policy, pairs, reward)
     base = copy.deepcopy(cli.model.policy)
     load_state_dict(base.backbone, _backbone_weights(yaml.safe_load((run / "config.yaml").read_text())))
-    before = side_metrics(base, pairs)
+    before = side_metrics(base, pairs, reward)
     n = summary["eval_samples"]
     se = math.sqrt((summary["reward_before_std"] ** 2 + summary["reward_after_std"] ** 2) / n)
+    paired = paired_gains(before.pop("values"), after.pop("values"))
     return {
         "task": name,
         "recipe": recipe,
@@ -154,8 +163,10 @@ def run_fit(name: str, extra: list[str], feedback_extra: list[str], root: Path) 
         "reward_before": summary["reward_before"],
         "reward_after": summary["reward_after"],
         "gain": summary["reward_after"] - summary["reward_before"],
-        "gain_standard_error": se,
+        "gain_standard_error": se,  # unpaired: as if before and after were independent samples
+        "paired_gain": paired,  # every measured term: mean per-pair difference and its standard error
         "eval_samples": n,
+        "eval_seeds_per_prompt": n // len({str(p) for p, _ in pairs}),
         "reward_queries": summary["reward_queries"],
         "optimizer_steps": summary["global_step"],
         "train_wall_seconds": summary["wall_seconds"],
@@ -279,19 +290,24 @@ def print_tables(rows: list[dict]) -> None:
     fits = [r for r in rows if r["task"] in FIT_TASKS]
     if fits:
         head = (
-            "| task | reward | before | after | gain (±2 SE) | pitch acc. | note acc. | timbre "
-            "| LUFS error (LU) | diversity (dB) | samples | steps | wall s |"
+            "| task | reward | before | after | gain (paired ±2 SE; unpaired ±2 SE) | pitch acc. | note acc. "
+            "| timbre | LUFS error (LU) | diversity (dB) | samples | steps | wall s |"
         )
         print("\n" + head + "\n|" + "---|" * (head.count("|") - 1))
         for r in fits:
-            b, a = r["before"], r["after"]
+            b, a, pg = r["before"], r["after"], r.get("paired_gain", {})
+
+            def moved(key: str, fmt: str, b=b, a=a, pg=pg) -> str:
+                cell = f"{b[key]:{fmt}} → {a[key]:{fmt}}"
+                return cell + (f" ({pg[key]:+{fmt}} ±{2 * pg[key + '_se']:{fmt}})" if key in pg else "")
+
+            paired = f"±{2 * pg['reward_se']:.4f}; " if "reward" in pg else ""
             print(
-                f"| {r['task']} | {r['reward']} | {r['reward_before']:.4f} | {r['reward_after']:.4f} | "
-                f"{r['gain']:+.4f} (±{2 * r['gain_standard_error']:.4f}) | "
-                f"{b['pitch_accuracy']:.3f} → {a['pitch_accuracy']:.3f} | "
-                f"{b['note_accuracy']:.3f} → {a['note_accuracy']:.3f} | "
-                f"{b['timbre_fidelity']:.3f} → {a['timbre_fidelity']:.3f} | "
-                f"{b['lufs_error']:.2f} → {a['lufs_error']:.2f} | "
+                f"| {r.get('key', r['task'])} | {r['reward']} | {r['reward_before']:.4f} | "
+                f"{r['reward_after']:.4f} | "
+                f"{r['gain']:+.4f} ({paired}unpaired ±{2 * r['gain_standard_error']:.4f}) | "
+                f"{moved('pitch_accuracy', '.3f')} | {moved('note_accuracy', '.3f')} | "
+                f"{moved('timbre_fidelity', '.3f')} | {moved('lufs_error', '.2f')} | "
                 f"{b['diversity_db']:.2f} → {a['diversity_db']:.2f} | "
                 f"{r['eval_samples']} | {r['optimizer_steps']} | {r['train_wall_seconds']:.0f} |"
             )
@@ -330,6 +346,19 @@ def print_tables(rows: list[dict]) -> None:
             )
 
 
+def row_key(row: dict) -> str:
+    """A row's key in the results file: its task for the recipe as shipped; the task and every override
+    for an exploratory run, so a run with overrides never replaces the recorded row (nor another variant)."""
+    if "key" in row:
+        return row["key"]
+    extra = []
+    for name in ("max_epochs_override", "feedback_seeds_override", "sample_seeds_override"):
+        if row.get(name) is not None:
+            extra.append(f"{name.removesuffix('_override')}={row[name]}")
+    extra += row.get("overrides") or []
+    return " ".join([row["task"], *extra])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=["ddpo_pitch"], choices=TASKS)
@@ -361,7 +390,6 @@ def main(argv: list[str] | None = None) -> None:
                 rows += run_base_models()
             else:
                 rows += run_throughput()
-    print_tables(rows)
     machine = {
         "platform": platform.platform(),
         "python": sys.version.split()[0],
@@ -376,11 +404,13 @@ def main(argv: list[str] | None = None) -> None:
             r.update(sample_seeds_override=args.sample_seeds)
         if r["task"] == "dpo_pitch":
             r.update(feedback_seeds_override=args.feedback_seeds)
+        r["key"] = row_key(r)
+    print_tables(rows)
     out_path = Path(args.out)
     kept = []
-    if out_path.is_file():  # rows of tasks not rerun now are kept
-        ran = {r["task"] for r in rows}
-        kept = [r for r in json.loads(out_path.read_text()).get("rows", []) if r.get("task") not in ran]
+    if out_path.is_file():  # rows of tasks (or exploratory variants) not rerun now are kept
+        ran = {r["key"] for r in rows}
+        kept = [r for r in json.loads(out_path.read_text()).get("rows", []) if row_key(r) not in ran]
     out = {"rows": sorted(kept + rows, key=lambda r: TASKS.index(r["task"]))}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=2) + "\n")
