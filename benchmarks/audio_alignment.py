@@ -47,6 +47,7 @@ FIT_TASKS = {
     "dpo_pitch": "recipes/audio/dpo_pitch.yaml",
     "draft_loudness": "recipes/audio/draft_loudness.yaml",
     "ddpo_multi": "recipes/audio/ddpo_multi.yaml",
+    "grpo_pitch": "recipes/audio/grpo_pitch.yaml",
 }
 TASKS = [*FIT_TASKS, "test_time", "throughput", "base_models"]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -359,6 +360,18 @@ def row_key(row: dict) -> str:
     return " ".join([row["task"], *extra])
 
 
+def write_rows(rows: list[dict], out_path: Path) -> None:
+    """Write `rows` into the results file, keeping its rows of other keys (tasks or variants not run now)."""
+    kept = []
+    if out_path.is_file():
+        ran = {row_key(r) for r in rows}
+        kept = [r for r in json.loads(out_path.read_text()).get("rows", []) if row_key(r) not in ran]
+    out = {"rows": sorted(kept + rows, key=lambda r: TASKS.index(r["task"]))}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\nwrote {out_path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=["ddpo_pitch"], choices=TASKS)
@@ -372,8 +385,16 @@ def main(argv: list[str] | None = None) -> None:
         "--sample-seeds", type=int, default=None, help="override the sampling recipes' seeds_per_prompt"
     )
     ap.add_argument("--out", default=str(RESULTS / "audio_alignment.json"))
+    ap.add_argument("--merge", nargs="+", default=None, help="run nothing: merge these results into --out")
     ap.add_argument("overrides", nargs="*", help="extra `diffalign fit` arguments (after --)")
     args = ap.parse_args(argv)
+    if args.merge:
+        rows = [r for f in args.merge for r in json.loads(Path(f).read_text())["rows"]]
+        for r in rows:
+            r["key"] = row_key(r)
+        print_tables(rows)
+        write_rows(rows, Path(args.out))
+        return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     extra = [f"--trainer.max_epochs={args.max_epochs}"] if args.max_epochs else []
     extra += list(args.overrides)
@@ -406,15 +427,7 @@ def main(argv: list[str] | None = None) -> None:
             r.update(feedback_seeds_override=args.feedback_seeds)
         r["key"] = row_key(r)
     print_tables(rows)
-    out_path = Path(args.out)
-    kept = []
-    if out_path.is_file():  # rows of tasks (or exploratory variants) not rerun now are kept
-        ran = {r["key"] for r in rows}
-        kept = [r for r in json.loads(out_path.read_text()).get("rows", []) if row_key(r) not in ran]
-    out = {"rows": sorted(kept + rows, key=lambda r: TASKS.index(r["task"]))}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_rows(rows, Path(args.out))
 
 
 if __name__ == "__main__":
