@@ -48,6 +48,7 @@ FIT_TASKS = {
     "draft_loudness": "recipes/audio/draft_loudness.yaml",
     "ddpo_multi": "recipes/audio/ddpo_multi.yaml",
     "grpo_pitch": "recipes/audio/grpo_pitch.yaml",
+    "grpo_multi": "recipes/audio/grpo_multi.yaml",
 }
 TASKS = [*FIT_TASKS, "test_time", "throughput", "base_models"]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
