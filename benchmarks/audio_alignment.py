@@ -368,6 +368,8 @@ def write_rows(rows: list[dict], out_path: Path) -> None:
         ran = {row_key(r) for r in rows}
         kept = [r for r in json.loads(out_path.read_text()).get("rows", []) if row_key(r) not in ran]
     out = {"rows": sorted(kept + rows, key=lambda r: TASKS.index(r["task"]))}
+    for r in out["rows"]:
+        r["key"] = row_key(r)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {out_path}")
