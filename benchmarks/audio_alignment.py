@@ -17,8 +17,15 @@ sampling (10 NFE), best-of-4 and FK steering with 4 particles (both 40 NFE). `th
 sampling + decoding of 32 single notes (10 steps) with each backbone. `base_models` measures how far the
 shipped models follow their prompts (as the recipes sample them): note accuracy (share of notes within 50
 cents) and timbre accuracy (the timbre classifier's argmax) over the 32 single-note prompts × 2 seeds, and
-the LUFS of "quiet" vs "loud" prompts (C4/G4 × sine/square × 3 seeds; targets −34 and −18). Prints
-markdown tables and writes benchmarks/results/audio_alignment.json (rows of tasks not run this time are kept).
+the LUFS of "quiet" vs "loud" prompts (C4/G4 × sine/square × 3 seeds; targets −34 and −18).
+
+Before and after sample the same (prompt, seed) pairs from the same noise, so each fit row's gains (the
+run's reward and every side metric, `paired_gain`) carry the standard error of the per-pair differences;
+the unpaired one (`gain_standard_error`, two independent means) is kept beside it. Prints markdown tables
+and writes benchmarks/results/audio_alignment.json, keyed by task for a recipe as shipped and by task plus
+its overrides for an exploratory run (`-- <fit arguments>`, `--max-epochs`, ...), so an exploratory run
+never replaces a recorded row; rows of keys not run this time are kept. `--merge A.json B.json` runs
+nothing and merges result files (written with `--out`) into the results file.
 """
 
 from __future__ import annotations
