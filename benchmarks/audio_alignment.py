@@ -57,7 +57,7 @@ FIT_TASKS = {
     "grpo_pitch": "recipes/audio/grpo_pitch.yaml",
     "grpo_multi": "recipes/audio/grpo_multi.yaml",
 }
-TASKS = [*FIT_TASKS, "test_time", "throughput", "base_models"]
+TASKS = [*FIT_TASKS, "test_time", "throughput", "base_models", "reward_spread"]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
@@ -295,6 +295,50 @@ def run_base_models() -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def run_reward_spread(seeds_per_prompt: int = 8) -> list[dict]:
+    """Where the mel base's `PitchAccuracy` varies (32 single-note prompts × 8 seeds, as the recipes sample):
+    within a prompt vs across prompt means (do per-prompt baselines matter?), and its within-prompt
+    correlation with voicing and with loudness (does the pitch reward ask for level?)."""
+    from diffalign.core.kernels import DDIMKernel
+    from diffalign.core.policy import DiffusionPolicy
+    from diffalign.core.sampling import sample_pairs, seed_pairs
+    from diffalign.modalities.audio import MelBackbone, note_prompts
+    from diffalign.rewards.audio import LoudnessLUFS, PitchAccuracy
+
+    policy = DiffusionPolicy(MelBackbone(), DDIMKernel(eta=1.0), num_steps=10).eval()
+    prompts, pitch, lufs = note_prompts(), PitchAccuracy(), LoudnessLUFS()
+    r, voiced, level = [], [], []
+    for batch in sample_pairs(policy, seed_pairs(prompts, seeds_per_prompt, 50_000), 64):
+        samples = batch.samples()
+        out = pitch(samples, batch.cond)
+        r.append(out.scores)
+        voiced.append(out.info["voiced"].float())
+        level.append(lufs(samples, batch.cond).info["lufs"])
+    shape = (len(prompts), seeds_per_prompt)
+    r, voiced, level = (torch.cat(x).double().view(shape) for x in (r, voiced, level))
+
+    def within_corr(a: torch.Tensor, b: torch.Tensor) -> float:
+        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+        return ((a * b).sum() / (a.pow(2).sum().sqrt() * b.pow(2).sum().sqrt())).item()
+
+    v = voiced > 0.5
+    return [
+        {
+            "task": "reward_spread",
+            "samples": r.numel(),
+            "reward_mean": r.mean().item(),
+            "within_prompt_variance": r.var(dim=1).mean().item(),
+            "variance_of_prompt_means": r.mean(1).var().item(),
+            "corr_reward_voiced_within_prompt": within_corr(r, voiced),
+            "corr_reward_lufs_within_prompt": within_corr(r, level),
+            "voiced_share": v.double().mean().item(),
+            "lufs_voiced": level[v].mean().item(),
+            "lufs_unvoiced": level[~v].mean().item(),
+        }
+    ]
+
+
 def print_tables(rows: list[dict]) -> None:
     fits = [r for r in rows if r["task"] in FIT_TASKS]
     if fits:
@@ -345,6 +389,15 @@ def print_tables(rows: list[dict]) -> None:
                 f"{r['lufs_quiet']:.1f} ± {r['lufs_quiet_standard_error']:.1f} | "
                 f"{r['lufs_loud']:.1f} ± {r['lufs_loud_standard_error']:.1f} |"
             )
+    for r in (r for r in rows if r["task"] == "reward_spread"):
+        print(
+            f"\nmel base, PitchAccuracy over {r['samples']} samples: mean {r['reward_mean']:.3f}, "
+            f"variance within a prompt {r['within_prompt_variance']:.3f} "
+            f"vs of prompt means {r['variance_of_prompt_means']:.3f}; "
+            f"within-prompt correlation with voicing {r['corr_reward_voiced_within_prompt']:.2f}, with LUFS "
+            f"{r['corr_reward_lufs_within_prompt']:.2f}; LUFS voiced {r['lufs_voiced']:.1f}, "
+            f"unvoiced {r['lufs_unvoiced']:.1f}"
+        )
     tp = [r for r in rows if r["task"] == "throughput"]
     if tp:
         print("\n| backbone | parameters | samples/s | audio s per s | decode share |\n|---|---|---|---|---|")
@@ -419,6 +472,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows += run_test_time(seeds, Path(tmp))
             elif name == "base_models":
                 rows += run_base_models()
+            elif name == "reward_spread":
+                rows += run_reward_spread()
             else:
                 rows += run_throughput()
     machine = {
