@@ -17,8 +17,15 @@ sampling (10 NFE), best-of-4 and FK steering with 4 particles (both 40 NFE). `th
 sampling + decoding of 32 single notes (10 steps) with each backbone. `base_models` measures how far the
 shipped models follow their prompts (as the recipes sample them): note accuracy (share of notes within 50
 cents) and timbre accuracy (the timbre classifier's argmax) over the 32 single-note prompts × 2 seeds, and
-the LUFS of "quiet" vs "loud" prompts (C4/G4 × sine/square × 3 seeds; targets −34 and −18). Prints
-markdown tables and writes benchmarks/results/audio_alignment.json (rows of tasks not run this time are kept).
+the LUFS of "quiet" vs "loud" prompts (C4/G4 × sine/square × 3 seeds; targets −34 and −18).
+
+Before and after sample the same (prompt, seed) pairs from the same noise, so each fit row's gains (the
+run's reward and every side metric, `paired_gain`) carry the standard error of the per-pair differences;
+the unpaired one (`gain_standard_error`, two independent means) is kept beside it. Prints markdown tables
+and writes benchmarks/results/audio_alignment.json, keyed by task for a recipe as shipped and by task plus
+its overrides for an exploratory run (`-- <fit arguments>`, `--max-epochs`, ...), so an exploratory run
+never replaces a recorded row; rows of keys not run this time are kept. `--merge A.json B.json` runs
+nothing and merges result files (written with `--out`) into the results file.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from common import paired_gains  # noqa: E402  (benchmarks/common.py: the script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -46,8 +54,10 @@ FIT_TASKS = {
     "dpo_pitch": "recipes/audio/dpo_pitch.yaml",
     "draft_loudness": "recipes/audio/draft_loudness.yaml",
     "ddpo_multi": "recipes/audio/ddpo_multi.yaml",
+    "grpo_pitch": "recipes/audio/grpo_pitch.yaml",
+    "grpo_multi": "recipes/audio/grpo_multi.yaml",
 }
-TASKS = [*FIT_TASKS, "test_time", "throughput", "base_models"]
+TASKS = [*FIT_TASKS, "test_time", "throughput", "base_models", "reward_spread"]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
@@ -61,8 +71,10 @@ def log_mel_db(samples) -> torch.Tensor:
 
 
 @torch.no_grad()
-def side_metrics(policy, pairs: list[tuple[str, int]], batch_size: int = 32) -> dict[str, float]:
-    """Reward terms, note accuracy, LUFS and per-prompt diversity of `policy`'s samples on `pairs`."""
+def side_metrics(policy, pairs: list[tuple[str, int]], reward=None, batch_size: int = 32) -> dict:
+    """Reward terms, note accuracy, LUFS and per-prompt diversity of `policy`'s samples on `pairs`, and
+    the run's own `reward` ("reward") when given: their means, and under "values" every sample's score
+    in the pairs' order (for the paired standard errors)."""
     from diffalign.core.sampling import sample_pairs
     from diffalign.rewards.audio import LoudnessLUFS, PitchAccuracy, TimbreFidelity
 
@@ -72,6 +84,8 @@ def side_metrics(policy, pairs: list[tuple[str, int]], batch_size: int = 32) -> 
         "lufs_error": LoudnessLUFS(),
     }
     policy.eval()
+    if reward is not None:
+        terms["reward"] = reward
     values: dict[str, list[torch.Tensor]] = {k: [] for k in [*terms, "note_accuracy", "lufs"]}
     mels: dict[str, list[torch.Tensor]] = {}
     for batch in sample_pairs(policy, pairs, batch_size):
@@ -85,8 +99,10 @@ def side_metrics(policy, pairs: list[tuple[str, int]], batch_size: int = 32) -> 
                 values["lufs"].append(out.info["lufs"].cpu())
         for prompt, mel in zip(batch.cond.prompts, log_mel_db(samples).cpu(), strict=True):
             mels.setdefault(str(prompt), []).append(mel)
-    out = {k: torch.cat(v).mean().item() for k, v in values.items()}
-    out["lufs_error"] = -out["lufs_error"]  # the reward is −|error|: report the error in LU
+    per_sample = {k: torch.cat(v).double() for k, v in values.items()}
+    per_sample["lufs_error"] = -per_sample["lufs_error"]  # the reward is −|error|: report the error in LU
+    out: dict = {k: v.mean().item() for k, v in per_sample.items()}
+    out["values"] = {k: v.tolist() for k, v in per_sample.items()}
     dists = []
     for group in mels.values():
         stack = torch.stack(group)
@@ -141,12 +157,16 @@ def run_fit(name: str, extra: list[str], feedback_extra: list[str], root: Path) 
     run = Path(cli.trainer.log_dir)
     summary = json.loads((run / "summary.json").read_text())
     pairs = cli.datamodule.evaluation_set()
-    after = side_metrics(cli.model.policy, pairs)
+    reward = cli.model.reward
+    after = side_metrics(cli.model.policy, pairs, reward)
     base = copy.deepcopy(cli.model.policy)
     load_state_dict(base.backbone, _backbone_weights(yaml.safe_load((run / "config.yaml").read_text())))
-    before = side_metrics(base, pairs)
+    before = side_metrics(base, pairs, reward)
     n = summary["eval_samples"]
     se = math.sqrt((summary["reward_before_std"] ** 2 + summary["reward_after_std"] ** 2) / n)
+    paired: dict[str, float] = {}  # flat {term: gain, term_se: its SE}, the layout of the recorded rows
+    for key, (gain, gain_se) in paired_gains(before.pop("values"), after.pop("values")).items():
+        paired[key], paired[f"{key}_se"] = gain, gain_se
     return {
         "task": name,
         "recipe": recipe,
@@ -154,8 +174,10 @@ def run_fit(name: str, extra: list[str], feedback_extra: list[str], root: Path) 
         "reward_before": summary["reward_before"],
         "reward_after": summary["reward_after"],
         "gain": summary["reward_after"] - summary["reward_before"],
-        "gain_standard_error": se,
+        "gain_standard_error": se,  # unpaired: as if before and after were independent samples
+        "paired_gain": paired,  # every measured term: mean per-pair difference and its standard error
         "eval_samples": n,
+        "eval_seeds_per_prompt": n // len({str(p) for p, _ in pairs}),
         "reward_queries": summary["reward_queries"],
         "optimizer_steps": summary["global_step"],
         "train_wall_seconds": summary["wall_seconds"],
@@ -275,23 +297,72 @@ def run_base_models() -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def run_reward_spread(seeds_per_prompt: int = 8) -> list[dict]:
+    """Where the mel base's `PitchAccuracy` varies (32 single-note prompts × 8 seeds, as the recipes sample):
+    within a prompt vs across prompt means (do per-prompt baselines matter?), and its within-prompt
+    correlation with voicing and with loudness (does the pitch reward ask for level?)."""
+    from diffalign.core.kernels import DDIMKernel
+    from diffalign.core.policy import DiffusionPolicy
+    from diffalign.core.sampling import sample_pairs, seed_pairs
+    from diffalign.modalities.audio import MelBackbone, note_prompts
+    from diffalign.rewards.audio import LoudnessLUFS, PitchAccuracy
+
+    policy = DiffusionPolicy(MelBackbone(), DDIMKernel(eta=1.0), num_steps=10).eval()
+    prompts, pitch, lufs = note_prompts(), PitchAccuracy(), LoudnessLUFS()
+    r, voiced, level = [], [], []
+    for batch in sample_pairs(policy, seed_pairs(prompts, seeds_per_prompt, 50_000), 64):
+        samples = batch.samples()
+        out = pitch(samples, batch.cond)
+        r.append(out.scores)
+        voiced.append(out.info["voiced"].float())
+        level.append(lufs(samples, batch.cond).info["lufs"])
+    shape = (len(prompts), seeds_per_prompt)
+    r, voiced, level = (torch.cat(x).double().view(shape) for x in (r, voiced, level))
+
+    def within_corr(a: torch.Tensor, b: torch.Tensor) -> float:
+        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+        return ((a * b).sum() / (a.pow(2).sum().sqrt() * b.pow(2).sum().sqrt())).item()
+
+    v = voiced > 0.5
+    return [
+        {
+            "task": "reward_spread",
+            "samples": r.numel(),
+            "reward_mean": r.mean().item(),
+            "within_prompt_variance": r.var(dim=1).mean().item(),
+            "variance_of_prompt_means": r.mean(1).var().item(),
+            "corr_reward_voiced_within_prompt": within_corr(r, voiced),
+            "corr_reward_lufs_within_prompt": within_corr(r, level),
+            "voiced_share": v.double().mean().item(),
+            "lufs_voiced": level[v].mean().item(),
+            "lufs_unvoiced": level[~v].mean().item(),
+        }
+    ]
+
+
 def print_tables(rows: list[dict]) -> None:
     fits = [r for r in rows if r["task"] in FIT_TASKS]
     if fits:
         head = (
-            "| task | reward | before | after | gain (±2 SE) | pitch acc. | note acc. | timbre "
-            "| LUFS error (LU) | diversity (dB) | samples | steps | wall s |"
+            "| task | reward | before | after | gain (paired ±2 SE; unpaired ±2 SE) | pitch acc. | note acc. "
+            "| timbre | LUFS error (LU) | diversity (dB) | samples | steps | wall s |"
         )
         print("\n" + head + "\n|" + "---|" * (head.count("|") - 1))
         for r in fits:
-            b, a = r["before"], r["after"]
+            b, a, pg = r["before"], r["after"], r.get("paired_gain", {})
+
+            def moved(key: str, fmt: str, b=b, a=a, pg=pg) -> str:
+                cell = f"{b[key]:{fmt}} → {a[key]:{fmt}}"
+                return cell + (f" ({pg[key]:+{fmt}} ±{2 * pg[key + '_se']:{fmt}})" if key in pg else "")
+
+            paired = f"±{2 * pg['reward_se']:.4f}; " if "reward" in pg else ""
             print(
-                f"| {r['task']} | {r['reward']} | {r['reward_before']:.4f} | {r['reward_after']:.4f} | "
-                f"{r['gain']:+.4f} (±{2 * r['gain_standard_error']:.4f}) | "
-                f"{b['pitch_accuracy']:.3f} → {a['pitch_accuracy']:.3f} | "
-                f"{b['note_accuracy']:.3f} → {a['note_accuracy']:.3f} | "
-                f"{b['timbre_fidelity']:.3f} → {a['timbre_fidelity']:.3f} | "
-                f"{b['lufs_error']:.2f} → {a['lufs_error']:.2f} | "
+                f"| {r.get('key', r['task'])} | {r['reward']} | {r['reward_before']:.4f} | "
+                f"{r['reward_after']:.4f} | "
+                f"{r['gain']:+.4f} ({paired}unpaired ±{2 * r['gain_standard_error']:.4f}) | "
+                f"{moved('pitch_accuracy', '.3f')} | {moved('note_accuracy', '.3f')} | "
+                f"{moved('timbre_fidelity', '.3f')} | {moved('lufs_error', '.2f')} | "
                 f"{b['diversity_db']:.2f} → {a['diversity_db']:.2f} | "
                 f"{r['eval_samples']} | {r['optimizer_steps']} | {r['train_wall_seconds']:.0f} |"
             )
@@ -320,6 +391,15 @@ def print_tables(rows: list[dict]) -> None:
                 f"{r['lufs_quiet']:.1f} ± {r['lufs_quiet_standard_error']:.1f} | "
                 f"{r['lufs_loud']:.1f} ± {r['lufs_loud_standard_error']:.1f} |"
             )
+    for r in (r for r in rows if r["task"] == "reward_spread"):
+        print(
+            f"\nmel base, PitchAccuracy over {r['samples']} samples: mean {r['reward_mean']:.3f}, "
+            f"variance within a prompt {r['within_prompt_variance']:.3f} "
+            f"vs of prompt means {r['variance_of_prompt_means']:.3f}; "
+            f"within-prompt correlation with voicing {r['corr_reward_voiced_within_prompt']:.2f}, with LUFS "
+            f"{r['corr_reward_lufs_within_prompt']:.2f}; LUFS voiced {r['lufs_voiced']:.1f}, "
+            f"unvoiced {r['lufs_unvoiced']:.1f}"
+        )
     tp = [r for r in rows if r["task"] == "throughput"]
     if tp:
         print("\n| backbone | parameters | samples/s | audio s per s | decode share |\n|---|---|---|---|---|")
@@ -328,6 +408,33 @@ def print_tables(rows: list[dict]) -> None:
                 f"| {r['backbone']} | {r['parameters']:,} | {r['samples_per_second']:.2f} | "
                 f"{r['audio_seconds_per_second']:.2f} | {r['decode_share']:.0%} |"
             )
+
+
+def row_key(row: dict) -> str:
+    """A row's key in the results file: its task for the recipe as shipped; the task and every override
+    for an exploratory run, so a run with overrides never replaces the recorded row (nor another variant)."""
+    if "key" in row:
+        return row["key"]
+    extra = []
+    for name in ("max_epochs_override", "feedback_seeds_override", "sample_seeds_override"):
+        if row.get(name) is not None:
+            extra.append(f"{name.removesuffix('_override')}={row[name]}")
+    extra += row.get("overrides") or []
+    return " ".join([row["task"], *extra])
+
+
+def write_rows(rows: list[dict], out_path: Path) -> None:
+    """Write `rows` into the results file, keeping its rows of other keys (tasks or variants not run now)."""
+    kept = []
+    if out_path.is_file():
+        ran = {row_key(r) for r in rows}
+        kept = [r for r in json.loads(out_path.read_text()).get("rows", []) if row_key(r) not in ran]
+    out = {"rows": sorted(kept + rows, key=lambda r: TASKS.index(r["task"]))}
+    for r in out["rows"]:
+        r["key"] = row_key(r)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\nwrote {out_path}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -343,8 +450,16 @@ def main(argv: list[str] | None = None) -> None:
         "--sample-seeds", type=int, default=None, help="override the sampling recipes' seeds_per_prompt"
     )
     ap.add_argument("--out", default=str(RESULTS / "audio_alignment.json"))
+    ap.add_argument("--merge", nargs="+", default=None, help="run nothing: merge these results into --out")
     ap.add_argument("overrides", nargs="*", help="extra `diffalign fit` arguments (after --)")
     args = ap.parse_args(argv)
+    if args.merge:
+        rows = [r for f in args.merge for r in json.loads(Path(f).read_text())["rows"]]
+        for r in rows:
+            r["key"] = row_key(r)
+        print_tables(rows)
+        write_rows(rows, Path(args.out))
+        return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     extra = [f"--trainer.max_epochs={args.max_epochs}"] if args.max_epochs else []
     extra += list(args.overrides)
@@ -359,9 +474,10 @@ def main(argv: list[str] | None = None) -> None:
                 rows += run_test_time(seeds, Path(tmp))
             elif name == "base_models":
                 rows += run_base_models()
+            elif name == "reward_spread":
+                rows += run_reward_spread()
             else:
                 rows += run_throughput()
-    print_tables(rows)
     machine = {
         "platform": platform.platform(),
         "python": sys.version.split()[0],
@@ -376,15 +492,9 @@ def main(argv: list[str] | None = None) -> None:
             r.update(sample_seeds_override=args.sample_seeds)
         if r["task"] == "dpo_pitch":
             r.update(feedback_seeds_override=args.feedback_seeds)
-    out_path = Path(args.out)
-    kept = []
-    if out_path.is_file():  # rows of tasks not rerun now are kept
-        ran = {r["task"] for r in rows}
-        kept = [r for r in json.loads(out_path.read_text()).get("rows", []) if r.get("task") not in ran]
-    out = {"rows": sorted(kept + rows, key=lambda r: TASKS.index(r["task"]))}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+        r["key"] = row_key(r)
+    print_tables(rows)
+    write_rows(rows, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts (each section is one helper's; add your own, leave the rest)."""
+"""Helpers shared by the benchmark scripts (each section is one concern; add your own, leave the rest)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 
-# -- paired gains over fixed (prompt, seed) pairs (video_alignment) --------------------------------
+# -- paired gains over fixed (prompt, seed) pairs (video_alignment, audio_alignment) ----------------
 def paired_gain(before: Sequence[float], after: Sequence[float]) -> tuple[float, float]:
     """Mean of the per-pair differences after − before and its standard error.
 

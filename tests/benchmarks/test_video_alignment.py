@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 
+import pytest
 import torch
 
 from tests.helpers import REPO
@@ -31,6 +32,8 @@ def test_paired_gain_is_the_se_of_the_per_pair_differences() -> None:
     assert se < math.hypot(*se_of) / 5
     assert paired_gains({"r": before, "only_before": [1.0]}, {"r": after}) == {"r": [mean, se]}
     assert math.isnan(paired_gain([float("nan")], [1.0])[0])  # a failed score drops its pair
+    with pytest.raises(ValueError, match="4 values before but 3 after"):
+        paired_gain([0.0] * 4, [0.0] * 3)
 
 
 def test_exploratory_rows_get_their_own_key(tmp_path, monkeypatch) -> None:
