@@ -22,10 +22,12 @@ the LUFS of "quiet" vs "loud" prompts (C4/G4 × sine/square × 3 seeds; targets 
 Before and after sample the same (prompt, seed) pairs from the same noise, so each fit row's gains (the
 run's reward and every side metric, `paired_gain`) carry the standard error of the per-pair differences;
 the unpaired one (`gain_standard_error`, two independent means) is kept beside it. Prints markdown tables
-and writes benchmarks/results/audio_alignment.json, keyed by task for a recipe as shipped and by task plus
-its overrides for an exploratory run (`-- <fit arguments>`, `--max-epochs`, ...), so an exploratory run
-never replaces a recorded row; rows of keys not run this time are kept. `--merge A.json B.json` runs
-nothing and merges result files (written with `--out`) into the results file.
+and writes benchmarks/results/audio_alignment.json, keyed by task for a recipe as shipped and `task@label`
+for an exploratory run (`-- <fit arguments>`, `--max-epochs`, the seed overrides; `--label`, default the
+overrides; `--record` writes it under the task), so an exploratory run never replaces a recorded row;
+rows of keys not run this time are kept (rows recorded before this rule keep their keys, "task
+<overrides>"). `--merge A.json B.json` runs nothing and merges result files (written with `--out`) into
+the results file.
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from common import paired_gains  # noqa: E402  (benchmarks/common.py: the script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from common import paired_gains, row_key, save_rows  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 FIT_TASKS = {
     "ddpo_pitch": "recipes/audio/ddpo_pitch.yaml",
@@ -410,31 +414,9 @@ def print_tables(rows: list[dict]) -> None:
             )
 
 
-def row_key(row: dict) -> str:
-    """A row's key in the results file: its task for the recipe as shipped; the task and every override
-    for an exploratory run, so a run with overrides never replaces the recorded row (nor another variant)."""
-    if "key" in row:
-        return row["key"]
-    extra = []
-    for name in ("max_epochs_override", "feedback_seeds_override", "sample_seeds_override"):
-        if row.get(name) is not None:
-            extra.append(f"{name.removesuffix('_override')}={row[name]}")
-    extra += row.get("overrides") or []
-    return " ".join([row["task"], *extra])
-
-
 def write_rows(rows: list[dict], out_path: Path) -> None:
     """Write `rows` into the results file, keeping its rows of other keys (tasks or variants not run now)."""
-    kept = []
-    if out_path.is_file():
-        ran = {row_key(r) for r in rows}
-        kept = [r for r in json.loads(out_path.read_text()).get("rows", []) if row_key(r) not in ran]
-    out = {"rows": sorted(kept + rows, key=lambda r: TASKS.index(r["task"]))}
-    for r in out["rows"]:
-        r["key"] = row_key(r)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\nwrote {out_path}")
+    save_rows(out_path, "rows", rows, order=lambda r: TASKS.index(r["task"]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -451,12 +433,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--out", default=str(RESULTS / "audio_alignment.json"))
     ap.add_argument("--merge", nargs="+", default=None, help="run nothing: merge these results into --out")
+    ap.add_argument(
+        "--label", default=None, help="the JSON key suffix of an exploratory row (default: its overrides)"
+    )
+    ap.add_argument(
+        "--record",
+        action="store_true",
+        help="write rows run with overrides under the plain task name (without it: `task@label`)",
+    )
     ap.add_argument("overrides", nargs="*", help="extra `diffalign fit` arguments (after --)")
     args = ap.parse_args(argv)
     if args.merge:
         rows = [r for f in args.merge for r in json.loads(Path(f).read_text())["rows"]]
-        for r in rows:
-            r["key"] = row_key(r)
         print_tables(rows)
         write_rows(rows, Path(args.out))
         return
@@ -488,11 +476,14 @@ def main(argv: list[str] | None = None) -> None:
     }
     for r in rows:
         r.update(machine=machine, max_epochs_override=args.max_epochs, overrides=list(args.overrides))
+        seeds = []
         if r["task"] == "test_time":
             r.update(sample_seeds_override=args.sample_seeds)
+            seeds = [f"sample_seeds={args.sample_seeds}"] if args.sample_seeds else []
         if r["task"] == "dpo_pitch":
             r.update(feedback_seeds_override=args.feedback_seeds)
-        r["key"] = row_key(r)
+            seeds = [f"feedback_seeds={args.feedback_seeds}"] if args.feedback_seeds else []
+        r["key"] = row_key(r["task"], seeds + list(args.overrides), args.max_epochs, args.label, args.record)
     print_tables(rows)
     write_rows(rows, Path(args.out))
 

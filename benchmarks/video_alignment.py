@@ -63,7 +63,7 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from common import paired_gains  # noqa: E402
+from common import paired_gains, row_key, save_rows  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 OUT = RESULTS / "video_alignment.json"
@@ -393,17 +393,6 @@ def machine() -> dict:
     }
 
 
-def row_key(task: str, overrides: list[str], max_epochs: int | None, label: str | None, record: bool) -> str:
-    """The JSON key of an alignment row: the task itself for the recipe as it is (or with `record`), else
-    `task@label`, the label defaulting to the overrides, so exploratory runs never replace recorded rows."""
-    if record or not (overrides or max_epochs):
-        return task
-    if not label:
-        parts = [f"max_epochs={max_epochs}"] if max_epochs else []
-        label = " ".join(parts + [o.removeprefix("--") for o in overrides])
-    return f"{task}@{label}"
-
-
 def print_alignment(rows: list[dict]) -> None:
     """The markdown table of alignment rows: the trained reward's gain with the unpaired and the paired
     2 SE, and the paired gain (± 2 SE) of the other metrics."""
@@ -434,30 +423,9 @@ def print_alignment(rows: list[dict]) -> None:
         )
 
 
-def _dumps(data: dict) -> str:
-    """JSON with an indent of 2, but every list of plain numbers on one line (the per-clip values)."""
-    import re
-
-    text = json.dumps(data, indent=2)
-    number_list = re.compile(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+|,\s*NaN)*)\s*\]")
-    return number_list.sub(lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
-
-
 def _save(section: str, rows: list[dict], key: str) -> None:
-    """Merge `rows` into OUT's `section` (rows of other tasks kept), under a lock: tasks may run in
-    parallel processes."""
-    import fcntl
-
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    with open(Path(tempfile.gettempdir()) / "diffalign_video_alignment.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        data = json.loads(OUT.read_text()) if OUT.is_file() else {}
-        ran = {r[key] for r in rows}
-        # rows recorded before the `key` field existed are keyed by their task
-        kept = [r for r in data.get(section, []) if r.get(key, r.get("task")) not in ran]
-        data[section] = kept + rows
-        OUT.write_text(_dumps(data) + "\n")
-    print(f"wrote {OUT} ({section})")
+    """Merge `rows` into OUT's `section` (rows of other keys kept; see `common.save_rows`)."""
+    save_rows(OUT, section, rows, key)
 
 
 def _fmt(m: list[float]) -> str:
