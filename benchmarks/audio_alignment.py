@@ -57,6 +57,7 @@ FIT_TASKS = {
     "ddpo_pitch": "recipes/audio/ddpo_pitch.yaml",
     "dpo_pitch": "recipes/audio/dpo_pitch.yaml",
     "draft_loudness": "recipes/audio/draft_loudness.yaml",
+    "draft_flatness": "recipes/audio/draft_flatness.yaml",
     "ddpo_multi": "recipes/audio/ddpo_multi.yaml",
     "grpo_pitch": "recipes/audio/grpo_pitch.yaml",
     "grpo_multi": "recipes/audio/grpo_multi.yaml",
