@@ -13,7 +13,11 @@ that breaks reproduction changes the cut run's file too. The full run is checked
     OMP_NUM_THREADS=1 diffalign reproduce recipes/video/pretrain_flow.yaml --full     # whole run, compare
 
 Bit for bit holds for one torch build on one kind of CPU and one thread (the sidecar names the torch
-version it was recorded with). This is a development tool: it needs the repository's `recipes/` folder.
+version it was recorded with): convolution and matmul kernels round differently on another vector ISA or
+CPU vendor, so the anchor is kept per platform (`platform_key`, `anchor.by_platform`): `--record`
+rewrites it from this machine alone, `--add-platform` (same code, another CPU) adds this machine's anchor;
+`anchor.sha256` is the one of the recording (used where no platform's anchor is recorded). This is a
+development tool: it needs the repository's `recipes/` folder.
 """
 
 from __future__ import annotations
@@ -37,6 +41,26 @@ QUIET = ("--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 def sha256(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file's bytes."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def platform_key() -> str:
+    """What bit-for-bit reproduction depends on beyond the code: the torch build, the CPU's vector ISA as
+    torch dispatches it, and the CPU vendor (e.g. "2.11.0+cu130 AVX512 AuthenticAMD")."""
+    import torch
+
+    vendor = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                vendor = line.split(":", 1)[1].strip()
+                break
+    return f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()} {vendor}"
+
+
+def expected_anchor(info: dict[str, Any]) -> str:
+    """The anchor sha256 recorded for this platform, else the first recorded one (`anchor.sha256`)."""
+    anchor = info["anchor"]
+    return anchor.get("by_platform", {}).get(platform_key(), anchor["sha256"])
 
 
 def _recipe(recipe: str | os.PathLike[str]) -> Path:
@@ -118,10 +142,26 @@ def record(
         "steps": old.get("steps"),
         "sha256": sha256(weights),
         "bytes": weights.stat().st_size,
-        "anchor": {"overrides": list(anchor), "sha256": made},
+        "anchor": {
+            "overrides": list(anchor),
+            "sha256": made,
+            "by_platform": {platform_key(): made},  # a re-record drops other platforms' (maybe stale) anchors
+        },
         "torch": torch.__version__,
         "full_reproduction": old.get("full_reproduction"),
     }
+    path.write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def add_platform(recipe: str | os.PathLike[str], sidecar: Path | None = None) -> dict[str, Any]:
+    """Run the sidecar's anchor on this machine and add its sha256 under `anchor.by_platform` (for the
+    same code on another kind of CPU; the rest of the sidecar is kept)."""
+    path = sidecar or sidecar_path(recipe)
+    info = load_sidecar(recipe, path)
+    with tempfile.TemporaryDirectory() as tmp:
+        made, _ = export(recipe, tmp, *info["anchor"]["overrides"])
+    info["anchor"].setdefault("by_platform", {})[platform_key()] = made
     path.write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -152,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--record", action="store_true", help="rewrite the sidecar (re-runs the anchor)")
     parser.add_argument("--full", action="store_true", help="re-run the whole recipe and compare")
     parser.add_argument(
+        "--add-platform", action="store_true", help="add this CPU's anchor to the sidecar (same code)"
+    )
+    parser.add_argument(
         "--anchor",
         action="append",
         metavar="OVERRIDE",
@@ -163,11 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    if not (args.record or args.full):
+    if not (args.record or args.full or args.add_platform):
         print(json.dumps(load_sidecar(args.recipe), indent=2))
         return 0
     if args.record:
         print(json.dumps(record(args.recipe, args.anchor), indent=2))
+    if args.add_platform:
+        print(json.dumps(add_platform(args.recipe)["anchor"], indent=2))
     if args.full:
         result = full(args.recipe)
         print(json.dumps(result, indent=2))

@@ -1,6 +1,7 @@
 """`diffalign reproduce` (core/reproduce.py): the sidecar of a shipped base and its anchor, on the toy
 pretrain recipe cut to one step (the modalities' suites check their own shipped bases' anchors)."""
 
+import json
 import shutil
 
 import pytest
@@ -35,3 +36,24 @@ def test_record_writes_an_anchor_that_the_same_cut_reproduces_and_another_does_n
     other, _ = reproduce.export(RECIPE, tmp_path / "b", *ANCHOR, lr)
     assert steps == 1 and same == info["anchor"]["sha256"]
     assert other != same  # a changed training run shows in the anchor
+
+
+def test_anchors_are_kept_per_platform_and_add_platform_keeps_the_rest(tmp_path):
+    """Kernels round differently on another CPU ISA or vendor: `--record` keys its anchor by this machine's
+    `platform_key`, `expected_anchor` picks this platform's (else the recording's), `--add-platform` adds
+    this machine's anchor to a sidecar recorded elsewhere without touching the rest."""
+    sidecar = tmp_path / "toy_base.json"
+    shutil.copy(REPO / "modalities/toy/toy_base.safetensors", tmp_path / "toy_base.safetensors")
+    info = reproduce.record(RECIPE, ANCHOR, sidecar=sidecar)
+    here = reproduce.platform_key()
+    assert info["anchor"]["by_platform"] == {here: info["anchor"]["sha256"]}
+    assert reproduce.expected_anchor(info) == info["anchor"]["sha256"]
+    elsewhere = dict(
+        info, anchor={"overrides": ANCHOR, "sha256": "0" * 64, "by_platform": {"other CPU": "0" * 64}}
+    )
+    assert reproduce.expected_anchor(elsewhere) == "0" * 64  # no anchor for this platform: the recording's
+    sidecar.write_text(json.dumps(elsewhere))
+    added = reproduce.add_platform(RECIPE, sidecar=sidecar)
+    assert added["anchor"]["by_platform"] == {"other CPU": "0" * 64, here: info["anchor"]["sha256"]}
+    assert added["anchor"]["sha256"] == "0" * 64 and added["sha256"] == info["sha256"]
+    assert reproduce.expected_anchor(added) == info["anchor"]["sha256"]

@@ -153,7 +153,10 @@ def test_chunked_and_async_rollouts_give_the_same_samples_and_rewards(async_rewa
     whole, calls = collect()
     parts, part_calls = collect(rollout_chunk_size=2, async_reward=async_reward)
     assert len(calls) == 1 and len(part_calls) == 3  # chunks of 2, 2, 1
-    assert torch.equal(whole.states, parts.states) and torch.equal(whole.log_probs, parts.log_probs)
+    assert torch.equal(whole.states, parts.states)
+    # the per-sample log-prob is a sum over the event: on AVX-512 CPUs its vector kernel depends on the batch
+    # size, so chunks of 2 may round the last bit differently (the samples themselves stay exact)
+    torch.testing.assert_close(whole.log_probs, parts.log_probs, rtol=1e-6, atol=1e-6)
     assert torch.equal(whole.rewards, parts.rewards) and whole.cond.prompts == parts.cond.prompts
     assert torch.equal(whole.extras["seed"], parts.extras["seed"])
     threads = {name for name, _ in part_calls}
