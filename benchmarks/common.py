@@ -60,6 +60,10 @@ def dumps(data: dict) -> str:
     return number_list.sub(lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
 
 
+def _key_of(row: dict, key: str) -> str:
+    return row.get(key, row.get("task"))
+
+
 def save_rows(
     path: Path, section: str, rows: list[dict], key: str = "key", order: Callable[[dict], int] | None = None
 ) -> None:
@@ -70,8 +74,8 @@ def save_rows(
     with open(Path(tempfile.gettempdir()) / f"diffalign_{path.stem}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = json.loads(path.read_text()) if path.is_file() else {}
-        ran = {r[key] for r in rows}
-        merged = [r for r in data.get(section, []) if r.get(key, r.get("task")) not in ran] + rows
+        ran = {_key_of(r, key) for r in rows}
+        merged = [r for r in data.get(section, []) if _key_of(r, key) not in ran] + rows
         data[section] = sorted(merged, key=order) if order else merged
         path.write_text(dumps(data) + "\n")
     print(f"wrote {path} ({section})")
