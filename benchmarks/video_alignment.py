@@ -150,11 +150,31 @@ def policy_values(policy, pairs: list, reward=None, batch_size: int = 64) -> dic
 
 
 def _start_weights(run: Path) -> str:
+    """The base weights the run started from (inside a `LoRABackbone`, its wrapped backbone's)."""
     import yaml
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    args = cfg["model"]["init_args"]["policy"]["init_args"]["backbone"].get("init_args") or {}
-    return args["weights"]
+    backbone = cfg["model"]["init_args"]["policy"]["init_args"]["backbone"]
+    while (backbone.get("init_args") or {}).get("backbone"):
+        backbone = backbone["init_args"]["backbone"]
+    return (backbone.get("init_args") or {})["weights"]
+
+
+def _base_policy(policy, weights: str):
+    """A copy of `policy` at its start weights: LoRA adapters zeroed (B = 0, their initial value, so the
+    adapted network equals the frozen base), or the full backbone reloaded from `weights`."""
+    from diffalign.core.io import load_state_dict
+    from diffalign.core.lora import LoRABackbone
+
+    base = copy.deepcopy(policy)
+    if isinstance(base.backbone, LoRABackbone):
+        with torch.no_grad():
+            for name, p in base.backbone.inner.named_parameters():
+                if "lora_B" in name:
+                    p.zero_()
+    else:
+        load_state_dict(base.backbone, weights)
+    return base
 
 
 def make_feedback(folder: Path, seeds_per_prompt: int | None = None) -> Path:
@@ -179,7 +199,6 @@ def run_alignment(
 ) -> dict:
     """Train one task's recipe and measure base vs aligned on its evaluation pairs (per clip, paired)."""
     from diffalign.core.cli import cli_main
-    from diffalign.core.io import load_state_dict
 
     recipe = TASKS[name]
     args = ["fit", "--config", str(REPO / recipe), "--run_root", str(tmp / "runs" / name), *QUIET, *extra]
@@ -196,9 +215,7 @@ def run_alignment(
     weights = _start_weights(run)
     cache_key = (weights, reward.name, tuple(map(tuple, pairs)))
     if cache_key not in base_cache:
-        base = copy.deepcopy(cli.model.policy)
-        load_state_dict(base.backbone, weights)
-        base_cache[cache_key] = policy_values(base, pairs, reward)
+        base_cache[cache_key] = policy_values(_base_policy(cli.model.policy, weights), pairs, reward)
     before = base_cache[cache_key]
     n = summary["eval_samples"]
     se = math.sqrt(summary["reward_before_std"] ** 2 / n + summary["reward_after_std"] ** 2 / n)

@@ -61,3 +61,33 @@ def test_exploratory_rows_get_their_own_key(tmp_path, monkeypatch) -> None:
         ("grpo_motion", 0.3),
         ("grpo_motion@kl", 0.2),
     ]
+
+
+def test_base_of_a_lora_run_is_the_adapted_network_with_zeroed_adapters(tmp_path) -> None:
+    from diffalign.core.lora import LoRABackbone
+    from diffalign.core.policy import DiffusionPolicy
+    from diffalign.modalities.video.testing import tiny_video_backbone
+
+    bench = load_benchmark()
+    lora = LoRABackbone(tiny_video_backbone(), rank=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    policy = DiffusionPolicy(lora, num_steps=2)
+    with torch.no_grad():
+        for name, p in lora.inner.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # "trained" adapters
+    cond = lora.condition({"prompt": ["a 1 moving left, fast"]})
+    x = torch.randn(1, 1, 4, 8, 8)
+    t = torch.full((1,), 300)
+    base = bench._base_policy(policy, weights="unused for LoRA")
+    with lora.reference() as reference:
+        expected = reference.denoise(x, t, cond)
+    assert torch.equal(base.backbone.denoise(x, t, cond), expected)
+    assert not torch.allclose(lora.denoise(x, t, cond), expected)  # the trained policy is untouched
+
+    (tmp_path / "config.yaml").write_text(
+        "model:\n  init_args:\n    policy:\n      init_args:\n        backbone:\n"
+        "          class_path: diffalign.core.lora.LoRABackbone\n          init_args:\n"
+        "            weights: null\n            backbone:\n"
+        "              init_args: {weights: base.safetensors}\n"
+    )
+    assert bench._start_weights(tmp_path) == "base.safetensors"
