@@ -126,7 +126,11 @@ class PerPromptNormalizer:
 
 
 def per_reward_advantages(
-    terms: dict[str, Tensor], weights: dict[str, float], groups: Tensor, eps: float = 1e-6
+    terms: dict[str, Tensor],
+    weights: dict[str, float],
+    groups: Tensor,
+    eps: float = 1e-6,
+    std_scope: Literal["group", "global"] = "group",
 ) -> tuple[Tensor, dict[str, float]]:
     """GDPO (arXiv 2601.05242; DanceGRPO's VQ/MQ; Flow-Factory's `advantage_aggregation: gdpo`): normalise
     each reward term within its group, weight and sum, then normalise the sum over the batch:
@@ -134,7 +138,10 @@ def per_reward_advantages(
         A = z(Σ_k w_k · (r_k − mean_g r_k) / max(std_g r_k, eps)),   z(a) = (a − mean a) / (std a + eps)
 
     so a term with a large spread cannot drown the others, as it does when the weighted sum is
-    normalised as one reward. Groups whose term is constant contribute 0 for that term. Returns the
+    normalised as one reward. With `std_scope: global` each term is divided by its std over the batch
+    instead of the group's (Flow-GRPO's global std, term by term): a term nearly constant within every
+    group then stays small rather than being blown up to full weight. Groups whose term is constant
+    contribute 0 for that term. Returns the
     advantages and, per term, the fraction of groups where it was constant (`zero_std_ratio/<term>`).
     """
     missing = sorted(set(weights) - set(terms))
@@ -145,6 +152,7 @@ def per_reward_advantages(
     ids = groups.unique()
     for name, w in weights.items():
         r = terms[name].float().to(total.device)
+        batch_std = r.std(unbiased=False)
         norm = torch.zeros_like(r)
         constant = 0
         for g in ids:
@@ -153,7 +161,8 @@ def per_reward_advantages(
             if rg.numel() < 2 or float(rg.max() - rg.min()) == 0.0:
                 constant += 1
                 continue
-            norm[rows] = (rg - rg.mean()) / rg.std(unbiased=False).clamp_min(eps)
+            std = rg.std(unbiased=False) if std_scope == "group" else batch_std
+            norm[rows] = (rg - rg.mean()) / std.clamp_min(eps)
         total = total + w * norm
         flat[f"zero_std_ratio/{name}"] = constant / max(1, len(ids))
     return (total - total.mean()) / (total.std(unbiased=False) + eps), flat
@@ -199,7 +208,7 @@ def rollout_advantages(
         metrics = {"zero_std_ratio": zero}
     else:
         adv, metrics = per_reward_advantages(
-            {k: v.cpu() for k, v in (terms or {}).items()}, weights, groups.cpu()
+            {k: v.cpu() for k, v in (terms or {}).items()}, weights, groups.cpu(), std_scope=std_scope
         )
         metrics["zero_std_ratio"] = zero
     return (adv if shard is None else shard.take(adv)), metrics

@@ -43,7 +43,8 @@ class GRPO(DDPO):
     Args:
         group_size: samples per condition (the rollout batch is batch_size × group_size).
         shared_noise: start a group's samples from the same initial noise (DanceGRPO).
-        std_scope: normalise by each group's std ("group") or the batch's ("global").
+        std_scope: normalise by each group's std ("group") or the batch's ("global"); with
+            `advantage_aggregation: per_reward`, each term's.
         kl_coef: β of the per-step KL to the reference (0 disables it and the reference copy).
         advantage_aggregation: "sum" (normalise the reward) or "per_reward" (GDPO: normalise each term
             of a `WeightedSum` reward within its group, weight, sum, then normalise over the batch).

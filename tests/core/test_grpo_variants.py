@@ -190,6 +190,26 @@ def test_per_reward_advantages_normalise_each_term_within_its_group():
     assert m2["zero_std_ratio/a"] == 0.5 and adv2[0] == adv2[1]
 
 
+def test_per_reward_advantages_with_the_batch_std_keep_a_term_nearly_constant_in_its_groups_small():
+    groups = torch.tensor([0, 0, 1, 1])
+    # "flat" differs by 0.001 inside each group but by 1 between groups; "motion" by ±1 inside each group
+    terms = {"flat": torch.tensor([0.0, 0.001, 1.0, 1.001]), "motion": torch.tensor([1.0, -1.0, -1.0, 1.0])}
+    weights = {"flat": 1.0, "motion": 1.0}
+    by_group, _ = per_reward_advantages(terms, weights, groups)
+    by_batch, _ = per_reward_advantages(terms, weights, groups, std_scope="global")
+    # group std: flat's 0.001 becomes ±1, as large as motion's, and cancels it on rows 0 and 1
+    assert by_group[0].abs() < 1e-4 and by_group[1].abs() < 1e-4
+    # batch std (flat: ≈ 0.5, motion: 1): flat adds ±0.001, motion decides every sign
+    total = torch.tensor(
+        [-0.0005 / 0.5005 + 1.0, 0.0005 / 0.5005 - 1.0, -0.0005 / 0.5005 - 1.0, 0.0005 / 0.5005 + 1.0]
+    )
+    torch.testing.assert_close(by_batch, (total - total.mean()) / (total.std(unbiased=False) + 1e-6))
+    assert torch.equal(by_batch.sign(), terms["motion"].sign())
+    # GRPO's std_scope reaches the per-term normalisation
+    adv, _ = rollout_advantages(sum(terms.values()), groups, terms, weights, std_scope="global")
+    torch.testing.assert_close(adv, by_batch)
+
+
 def test_grpo_per_reward_option_uses_the_weighted_sum_terms():
     policy = make_policy()
     reward = WeightedSum([LinearReward(weight=[1.0, 0.0]), LinearReward(weight=[0.0, 100.0])], [1.0, 1.0])
