@@ -202,9 +202,8 @@ def rollout_advantages(
         every = gather_rewards(ranks, rewards, [""] * len(rewards), groups)
         rewards, groups, shard = every.rewards, every.groups, every.shard
         terms = {k: ranks.gather(v) for k, v in sorted((terms or {}).items())} if weights else terms
-    _, zero = group_advantages(rewards.cpu(), groups.cpu(), std_scope)
+    adv, zero = group_advantages(rewards.cpu(), groups.cpu(), std_scope)
     if weights is None:
-        adv, _ = group_advantages(rewards.cpu(), groups.cpu(), std_scope)
         metrics = {"zero_std_ratio": zero}
     else:
         adv, metrics = per_reward_advantages(
