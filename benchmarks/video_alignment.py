@@ -74,6 +74,8 @@ TASKS = {
     "alignprop_multi_reward": "recipes/video/alignprop_multi_reward.yaml",
     "dpo_motion": "recipes/video/dpo_motion.yaml",
     "grpo_multi_reward": "recipes/video/grpo_multi_reward.yaml",
+    "nft_motion": "recipes/video/nft_motion.yaml",
+    "nft_multi_reward": "recipes/video/nft_multi_reward.yaml",
 }
 TEST_TIME = {
     "plain": "recipes/video/sample_plain.yaml",
