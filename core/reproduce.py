@@ -13,11 +13,11 @@ that breaks reproduction changes the cut run's file too. The full run is checked
     OMP_NUM_THREADS=1 diffalign reproduce recipes/video/pretrain_flow.yaml --full     # whole run, compare
 
 Bit for bit holds for one torch build on one kind of CPU and one thread (the sidecar names the torch
-version it was recorded with): convolution and matmul kernels round differently on another vector ISA or
-CPU vendor, so the anchor is kept per platform (`platform_key`, `anchor.by_platform`): `--record`
-rewrites it from this machine alone, `--add-platform` (same code, another CPU) adds this machine's anchor;
-`anchor.sha256` is the one of the recording (used where no platform's anchor is recorded). This is a
-development tool: it needs the repository's `recipes/` folder.
+version it was recorded with): convolution and matmul kernels round differently on another vector ISA,
+CPU vendor or generation, so the anchor is kept per platform (`platform_keys`, `anchor.by_platform`):
+`--record` rewrites it from this machine alone, `--add-platform` (same code, another CPU) adds this
+machine's anchor; `anchor.sha256` is the one of the recording (used where no platform's anchor is
+recorded). This is a development tool: it needs the repository's `recipes/` folder.
 """
 
 from __future__ import annotations
@@ -43,24 +43,34 @@ def sha256(path: str | os.PathLike[str]) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def platform_key() -> str:
-    """What bit-for-bit reproduction depends on beyond the code: the torch build, the CPU's vector ISA as
-    torch dispatches it, and the CPU vendor (e.g. "2.11.0+cu130 AVX512 AuthenticAMD")."""
+def platform_keys() -> list[str]:
+    """What bit-for-bit reproduction depends on beyond the code, most specific first: the torch build, the
+    CPU's vector ISA as torch dispatches it and the CPU vendor (e.g. "2.11.0+cu130 AVX512 AuthenticAMD"),
+    then that with the CPU family and model ("… AuthenticAMD 25/1"): two AVX2 AMD generations were seen to
+    round differently, so an anchor is recorded under the specific key and looked up specific first."""
     import torch
 
-    vendor = "unknown"
+    cpu = {"vendor_id": "unknown", "cpu family": "?", "model": "?"}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                vendor = line.split(":", 1)[1].strip()
-                break
-    return f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()} {vendor}"
+            name, _, value = line.partition(":")
+            if name.strip() in cpu and cpu[name.strip()] in ("unknown", "?"):
+                cpu[name.strip()] = value.strip()
+    coarse = f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()} {cpu['vendor_id']}"
+    return [f"{coarse} {cpu['cpu family']}/{cpu['model']}", coarse]
+
+
+def platform_key() -> str:
+    """The key this machine's anchor is recorded under (the most specific of `platform_keys`)."""
+    return platform_keys()[0]
 
 
 def expected_anchor(info: dict[str, Any]) -> str:
-    """The anchor sha256 recorded for this platform, else the first recorded one (`anchor.sha256`)."""
+    """The anchor sha256 recorded for this platform (its most specific key first), else the first
+    recorded one (`anchor.sha256`)."""
     anchor = info["anchor"]
-    return anchor.get("by_platform", {}).get(platform_key(), anchor["sha256"])
+    recorded = anchor.get("by_platform", {})
+    return next((recorded[k] for k in platform_keys() if k in recorded), anchor["sha256"])
 
 
 def _recipe(recipe: str | os.PathLike[str]) -> Path:

@@ -57,3 +57,11 @@ def test_anchors_are_kept_per_platform_and_add_platform_keeps_the_rest(tmp_path)
     assert added["anchor"]["by_platform"] == {"other CPU": "0" * 64, here: info["anchor"]["sha256"]}
     assert added["anchor"]["sha256"] == "0" * 64 and added["sha256"] == info["sha256"]
     assert reproduce.expected_anchor(added) == info["anchor"]["sha256"]
+    specific, coarse = reproduce.platform_keys()
+    assert specific == here and specific.startswith(coarse + " ")
+    by_coarse = dict(
+        info, anchor={"overrides": ANCHOR, "sha256": "0" * 64, "by_platform": {coarse: "1" * 64}}
+    )
+    assert reproduce.expected_anchor(by_coarse) == "1" * 64  # a sidecar keyed before CPU models were
+    by_coarse["anchor"]["by_platform"][specific] = "2" * 64
+    assert reproduce.expected_anchor(by_coarse) == "2" * 64  # the specific key wins
