@@ -50,14 +50,14 @@ def platform_keys() -> list[str]:
     round differently, so an anchor is recorded under the specific key and looked up specific first."""
     import torch
 
-    cpu = {"vendor_id": "unknown", "cpu family": "?", "model": "?"}
+    cpu: dict[str, str] = {}  # the first processor's fields
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             name, _, value = line.partition(":")
-            if name.strip() in cpu and cpu[name.strip()] in ("unknown", "?"):
-                cpu[name.strip()] = value.strip()
-    coarse = f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()} {cpu['vendor_id']}"
-    return [f"{coarse} {cpu['cpu family']}/{cpu['model']}", coarse]
+            cpu.setdefault(name.strip(), value.strip())
+    vendor = cpu.get("vendor_id", "unknown")
+    coarse = f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()} {vendor}"
+    return [f"{coarse} {cpu.get('cpu family', '?')}/{cpu.get('model', '?')}", coarse]
 
 
 def platform_key() -> str:

@@ -62,6 +62,6 @@ def test_anchors_are_kept_per_platform_and_add_platform_keeps_the_rest(tmp_path)
     by_coarse = dict(
         info, anchor={"overrides": ANCHOR, "sha256": "0" * 64, "by_platform": {coarse: "1" * 64}}
     )
-    assert reproduce.expected_anchor(by_coarse) == "1" * 64  # a sidecar keyed before CPU models were
+    assert reproduce.expected_anchor(by_coarse) == "1" * 64  # a sidecar keyed without the CPU model
     by_coarse["anchor"]["by_platform"][specific] = "2" * 64
     assert reproduce.expected_anchor(by_coarse) == "2" * 64  # the specific key wins
